@@ -1,0 +1,236 @@
+"""Text tool environments: the Gymnasium contract for an agent that calls tools by writing text.
+
+An agent turn is free text: optional reasoning in ``<think>...</think>``, then either one Hermes-style
+tool call ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` or a final answer
+``<answer>...</answer>``. ``ToolEnv.step`` parses the turn, runs the tool and returns the tool's output
+(or an error message) as the next observation. Nothing the agent writes can crash an episode: every
+malformed turn becomes an error observation with a named error kind, counted in ``info``.
+
+Subclasses provide the task (``_new_task``), the tools (``tools``) and the answer check (``_grade``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import gymnasium as gym
+import jsonschema
+from gymnasium import spaces
+
+# Everything an observation or action may contain: printable ASCII. Observations are sanitised to it.
+CHARSET = string.printable
+
+# Error kinds an agent turn can produce, in the order they are checked.
+ERROR_KINDS = (
+    "action_too_long",  # the turn is longer than max_action_chars
+    "no_action",  # neither a tool call nor an answer
+    "malformed_json",  # the tool call's body is not JSON
+    "malformed_call",  # JSON, but not {"name": str, "arguments": object}
+    "unknown_tool",  # no tool of that name
+    "bad_arguments",  # arguments do not match the tool's JSON schema
+    "tool_error",  # the tool refused (bad expression, SQL error, ...)
+    "tool_timeout",  # transient failure: the agent should retry
+    "tool_exception",  # the tool itself crashed
+)
+
+THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+class ToolError(Exception):
+    """Raised by a tool to report an error to the agent (shown as ``ERROR: <message>``)."""
+
+    def __init__(self, message: str, kind: str = "tool_error"):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A tool the agent may call: name, description, JSON schema of its arguments, and the callable."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    fn: Callable[..., str]
+
+    def schema(self) -> dict[str, Any]:
+        """The OpenAI / Hermes function description of this tool."""
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+
+
+@dataclass(frozen=True)
+class ParseError:
+    kind: str
+    message: str
+
+
+def parse_turn(text: str, max_chars: int | None = None) -> ToolCall | Answer | ParseError:
+    """Parse one agent turn into a tool call, a final answer, or a parse error (never raises).
+
+    The first ``<tool_call>`` wins over an ``<answer>``: an agent that calls a tool and answers in the
+    same turn has not seen the tool's result yet.
+    """
+    if max_chars is not None and len(text) > max_chars:
+        return ParseError("action_too_long", f"the turn has {len(text)} characters; the limit is {max_chars}")
+    body = THINK_RE.sub("", text)
+    call = TOOL_CALL_RE.search(body)
+    if call is not None:
+        try:
+            payload = json.loads(call.group(1))
+        except (json.JSONDecodeError, RecursionError) as err:
+            return ParseError("malformed_json", f"the tool call is not valid JSON ({err.__class__.__name__})")
+        if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
+            return ParseError("malformed_call", 'a tool call needs the form {"name": "...", "arguments": {...}}')
+        arguments = payload.get("arguments", {})
+        if not isinstance(arguments, dict):
+            return ParseError("malformed_call", '"arguments" must be a JSON object')
+        return ToolCall(payload["name"], arguments)
+    answer = ANSWER_RE.search(body)
+    if answer is not None:
+        return Answer(answer.group(1).strip())
+    return ParseError("no_action", "no tool call or answer found; write <tool_call>{...}</tool_call> or <answer>...</answer>")
+
+
+def sanitize(text: str, max_chars: int) -> str:
+    """Keep observations inside the observation space: printable ASCII, at most ``max_chars``."""
+    text = "".join(ch if ch in CHARSET else "?" for ch in text)
+    if len(text) > max_chars:
+        marker = "...[truncated]"
+        text = text[: max_chars - len(marker)] + marker
+    return text
+
+
+def answers_match(given: str, expected: str, rel_tol: float = 1e-6) -> bool:
+    """Compare a final answer with the ground truth: numerically when both are numbers, else as text."""
+
+    def norm(s: str) -> str:
+        return s.strip().strip(".").strip("'\"").strip().lower().replace(",", "")
+
+    a, b = norm(given), norm(expected)
+    try:
+        x, y = float(a), float(b)
+    except ValueError:
+        return a == b
+    return abs(x - y) <= rel_tol * max(1.0, abs(y))
+
+
+@dataclass
+class Task:
+    """One episode's task: the prompt shown to the agent, its ground truth, and anything the expert needs."""
+
+    prompt: str
+    answer: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ToolEnv(gym.Env):
+    """Base class of the text tool environments (see the module docstring for the turn format).
+
+    Subclasses set ``tools`` in ``__init__`` and implement ``_new_task`` and, optionally, ``_grade``.
+    The step budget is Gymnasium's ``max_episode_steps`` (a ``TimeLimit`` added by ``gymnasium.make``).
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}
+
+    def __init__(
+        self,
+        max_action_chars: int = 1000,
+        max_observation_chars: int = 2000,
+        render_mode: str | None = None,
+    ):
+        self.max_action_chars = max_action_chars
+        self.max_observation_chars = max_observation_chars
+        self.render_mode = render_mode
+        self.action_space = spaces.Text(max_length=max_action_chars, charset=CHARSET)
+        self.observation_space = spaces.Text(max_length=max_observation_chars, charset=CHARSET)
+        self.tools: dict[str, Tool] = {}
+        self.task: Task | None = None
+        self.error_counts: Counter[str] = Counter()
+        self.steps = 0
+        self._last = ""
+
+    # --- to implement -------------------------------------------------------------------------
+    def _new_task(self) -> Task:
+        """Draw a task from ``self.np_random`` (seeded by ``reset``)."""
+        raise NotImplementedError
+
+    def _grade(self, answer: str) -> tuple[float, bool]:
+        """Reward and success of a final answer."""
+        ok = answers_match(answer, self.task.answer)
+        return float(ok), ok
+
+    # --- Gymnasium API ------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
+        super().reset(seed=seed)
+        self.task = self._new_task()
+        self.error_counts = Counter()
+        self.steps = 0
+        self._last = sanitize(self.task.prompt, self.max_observation_chars)
+        return self._last, {"tools": [tool.schema() for tool in self.tools.values()]}
+
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict]:
+        if self.task is None:
+            raise gym.error.ResetNeeded("call reset() before step()")
+        self.steps += 1
+        info: dict[str, Any] = {"tool": None, "error": None, "success": False}
+        parsed = parse_turn(str(action), self.max_action_chars)
+        reward, terminated = 0.0, False
+        if isinstance(parsed, Answer):
+            reward, success = self._grade(parsed.text)
+            info.update(answer=parsed.text, success=success)
+            observation, terminated = ("Correct." if success else "Incorrect."), True
+        elif isinstance(parsed, ParseError):
+            observation = self._error(info, parsed.kind, parsed.message)
+        else:
+            observation = self._call(parsed, info)
+        info["error_counts"] = dict(self.error_counts)
+        self._last = sanitize(observation, self.max_observation_chars)
+        return self._last, reward, terminated, False, info
+
+    def render(self) -> str | None:
+        if self.render_mode == "ansi":
+            return self._last
+        return None
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _error(self, info: dict, kind: str, message: str) -> str:
+        info["error"] = kind
+        self.error_counts[kind] += 1
+        return f"ERROR: {message}"
+
+    def _call(self, call: ToolCall, info: dict) -> str:
+        tool = self.tools.get(call.name)
+        info["tool"] = call.name
+        if tool is None:
+            return self._error(info, "unknown_tool", f"unknown tool {call.name!r}; available: {', '.join(self.tools)}")
+        try:
+            jsonschema.validate(call.arguments, tool.parameters)
+        except jsonschema.ValidationError as err:
+            return self._error(info, "bad_arguments", f"bad arguments for {tool.name}: {err.message}")
+        try:
+            return str(tool.fn(**call.arguments))
+        except ToolError as err:
+            return self._error(info, err.kind, str(err))
+        except Exception as err:  # a crashing tool is the episode's problem, never the trainer's
+            return self._error(info, "tool_exception", f"{tool.name} failed: {err.__class__.__name__}: {err}")

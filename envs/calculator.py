@@ -1,0 +1,153 @@
+"""Calculator-v0: arithmetic a small model cannot do in its head, with a flaky calculator tool.
+
+## Description
+Each episode asks for the value of an integer expression of two or three 2-4 digit operands joined by
+``+``, ``-`` and ``*`` (for example "What is 4821 * 37 - 905?"). A small model cannot multiply four-digit
+numbers reliably in its weights; it must call the calculator, read the result and answer with it.
+
+## Tools
+``calculator(expression: str)``: evaluates arithmetic only (numbers, ``+ - * / // % **`` and
+parentheses, parsed with :mod:`ast`, never ``eval``). With probability ``fail_prob`` a call fails
+transiently with ``ERROR: timeout, try again`` (kind ``tool_timeout``): the agent must retry.
+
+## Action Space
+``Text(max_length=max_action_chars)``: the agent's turn (see :mod:`envs.base`).
+
+## Observation Space
+``Text(max_length=max_observation_chars)``: the question after ``reset``, then tool results or errors.
+
+## Rewards
+1.0 for a final answer equal to the expression's value, 0.0 otherwise.
+
+## Episode End
+Terminated by a final answer; truncated by the step budget (``max_episode_steps``, default 8).
+
+## Seeds
+``reset(seed=s)`` fixes the question and the sequence of transient failures.
+
+## Version History
+- v0: initial version.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+
+from envs.base import Task, Tool, ToolEnv, ToolError
+from envs.teacher import ScriptedTeacher, answer, tool_call
+
+_BINOPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+MAX_EXPRESSION_CHARS = 200
+MAX_MAGNITUDE = 10**30
+
+
+def evaluate_arithmetic(expression: str) -> int | float:
+    """Evaluate an arithmetic expression safely; raise ToolError on anything else."""
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        raise ToolError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except (SyntaxError, ValueError):
+        raise ToolError(f"cannot parse {expression!r} as arithmetic") from None
+
+    def ev(node: ast.AST) -> int | float:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+            return _UNARY[type(node.op)](ev(node.operand))
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            left, right = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Pow) and (abs(right) > 64 or abs(left) > 10**6):
+                raise ToolError("exponent too large")
+            try:
+                value = _BINOPS[type(node.op)](left, right)
+            except ZeroDivisionError:
+                raise ToolError("division by zero") from None
+            if isinstance(value, complex) or abs(value) > MAX_MAGNITUDE:
+                raise ToolError("result out of range")
+            return value
+        raise ToolError(f"only numbers and + - * / // % ** ( ) are allowed, not {type(node).__name__}")
+
+    return ev(tree)
+
+
+def format_number(value: int | float) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value) if isinstance(value, int) else f"{value:.6g}"
+
+
+class CalculatorEnv(ToolEnv):
+    """Arithmetic questions answered with a calculator tool that sometimes times out."""
+
+    def __init__(self, fail_prob: float = 0.2, max_operands: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= fail_prob < 1.0:
+            raise ValueError(f"fail_prob must be in [0, 1), got {fail_prob}")
+        self.fail_prob = fail_prob
+        self.max_operands = max_operands
+        self.tools = {
+            "calculator": Tool(
+                name="calculator",
+                description="Evaluate an arithmetic expression (numbers, + - * / // % ** and parentheses).",
+                parameters={
+                    "type": "object",
+                    "properties": {"expression": {"type": "string", "description": "e.g. '12 * (3 + 4)'"}},
+                    "required": ["expression"],
+                    "additionalProperties": False,
+                },
+                fn=self._calculator,
+            )
+        }
+
+    def _calculator(self, expression: str) -> str:
+        if self.np_random.random() < self.fail_prob:
+            raise ToolError("timeout, try again", kind="tool_timeout")
+        return format_number(evaluate_arithmetic(expression))
+
+    def _new_task(self) -> Task:
+        rng = self.np_random
+        n = int(rng.integers(2, self.max_operands + 1))
+        numbers = [int(rng.integers(10, 10 ** int(rng.integers(2, 5)))) for _ in range(n)]
+        ops = [str(rng.choice(["+", "-", "*"], p=[0.3, 0.3, 0.4])) for _ in range(n - 1)]
+        expression = str(numbers[0]) + "".join(f" {op} {x}" for op, x in zip(ops, numbers[1:]))
+        template = str(rng.choice(["What is {}?", "Compute {}.", "Calculate {}.", "What is the value of {}?"]))
+        value = format_number(evaluate_arithmetic(expression))
+        return Task(prompt=template.format(expression), answer=value, extra={"expression": expression})
+
+
+class CalculatorTeacher(ScriptedTeacher):
+    """Expert: call the calculator on the expression, retry after a timeout, answer with the result."""
+
+    def expert(self, env: CalculatorEnv, history: list[tuple[str, str]]) -> str:
+        expression = env.task.extra["expression"]
+        if not history:
+            return self.thought("Use the calculator.") + tool_call("calculator", expression=expression)
+        last = history[-1][1]
+        if last.startswith("ERROR"):
+            return self.thought("The tool failed; retry.") + tool_call("calculator", expression=expression)
+        return answer(last.strip())
+
+    def lazy_act(self, env: CalculatorEnv, history: list[tuple[str, str]]) -> str:
+        """A lazy teacher guesses, drops an operand, or gives up after an error."""
+        expression = env.task.extra["expression"]
+        mode = self.rng.integers(3)
+        if mode == 0 or (history and history[-1][1].startswith("ERROR")):
+            guess = int(float(env.task.answer) * (1 + self.rng.uniform(-0.2, 0.2)))
+            return self.thought("Estimate it.") + answer(str(guess))
+        if not history:
+            truncated = expression.rsplit(" ", 2)[0] if mode == 1 else expression
+            return self.thought("Use the calculator.") + tool_call("calculator", expression=truncated)
+        return answer(history[-1][1].strip())

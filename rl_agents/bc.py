@@ -1,0 +1,116 @@
+"""The bc stage: behavioural cloning of teacher trajectories with TRL's SFTTrainer.
+
+Trajectories are flattened by ``trajectory.sft_dataset`` into pre-tokenised ``input_ids`` with an
+``assistant_masks`` column, which SFTTrainer folds into the labels: only the agent's own tokens carry
+loss. Sequences are packed (best-fit decreasing, padding-free) when ``packing`` is on. Checkpoints
+land in ``<out_dir>/checkpoints``; ``resume=True`` continues from the last one. The BC policy is saved
+as a plain Hugging Face model directory (LoRA merged; the adapter is kept beside it).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+from rl_agents.trajectory import Trajectory, sft_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BCConfig:
+    max_steps: int = 600
+    """optimizer steps"""
+    batch_size: int = 32
+    """sequences per step (per device)"""
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-3
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 0.05
+    """a fraction of max_steps when below 1"""
+    weight_decay: float = 0.0
+    max_length: int = 1024
+    """longest training sequence, in tokens"""
+    packing: bool = True
+    """pack sequences (best-fit decreasing, padding-free) instead of padding them"""
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int = 2
+
+
+def train_bc(
+    trajectories: list[Trajectory],
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: Path,
+    config: BCConfig,
+    seed: int,
+    resume: bool = False,
+    peft_config=None,
+    report_to: str = "none",
+    callbacks: list | None = None,
+) -> Path:
+    """Fine-tune ``model`` on ``trajectories``; returns the directory of the saved BC policy."""
+    if not trajectories:
+        raise ValueError("bc: no trajectories to train on (did the teacher succeed on any episode?)")
+    out_dir = Path(out_dir)
+    dataset = sft_dataset(trajectories, tokenizer)
+    args = SFTConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        max_length=config.max_length,
+        packing=config.packing,
+        packing_strategy="bfd",
+        logging_steps=config.logging_steps,
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        report_to=report_to,
+        run_name="bc",
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        dataset_num_proc=None,
+    )
+    # transformers isolates packed sequences (block-diagonal attention from position_ids) only when no KV
+    # cache is built: with use_cache=True, padding-free packing silently attends across episodes.
+    model.config.use_cache = False
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
+    if resume and checkpoint is None:
+        log.warning("bc: resume=true but no checkpoint in %s; training from the start", args.output_dir)
+    if checkpoint:
+        log.info("bc: resuming from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+    policy_dir = out_dir / "policy"
+    model.config.use_cache = True
+    trained = trainer.model
+    if peft_config is not None:
+        trained.save_pretrained(out_dir / "adapter")
+        trained = trained.merge_and_unload()
+    trained.save_pretrained(policy_dir)
+    tokenizer.save_pretrained(policy_dir)
+    log.info("bc: policy saved to %s", policy_dir)
+    return policy_dir

@@ -1,0 +1,258 @@
+"""Structured configs: the schema the YAML files in ``conf/`` extend, and the checks run before any work.
+
+The dataclasses are registered in Hydra's ConfigStore, so an unknown key (``bc.bogus=1``) or a value of
+the wrong type (``bc.max_steps=abc``) fails at composition with the key's name. ``validate`` then checks
+what a schema cannot: that environments are registered, teachers importable, paths present, seed splits
+disjoint. Every check runs before the first stage starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import gymnasium as gym
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_class
+from omegaconf import MISSING, DictConfig
+
+from rl_agents.bc import BCConfig
+from rl_agents.runtime import RuntimeConfig
+
+STAGES = ("collect", "bc", "eval")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and what to do."""
+
+
+@dataclass
+class EnvEntry:
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """keyword arguments of gymnasium.make"""
+    teacher: dict[str, Any] = field(default_factory=dict)
+    """the scripted teacher, as a Hydra node: {_target_: module.Class, ...}"""
+    weight: float = 1.0
+    """share of the collect episodes (several envs)"""
+
+
+@dataclass
+class EnvConfig:
+    name: str = MISSING
+    """a label for this environment set (eval.json's "env")"""
+    envs: dict[str, EnvEntry] = field(default_factory=dict)
+    """gymnasium ids ("Calculator-v0", or "my_pkg.module:MyEnv-v0") and their settings"""
+    train_seed_start: int = 0
+    """seeds [train_seed_start, eval_seed_start) feed teacher data and RL"""
+    eval_seed_start: int = 1_000_000
+    """held-out evaluation seeds start here"""
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "tiny"
+    """tiny: a small Llama built from this config; hf: a pretrained model (name or directory)"""
+    name_or_path: Optional[str] = None
+    dtype: str = "float32"
+    local_files_only: bool = False
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 384
+    max_position_embeddings: int = 1024
+
+
+@dataclass
+class TeacherConfig:
+    kind: str = "scripted"
+    """scripted: each env's expert (env.envs.<id>.teacher); openai: an OpenAI-compatible endpoint"""
+    noise: float = 0.0
+    """fraction of episodes in which a scripted teacher acts lazily or wrongly"""
+    think: bool = True
+    """scripted teachers write a short <think> before tool calls"""
+    model: Optional[str] = None
+    base_url: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = 0.0
+    max_tokens: int = 512
+
+
+@dataclass
+class PeftConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str = "all-linear"
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "wandb"
+    """wandb or none"""
+    project: str = "rl_agents"
+    entity: Optional[str] = None
+    mode: str = "auto"
+    """auto: online when WANDB_API_KEY is set, else offline; or online / offline / disabled"""
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    table_episodes: int = 8
+    """sample episodes per policy in the W&B episode table"""
+
+
+@dataclass
+class CollectConfig:
+    episodes: int = 2000
+    keep: str = "success"
+    """success: rejection sampling, keep successful episodes; all: keep every episode"""
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 200
+    """held-out episodes per environment"""
+    policies: list[str] = field(default_factory=lambda: ["teacher", "bc"])
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    stages: list[str] = field(default_factory=lambda: ["collect", "bc", "eval"])
+    resume: bool = False
+    """continue an interrupted run in the same run dir (hydra.run.dir=...)"""
+    trajectories: Optional[str] = None
+    """a trajectory JSONL to clone instead of running the collect stage"""
+    progress: bool = True
+    env: EnvConfig = field(default_factory=EnvConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    bc: BCConfig = field(default_factory=BCConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = MISSING
+    """a saved policy directory (a bc/policy dir, or any Hugging Face model dir)"""
+    name: str = "policy"
+    """the policy's key in eval.json"""
+    seed: int = 0
+    progress: bool = True
+    env: EnvConfig = field(default_factory=EnvConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(policies=["policy"]))
+
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
+
+
+# --- checks that need more than types -----------------------------------------------------------
+def _check_envs(cfg: DictConfig) -> None:
+    if not cfg.env.envs:
+        raise ConfigError("env.envs is empty: name at least one environment id")
+    for env_id, entry in cfg.env.envs.items():
+        try:
+            gym.spec(env_id)
+        except gym.error.Error as err:
+            known = ", ".join(sorted(k for k in gym.registry if "-v" in k and ("Calculator" in k or "SQL" in k)))
+            raise ConfigError(f"unknown env {env_id!r} in env.envs ({err}); registered here: {known}") from None
+        if entry.weight <= 0:
+            raise ConfigError(f"env.envs.{env_id}.weight must be positive, got {entry.weight}")
+
+
+def _check_teacher(cfg: DictConfig) -> None:
+    kind = cfg.teacher.kind
+    if kind == "scripted":
+        for env_id, entry in cfg.env.envs.items():
+            target = entry.teacher.get("_target_") if entry.teacher else None
+            if not target:
+                raise ConfigError(f"env.envs.{env_id}.teacher has no _target_: teacher=scripted needs one")
+            try:
+                get_class(target)
+            except Exception as err:
+                raise ConfigError(f"env.envs.{env_id}.teacher._target_={target!r} cannot be imported: {err}") from None
+    elif kind == "openai":
+        if not cfg.teacher.model:
+            raise ConfigError("teacher=openai needs teacher.model (the served model's name)")
+    else:
+        raise ConfigError(f"teacher.kind must be 'scripted' or 'openai', got {kind!r}")
+    if not 0.0 <= cfg.teacher.noise <= 1.0:
+        raise ConfigError(f"teacher.noise must be in [0, 1], got {cfg.teacher.noise}")
+
+
+def _check_model(cfg: DictConfig) -> None:
+    if cfg.model.kind not in ("tiny", "hf"):
+        raise ConfigError(f"model.kind must be 'tiny' or 'hf', got {cfg.model.kind!r}")
+    if cfg.model.kind == "hf" and not cfg.model.name_or_path:
+        raise ConfigError("model=hf needs model.name_or_path (a Hugging Face model name or a local directory)")
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+
+
+def _check_logger(cfg: DictConfig) -> None:
+    if cfg.logger.kind not in ("wandb", "none"):
+        raise ConfigError(f"logger.kind must be 'wandb' or 'none', got {cfg.logger.kind!r}")
+    if cfg.logger.mode not in ("auto", "online", "offline", "disabled"):
+        raise ConfigError(f"logger.mode must be auto, online, offline or disabled, got {cfg.logger.mode!r}")
+
+
+def _check_runtime(cfg: DictConfig) -> None:
+    rt = cfg.runtime
+    for key in ("max_new_tokens", "max_turns", "max_context", "batch_size"):
+        if rt[key] <= 0:
+            raise ConfigError(f"runtime.{key} must be positive, got {rt[key]}")
+    if not rt.greedy and rt.temperature <= 0:
+        raise ConfigError(f"runtime.temperature must be positive when sampling, got {rt.temperature}")
+
+
+def validate_train(cfg: DictConfig, run_dir: Path) -> None:
+    """Every check a training run needs before its first stage."""
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown} in stages; known: {list(STAGES)}")
+    _check_envs(cfg)
+    _check_model(cfg)
+    _check_logger(cfg)
+    _check_runtime(cfg)
+    collecting = "collect" in cfg.stages
+    if collecting or "teacher" in cfg.eval.policies:
+        _check_teacher(cfg)
+    if cfg.env.train_seed_start + cfg.collect.episodes > cfg.env.eval_seed_start:
+        raise ConfigError(
+            f"train seeds [{cfg.env.train_seed_start}, {cfg.env.train_seed_start + cfg.collect.episodes}) overlap "
+            f"the held-out seeds from env.eval_seed_start={cfg.env.eval_seed_start}"
+        )
+    if cfg.collect.keep not in ("success", "all"):
+        raise ConfigError(f"collect.keep must be 'success' or 'all', got {cfg.collect.keep!r}")
+    if cfg.trajectories is not None and not Path(cfg.trajectories).is_file():
+        raise ConfigError(f"trajectories={cfg.trajectories!r}: no such file")
+    if "bc" in cfg.stages and not collecting and cfg.trajectories is None:
+        if not (cfg.resume and (run_dir / "trajectories" / "train.jsonl").is_file()):
+            raise ConfigError("stage bc without collect needs trajectories=PATH (a trajectory JSONL)")
+    unknown_policies = [p for p in cfg.eval.policies if p not in ("teacher", "bc")]
+    if unknown_policies:
+        raise ConfigError(f"unknown eval.policies {unknown_policies}; known: teacher, bc")
+    if "eval" in cfg.stages and "bc" in cfg.eval.policies and "bc" not in cfg.stages:
+        if not (run_dir / "bc" / "policy" / "config.json").is_file():
+            raise ConfigError("eval of the bc policy needs the bc stage (or resume=true in a run dir that has bc/policy)")
+
+
+def validate_evaluate(cfg: DictConfig) -> None:
+    _check_envs(cfg)
+    _check_logger(cfg)
+    _check_runtime(cfg)
+    path = Path(cfg.checkpoint)
+    if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+        raise ConfigError(f"checkpoint={cfg.checkpoint!r} is not a saved policy directory (no config.json)")
+    if "teacher" in cfg.eval.policies:
+        _check_teacher(cfg)

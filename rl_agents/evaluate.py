@@ -1,0 +1,152 @@
+"""Evaluation on held-out seeds: the eval stage, and ``python -m rl_agents.evaluate checkpoint=DIR``.
+
+Policies run greedy episodes on the same held-out seeds of every environment; ``eval.json`` in the run
+dir maps each policy to its metrics::
+
+    {"env": ..., "seeds": {...}, "policies": {"teacher": {...}, "bc": {...}}}
+
+A later stage adds its policy (``rl``) to the same map: ``write_eval`` merges into an existing file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from rl_agents import tracking
+from rl_agents.collect import teacher_episode
+from rl_agents.config import validate_evaluate
+from rl_agents.model import load_policy
+from rl_agents.runtime import Runtime, RuntimeConfig
+from rl_agents.trajectory import Trajectory, write_jsonl
+
+log = logging.getLogger(__name__)
+
+
+def eval_seeds(cfg: DictConfig) -> list[int]:
+    start = cfg.env.eval_seed_start
+    return list(range(start, start + cfg.eval.episodes))
+
+
+def summarize(trajectories: list[Trajectory], wall_s: float, generated_tokens: int | None) -> dict[str, Any]:
+    """The metrics of a set of episodes."""
+    n = max(1, len(trajectories))
+    turns = [t for tr in trajectories for t in tr.turns]
+    latencies = [t.latency_ms for t in turns if t.latency_ms is not None]
+    errors = Counter(t.error for t in turns if t.error)
+    truncations = Counter(tr.metadata.get("truncation") for tr in trajectories if tr.metadata.get("truncation"))
+    return {
+        "success_rate": sum(tr.success for tr in trajectories) / n,
+        "mean_reward": sum(tr.reward for tr in trajectories) / n,
+        "mean_turns": len(turns) / n,
+        "tool_error_rate": sum(errors.values()) / max(1, len(turns)),
+        "step_latency_ms": statistics.median(latencies) if latencies else None,
+        "tokens_per_s": (generated_tokens / wall_s) if generated_tokens and wall_s > 0 else None,
+        "episodes": len(trajectories),
+        "error_kinds": dict(errors),
+        "truncations": dict(truncations),
+    }
+
+
+def make_teacher(cfg: DictConfig, env_id: str):
+    """The configured teacher for ``env_id``."""
+    if cfg.teacher.kind == "openai":
+        from rl_agents.teachers import OpenAITeacher
+
+        t = cfg.teacher
+        return OpenAITeacher(t.model, t.base_url, t.api_key_env, t.temperature, t.max_tokens, noise=t.noise)
+    return instantiate(cfg.env.envs[env_id].teacher, noise=cfg.teacher.noise, think=cfg.teacher.think)
+
+
+def run_teacher(cfg: DictConfig, env_id: str, seeds: list[int]) -> tuple[list[Trajectory], float]:
+    teacher = make_teacher(cfg, env_id)
+    env = gym.make(env_id, **cfg.env.envs[env_id].kwargs)
+    start = time.perf_counter()
+    trajectories = []
+    try:
+        for seed in seeds:
+            step_start = time.perf_counter()
+            trajectory = teacher_episode(env, teacher, seed, env_id)
+            per_turn = 1000.0 * (time.perf_counter() - step_start) / max(1, len(trajectory.turns))
+            for turn in trajectory.turns:
+                turn.latency_ms = per_turn
+            trajectories.append(trajectory)
+    finally:
+        env.close()
+    return trajectories, time.perf_counter() - start
+
+
+def evaluate_policy(
+    cfg: DictConfig, name: str, out_dir: Path, model=None, tokenizer=None
+) -> tuple[dict[str, Any], list[Trajectory]]:
+    """Run one policy (``teacher``, or a model) on the held-out seeds of every env; returns metrics."""
+    seeds = eval_seeds(cfg)
+    per_env, everything, wall, tokens = {}, [], 0.0, 0
+    for env_id, entry in cfg.env.envs.items():
+        if model is None:
+            trajectories, seconds = run_teacher(cfg, env_id, seeds)
+            generated = None
+        else:
+            runtime_cfg = RuntimeConfig(**OmegaConf.to_container(cfg.runtime))
+            runtime_cfg.greedy = True
+            runtime = Runtime(model, tokenizer, runtime_cfg, seed=cfg.seed)
+            trajectories = runtime.run(env_id, seeds, dict(entry.kwargs), policy=name)
+            seconds, generated = runtime.stats["wall_s"], runtime.stats["generated_tokens"]
+            tokens += generated
+        wall += seconds
+        per_env[env_id] = summarize(trajectories, seconds, generated)
+        everything += trajectories
+        log.info("eval %s on %s: success %.3f", name, env_id, per_env[env_id]["success_rate"])
+    write_jsonl(out_dir / f"episodes_{name}.jsonl", everything)
+    metrics = summarize(everything, wall, tokens if model is not None else None)
+    if len(per_env) > 1:
+        metrics["per_env"] = per_env
+    return metrics, everything
+
+
+def write_eval(path: Path, cfg: DictConfig, policies: dict[str, dict]) -> dict:
+    """Merge ``policies`` into ``eval.json`` (created if absent; same env and seeds required)."""
+    seeds = {"start": cfg.env.eval_seed_start, "count": cfg.eval.episodes}
+    data = {"env": cfg.env.name, "env_ids": list(cfg.env.envs), "seeds": seeds, "policies": {}}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("seeds") == seeds and old.get("env_ids") == data["env_ids"]:
+            data["policies"] = old.get("policies", {})
+    data["policies"].update(policies)
+    path.write_text(json.dumps(data, indent=2))
+    return data
+
+
+# --- python -m rl_agents.evaluate ------------------------------------------------------------------
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    validate_evaluate(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tracker = tracking.start(cfg, run_dir, job="evaluate")
+    results = {}
+    model, tokenizer = load_policy(cfg.checkpoint, cfg.model.dtype, local_files_only=True)
+    for name in cfg.eval.policies:
+        if name == "teacher":
+            results["teacher"], episodes = evaluate_policy(cfg, "teacher", run_dir)
+        else:
+            results[cfg.name], episodes = evaluate_policy(cfg, cfg.name, run_dir, model, tokenizer)
+        tracker.log_eval(name if name == "teacher" else cfg.name, results.get(name, results.get(cfg.name)), episodes)
+    data = write_eval(run_dir / "eval.json", cfg, results)
+    tracker.finish()
+    print(json.dumps(data, indent=2))
+
+
+if __name__ == "__main__":
+    main()

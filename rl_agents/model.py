@@ -1,0 +1,155 @@
+"""Policies: build the tiny default model, load a user's pretrained model, wrap with LoRA.
+
+Every stage loads a policy the same way, with ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``
+on a directory, so the tiny model (built here from a config and a tokenizer trained locally on the
+run's own trajectories, nothing downloaded) and a real checkpoint follow the same path.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from rl_agents.trajectory import END_OF_TURN, SPECIAL_TOKENS, Trajectory
+
+log = logging.getLogger(__name__)
+PAD = "<|pad|>"
+
+
+def trajectory_texts(trajectories: Iterable[Trajectory]) -> Iterable[str]:
+    """Every piece of text a trajectory puts in a sequence: the tokenizer's training corpus."""
+    for trajectory in trajectories:
+        yield f"user\n{trajectory.task}\nassistant\n"
+        for turn in trajectory.turns:
+            yield turn.agent
+            if turn.observation:
+                yield f"user\n\n{turn.observation}\n\nassistant\n"
+
+
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``corpus``, numbers cut in chunks of up to three digits.
+
+    Byte-level means any text can be encoded; the corpus only decides which merges exist. Numbers are
+    split as GPT-4's tokenizer splits them: a small model copies "305|472" far more easily than six
+    single digits, whose repeats make the copy position ambiguous. Training is deterministic.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[0-9]{1,3}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, *SPECIAL_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=PAD,
+        eos_token=END_OF_TURN,
+        extra_special_tokens=[t for t in SPECIAL_TOKENS if t != END_OF_TURN],
+        model_max_length=4096,
+    )
+
+
+def build_tiny_model(
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    intermediate_size: int = 384,
+    max_position_embeddings: int = 1024,
+) -> LlamaForCausalLM:
+    """A small Llama-style causal LM, initialised deterministically from ``seed``."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids(END_OF_TURN),
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = config.eos_token_id
+    return model
+
+
+def add_special_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:
+    """Add the format's special tokens a pretrained tokenizer lacks and resize the embeddings.
+
+    Returns the ids of the added tokens (LoRA must train their embeddings).
+    """
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if tokenizer.pad_token is None:
+        missing.append(PAD)
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    else:  # present as plain added tokens (Qwen's <tool_call>): make sure they are never split
+        tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = PAD
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return [tokenizer.convert_tokens_to_ids(t) for t in missing]
+
+
+def load_policy(
+    path: str | Path, dtype: str = "float32", local_files_only: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a policy (a model name or directory), with the format's special tokens in its tokenizer."""
+    path = str(path)
+    if Path(path).is_dir() and not (Path(path) / "config.json").exists() and not (Path(path) / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{path} is a directory but holds no model (no config.json or adapter_config.json)")
+    torch_dtype = getattr(torch, dtype)
+    if (Path(path) / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=local_files_only)
+        model = model.merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=local_files_only)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
+    add_special_tokens(tokenizer, model)
+    return model, tokenizer
+
+
+def lora_config(r: int, alpha: int, dropout: float, target_modules: str | list[str], new_token_ids: list[int]):
+    """The peft LoRA config; tokens added to a pretrained vocabulary get trainable embeddings."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        task_type="CAUSAL_LM",
+        trainable_token_indices={"embed_tokens": new_token_ids} if new_token_ids else None,
+    )

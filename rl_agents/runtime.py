@@ -1,0 +1,248 @@
+"""The runtime of a compiled agent: run episodes of a policy in tool environments, batched, KV cache reused.
+
+All episodes of a batch share one growing key/value cache. Every forward pass feeds each episode the
+tokens it has not fed yet, right-aligned in a block and left-padded with masked positions:
+
+* while generating: the token it just sampled;
+* at the end of a turn: the end-of-turn token and the observation segment, in one block;
+* when finished, or waiting: nothing (masked padding).
+
+The attention mask covers the whole cache, so masked positions are holes no token attends to, and
+position ids count only an episode's real tokens. An episode's context is therefore exactly the token
+sequence ``trajectory.encode_trajectory`` builds for it, and the cache is never re-encoded.
+``use_cache=False`` re-encodes every sequence at every token instead: the reference the tests compare
+against, and the cost that orchestration pays.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rl_agents.trajectory import (
+    END_OF_TURN,
+    FORMAT_VERSION,
+    Trajectory,
+    Turn,
+    observation_ids,
+    prompt_ids,
+    tokenizer_fingerprint,
+)
+
+
+@dataclass
+class RuntimeConfig:
+    max_new_tokens: int = 128
+    """longest agent turn, in tokens (truncation reason ``max_new_tokens``)"""
+    max_turns: int = 8
+    """most agent turns in an episode (truncation reason ``max_turns``)"""
+    max_context: int = 2048
+    """longest episode sequence, prompt and observations included (truncation reason ``context_length``)"""
+    batch_size: int = 16
+    """episodes run in parallel, one environment each"""
+    greedy: bool = True
+    """argmax decoding; otherwise sample with ``temperature`` and ``top_p``"""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    use_cache: bool = True
+    """reuse the KV cache across tokens and turns (False re-encodes every sequence at every token)"""
+
+
+@dataclass
+class _Episode:
+    """The state of one running episode (one slot of the batch)."""
+
+    env: gym.Env
+    seed: int
+    task: str
+    ids: list[int]  # every real token of the sequence so far (fed or pending)
+    pending: list[int]  # tokens not yet fed to the model
+    turns: list[Turn] = field(default_factory=list)
+    turn_ids: list[int] = field(default_factory=list)
+    turn_logprobs: list[float] = field(default_factory=list)
+    turn_start: float = 0.0
+    done: bool = False
+    reward: float = 0.0
+    success: bool = False
+    truncation: str | None = None
+
+
+class Runtime:
+    """Runs a policy in environments; returns trajectories in the teacher's format."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: RuntimeConfig, seed: int = 0):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.eot_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot_id
+        self.device = next(model.parameters()).device
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.stats = {"generated_tokens": 0, "forward_passes": 0, "wall_s": 0.0}
+
+    # --- public -------------------------------------------------------------------------------
+    def run(self, env_id: str, seeds: list[int], env_kwargs: dict | None = None, policy: str = "policy") -> list[Trajectory]:
+        """Run one episode per seed; batches of ``config.batch_size`` environments at a time."""
+        envs = [gym.make(env_id, **(env_kwargs or {})) for _ in range(min(self.config.batch_size, len(seeds)))]
+        trajectories: list[Trajectory] = []
+        start = time.perf_counter()
+        try:
+            for i in range(0, len(seeds), len(envs)):
+                batch = seeds[i : i + len(envs)]
+                for episode in self._run_batch(envs[: len(batch)], batch):
+                    trajectories.append(self._trajectory(episode, env_id, policy))
+        finally:
+            for env in envs:
+                env.close()
+        self.stats["wall_s"] += time.perf_counter() - start
+        return trajectories
+
+    # --- the loop -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _run_batch(self, envs: list[gym.Env], seeds: list[int]) -> list[_Episode]:
+        episodes = []
+        for env, seed in zip(envs, seeds):
+            task, _ = env.reset(seed=int(seed))
+            ids = prompt_ids(self.tokenizer, task)
+            episodes.append(_Episode(env, int(seed), task, ids=list(ids), pending=list(ids), turn_start=time.perf_counter()))
+        cache, mask = None, torch.zeros(len(episodes), 0, dtype=torch.long, device=self.device)
+        while not all(e.done for e in episodes):
+            fed = [bool(e.pending) for e in episodes]
+            if self.config.use_cache:
+                logits, cache, mask = self._forward_cached(episodes, cache, mask)
+            else:
+                logits = self._forward_full(episodes)
+            for e in episodes:
+                e.pending = []
+            next_ids, logprobs = self._sample(logits)
+            for row, e in enumerate(episodes):
+                if fed[row]:
+                    self._advance(e, int(next_ids[row]), float(logprobs[row]))
+        return episodes
+
+    def _forward_cached(self, episodes: list[_Episode], cache, mask: torch.Tensor):
+        """Feed each episode's pending tokens, right-aligned; returns last-position logits, cache, mask."""
+        width = max(len(e.pending) for e in episodes)
+        block = torch.full((len(episodes), width), self.pad_id, dtype=torch.long)
+        block_mask = torch.zeros((len(episodes), width), dtype=torch.long)
+        positions = torch.zeros((len(episodes), width), dtype=torch.long)
+        for row, e in enumerate(episodes):
+            n = len(e.pending)
+            if n:
+                block[row, width - n :] = torch.tensor(e.pending)
+                block_mask[row, width - n :] = 1
+                first = len(e.ids) - n  # position of the first pending token
+                positions[row, width - n :] = torch.arange(first, first + n)
+        mask = torch.cat([mask, block_mask.to(self.device)], dim=1)
+        out = self.model(
+            input_ids=block.to(self.device),
+            attention_mask=mask,
+            position_ids=positions.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        self.stats["forward_passes"] += 1
+        return out.logits[:, -1, :].float(), out.past_key_values, mask
+
+    def _forward_full(self, episodes: list[_Episode]) -> torch.Tensor:
+        """Re-encode every sequence from scratch (left-padded); returns last-position logits."""
+        width = max(len(e.ids) for e in episodes)
+        block = torch.full((len(episodes), width), self.pad_id, dtype=torch.long)
+        block_mask = torch.zeros((len(episodes), width), dtype=torch.long)
+        for row, e in enumerate(episodes):
+            block[row, width - len(e.ids) :] = torch.tensor(e.ids)
+            block_mask[row, width - len(e.ids) :] = 1
+        positions = (block_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=block.to(self.device),
+            attention_mask=block_mask.to(self.device),
+            position_ids=positions.to(self.device),
+            use_cache=False,
+        )
+        self.stats["forward_passes"] += 1
+        return out.logits[:, -1, :].float()
+
+    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next token and its log-probability under the sampling distribution (temperature applied)."""
+        cfg = self.config
+        if cfg.greedy:
+            logp = torch.log_softmax(logits, dim=-1)
+            next_ids = logp.argmax(dim=-1)
+        else:
+            logp = torch.log_softmax(logits / cfg.temperature, dim=-1)
+            probs = logp.exp()
+            if cfg.top_p < 1.0:
+                sorted_p, order = probs.sort(dim=-1, descending=True)
+                drop = sorted_p.cumsum(-1) - sorted_p > cfg.top_p
+                sorted_p = sorted_p.masked_fill(drop, 0.0)
+                probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+            next_ids = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return next_ids, logp.gather(-1, next_ids[:, None]).squeeze(-1)
+
+    def _advance(self, e: _Episode, token: int, logprob: float) -> None:
+        """Append a sampled token; at the end of a turn, step the environment and queue its reply."""
+        cfg = self.config
+        e.turn_ids.append(token)
+        e.turn_logprobs.append(logprob)
+        self.stats["generated_tokens"] += 1
+        if token != self.eot_id:
+            if len(e.turn_ids) >= cfg.max_new_tokens:
+                self._end_turn(e, truncation="max_new_tokens")
+            elif len(e.ids) + 1 >= cfg.max_context:
+                self._end_turn(e, truncation="context_length")
+            else:
+                e.ids.append(token)
+                e.pending = [token]
+            return
+        self._end_turn(e)
+
+    def _end_turn(self, e: _Episode, truncation: str | None = None) -> None:
+        ids = e.turn_ids
+        text = self.tokenizer.decode(ids[:-1] if ids[-1] == self.eot_id else ids, skip_special_tokens=False)
+        turn = Turn(agent=text, token_ids=list(ids), logprobs=list(e.turn_logprobs))
+        e.turns.append(turn)
+        e.turn_ids, e.turn_logprobs = [], []
+        if truncation is None:
+            observation, reward, terminated, truncated, info = e.env.step(text)
+            turn.observation, turn.reward, turn.tool, turn.error = observation, float(reward), info.get("tool"), info.get("error")
+            e.reward += float(reward)
+            e.success = bool(info.get("success", False))
+            if terminated or truncated:
+                truncation = None if terminated else "max_steps"
+            elif len(e.turns) >= self.config.max_turns:
+                truncation = "max_turns"
+            else:
+                extra = [ids[-1]] + observation_ids(self.tokenizer, observation)
+                if len(e.ids) + len(extra) >= self.config.max_context:
+                    truncation = "context_length"
+                else:
+                    e.ids.extend(extra)
+                    e.pending = extra
+            e.done = terminated or truncated or truncation is not None
+        else:
+            e.done = True
+        e.truncation = truncation
+        now = time.perf_counter()
+        turn.latency_ms = 1000.0 * (now - e.turn_start)
+        e.turn_start = now
+
+    def _trajectory(self, e: _Episode, env_id: str, policy: str) -> Trajectory:
+        return Trajectory(
+            task=e.task,
+            turns=e.turns,
+            reward=e.reward,
+            success=e.success,
+            metadata={
+                "env_id": env_id,
+                "seed": e.seed,
+                "teacher": policy,
+                "version": FORMAT_VERSION,
+                "truncation": e.truncation,
+                "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            },
+        )
+

@@ -1,0 +1,101 @@
+"""Weights & Biases through the real ``wandb`` library, offline unless the user has a key.
+
+``logger.mode=auto`` (the default) runs online when ``WANDB_API_KEY`` is set and offline otherwise; an
+offline run lands in ``<run_dir>/wandb`` and ``wandb sync <run_dir>/wandb/offline-run-*`` uploads it
+later. ``logger=none`` turns logging off. The Trainer's W&B callback reuses the run started here, so
+losses, collect statistics, evaluation metrics and episode tables all land in one run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from rl_agents.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
+
+
+def _flat(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update(_flat(f"{prefix}/{key}", value))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}/{key}"] = value
+    return out
+
+
+def transcript(trajectory: Trajectory) -> str:
+    lines = [f"TASK: {trajectory.task}"]
+    for turn in trajectory.turns:
+        lines += [f"AGENT: {turn.agent}", f"OBS: {turn.observation}"]
+    return "\n".join(lines)
+
+
+class Tracker:
+    """A thin handle on the W&B run (or nothing, with ``logger=none``)."""
+
+    def __init__(self, run=None, table_episodes: int = 8):
+        self.run = run
+        self.table_episodes = table_episodes
+
+    @property
+    def report_to(self) -> str:
+        """What to pass as the Trainer's ``report_to``."""
+        return "wandb" if self.run is not None else "none"
+
+    def log(self, metrics: dict[str, Any], prefix: str) -> None:
+        if self.run is not None:
+            self.run.log(_flat(prefix, metrics))
+
+    def log_eval(self, policy: str, metrics: dict[str, Any], episodes: list[Trajectory]) -> None:
+        if self.run is None:
+            return
+        import wandb
+
+        self.log(metrics, f"eval/{policy}")
+        for key, value in _flat("eval", {policy: metrics}).items():
+            self.run.summary[key] = value
+        table = wandb.Table(columns=["policy", "env", "seed", "success", "reward", "turns", "truncation", "transcript"])
+        for trajectory in episodes[: self.table_episodes]:
+            meta = trajectory.metadata
+            table.add_data(
+                policy, meta.get("env_id"), meta.get("seed"), trajectory.success, trajectory.reward,
+                len(trajectory.turns), meta.get("truncation"), transcript(trajectory),
+            )  # fmt: skip
+        self.run.log({f"episodes/{policy}": table})
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def start(cfg: DictConfig, run_dir: Path, job: str) -> Tracker:
+    """Start the run's W&B logging (or none)."""
+    logger = cfg.logger
+    if logger.kind == "none":
+        return Tracker()
+    import wandb
+
+    mode = logger.mode
+    if mode == "auto":
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    run = wandb.init(
+        project=logger.project,
+        entity=logger.entity,
+        group=logger.group,
+        tags=list(logger.tags) or None,
+        job_type=job,
+        name=f"{job}-{run_dir.name}",
+        dir=str(run_dir),
+        mode=mode,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    log.info("wandb: %s run in %s", mode, run.dir if mode != "disabled" else "(disabled)")
+    return Tracker(run, logger.table_episodes)

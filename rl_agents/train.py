@@ -1,0 +1,129 @@
+"""The pipeline's entry point: ``python -m rl_agents.train`` (or ``rl-agents-train``) with Hydra overrides.
+
+Stages run in the order of ``stages`` (collect -> bc -> eval), handing off through files in the run dir::
+
+    <run_dir>/config.yaml                    the resolved config
+    <run_dir>/trajectories/train.jsonl       teacher trajectories (train seeds)  + collect_stats.json
+    <run_dir>/model/init                     the initial policy (tiny model and its tokenizer)
+    <run_dir>/bc/checkpoints, bc/policy      BC checkpoints and the BC policy
+    <run_dir>/eval.json, eval/               held-out metrics and every evaluation episode
+    <run_dir>/wandb                          the W&B run (offline unless a key is set)
+
+``resume=true hydra.run.dir=<run_dir>`` continues an interrupted run: finished stages are reused and BC
+restarts from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from rl_agents import tracking
+from rl_agents.bc import BCConfig, train_bc
+from rl_agents.collect import collect
+from rl_agents.config import validate_train
+from rl_agents.evaluate import evaluate_policy, make_teacher, write_eval
+from rl_agents.model import build_tiny_model, build_tokenizer, load_policy, lora_config, trajectory_texts
+from rl_agents.trajectory import SPECIAL_TOKENS, Trajectory, read_jsonl, write_jsonl
+
+log = logging.getLogger(__name__)
+
+
+def stage_collect(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> list[Trajectory]:
+    path = run_dir / "trajectories" / "train.jsonl"
+    if cfg.resume and path.is_file():
+        log.info("collect: reusing %s", path)
+        return read_jsonl(path)
+    weights = {env_id: entry.weight for env_id, entry in cfg.env.envs.items()}
+    total = sum(weights.values())
+    trajectories, stats = [], {}
+    for env_id, entry in cfg.env.envs.items():
+        n = max(1, round(cfg.collect.episodes * weights[env_id] / total))
+        seeds = list(range(cfg.env.train_seed_start, cfg.env.train_seed_start + n))
+        kept, stats[env_id] = collect(env_id, dict(entry.kwargs), make_teacher(cfg, env_id), seeds, cfg.collect.keep, cfg.progress)
+        trajectories += kept
+    write_jsonl(path, trajectories)
+    (path.parent / "collect_stats.json").write_text(json.dumps(stats, indent=2))
+    tracker.log(stats, "collect")
+    return trajectories
+
+
+def initial_policy(cfg: DictConfig, run_dir: Path, trajectories: list[Trajectory]):
+    """The policy BC starts from: the tiny model (tokenizer trained on the run's data) or a pretrained one."""
+    if cfg.model.kind == "hf":
+        return load_policy(cfg.model.name_or_path, cfg.model.dtype, cfg.model.local_files_only)
+    init_dir = run_dir / "model" / "init"
+    if not (init_dir / "config.json").is_file():
+        m = cfg.model
+        tokenizer = build_tokenizer(trajectory_texts(trajectories), m.vocab_size)
+        model = build_tiny_model(
+            tokenizer, cfg.seed, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size, m.max_position_embeddings
+        )
+        model.save_pretrained(init_dir)
+        tokenizer.save_pretrained(init_dir)
+    return load_policy(init_dir, cfg.model.dtype, local_files_only=True)
+
+
+def stage_bc(cfg: DictConfig, run_dir: Path, trajectories: list[Trajectory], tracker: tracking.Tracker) -> Path:
+    policy_dir = run_dir / "bc" / "policy"
+    if cfg.resume and (policy_dir / "config.json").is_file():
+        log.info("bc: reusing the finished policy %s", policy_dir)
+        return policy_dir
+    model, tokenizer = initial_policy(cfg, run_dir, trajectories)
+    peft = None
+    if cfg.peft.enabled:
+        new_ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] if cfg.model.kind == "hf" else []
+        p = cfg.peft
+        peft = lora_config(p.r, p.alpha, p.dropout, p.target_modules, new_ids)
+    bc_config = BCConfig(**OmegaConf.to_container(cfg.bc))
+    return train_bc(
+        trajectories, model, tokenizer, run_dir / "bc", bc_config, cfg.seed, cfg.resume, peft, tracker.report_to
+    )
+
+
+def stage_eval(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> dict[str, Any]:
+    results = {}
+    for name in cfg.eval.policies:
+        if name == "teacher":
+            metrics, episodes = evaluate_policy(cfg, "teacher", run_dir / "eval")
+        else:
+            model, tokenizer = load_policy(run_dir / name / "policy", cfg.model.dtype, local_files_only=True)
+            metrics, episodes = evaluate_policy(cfg, name, run_dir / "eval", model, tokenizer)
+        results[name] = metrics
+        tracker.log_eval(name, metrics, episodes)
+    return write_eval(run_dir / "eval.json", cfg, results)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run the configured stages in ``run_dir``; returns eval.json's content (empty without eval)."""
+    validate_train(cfg, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tracker = tracking.start(cfg, run_dir, job="train")
+    try:
+        trajectories = stage_collect(cfg, run_dir, tracker) if "collect" in cfg.stages else None
+        if "bc" in cfg.stages:
+            if trajectories is None:
+                trajectories = read_jsonl(cfg.trajectories or run_dir / "trajectories" / "train.jsonl")
+            stage_bc(cfg, run_dir, trajectories, tracker)
+        return stage_eval(cfg, run_dir, tracker) if "eval" in cfg.stages else {}
+    finally:
+        tracker.finish()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    result = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    for name, metrics in result.get("policies", {}).items():
+        log.info("%s: success %.3f on %d held-out episodes", name, metrics["success_rate"], metrics["episodes"])
+    return result
+
+
+if __name__ == "__main__":
+    main()

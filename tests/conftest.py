@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny BC policy trained once per session (seconds), offline everything."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.pop("WANDB_API_KEY", None)
+
+import pytest  # noqa: E402
+
+import envs  # noqa: E402,F401  (registers the environments)
+from envs.calculator import CalculatorTeacher  # noqa: E402
+from rl_agents.bc import BCConfig, train_bc  # noqa: E402
+from rl_agents.collect import collect  # noqa: E402
+from rl_agents.model import build_tiny_model, build_tokenizer, load_policy, trajectory_texts  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def calculator_data():
+    trajectories, _ = collect("Calculator-v0", {}, CalculatorTeacher(), list(range(300)), progress=False)
+    return trajectories
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory, calculator_data):
+    """A small policy cloned briefly from the calculator teacher: it writes well-formed multi-turn episodes."""
+    out = tmp_path_factory.mktemp("tiny_policy")
+    tokenizer = build_tokenizer(trajectory_texts(calculator_data), 512)
+    model = build_tiny_model(tokenizer, seed=0, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
+    config = BCConfig(max_steps=60, batch_size=4, max_length=256, learning_rate=5e-3, logging_steps=20, save_steps=1000)
+    policy_dir = train_bc(calculator_data, model, tokenizer, out, config, seed=0)
+    model, tokenizer = load_policy(policy_dir, local_files_only=True)
+    return policy_dir, model, tokenizer

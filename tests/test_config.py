@@ -1,0 +1,68 @@
+"""Config composition: the schema rejects typos and bad types; validation names what is wrong before work."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf.errors import ConfigCompositionException, ValidationError
+
+import rl_agents.config  # noqa: F401  (registers the schemas)
+from rl_agents.config import ConfigError, validate_evaluate, validate_train
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def _compose(overrides=(), name="train"):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def test_default_config_composes_and_validates(tmp_path):
+    cfg = _compose()
+    assert list(cfg.stages) == ["collect", "bc", "eval"] and list(cfg.env.envs) == ["Calculator-v0"]
+    assert cfg.model.kind == "tiny" and cfg.logger.kind == "wandb" and cfg.teacher.kind == "scripted"
+    validate_train(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("group", ["env=sql", "env=calculator_sql", "peft=lora", "logger=none", "budget=smoke"])
+def test_every_group_option_composes(group, tmp_path):
+    validate_train(_compose([group]), tmp_path)
+
+
+def test_hf_model_and_openai_teacher_compose_with_their_settings(tmp_path):
+    validate_train(_compose(["model=hf", "model.name_or_path=some/dir", "teacher=openai", "teacher.model=gpt"]), tmp_path)
+
+
+@pytest.mark.parametrize("override", ["bc.bogus=1", "bc.max_steps=abc", "runtime.greedy=maybe", "env.envs.Calculator-v0.bogus=1"])
+def test_schema_rejects_unknown_keys_and_bad_types(override):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as err:
+        _compose([override])
+    assert override.split("=")[0].split(".")[-1] in str(err.value) + str(err.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["+env.envs.Calcuator-v0={}"], "unknown env 'Calcuator-v0'"),
+        (["stages=[collect,train]"], "unknown stage"),
+        (["model=hf"], "model.name_or_path"),
+        (["teacher=openai"], "teacher.model"),
+        (["teacher.noise=1.5"], "teacher.noise"),
+        (["collect.episodes=2000000"], "overlap"),
+        (["stages=[bc]"], "trajectories=PATH"),
+        (["trajectories=/nope.jsonl"], "/nope.jsonl"),
+        (["stages=[eval]"], "bc stage"),
+        (["runtime.max_turns=0"], "runtime.max_turns"),
+        (["logger.kind=tensorboard"], "logger.kind"),
+        (["env.envs.Calculator-v0.teacher._target_=envs.nope.Teacher"], "cannot be imported"),
+    ],
+)
+def test_validation_fails_fast_naming_the_problem(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")):
+        validate_train(_compose(overrides), tmp_path)
+
+
+def test_evaluate_config_needs_a_real_checkpoint(tmp_path):
+    cfg = _compose([f"checkpoint={tmp_path}"], name="evaluate")
+    with pytest.raises(ConfigError, match="not a saved policy"):
+        validate_evaluate(cfg)

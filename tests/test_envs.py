@@ -1,0 +1,215 @@
+"""The environments: Gymnasium's checker, the turn parser, every error kind, tools, teachers, seeds."""
+
+import json
+import sqlite3
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from envs.base import ERROR_KINDS, Answer, ParseError, ToolCall, answers_match, parse_turn
+from envs.calculator import CalculatorTeacher, evaluate_arithmetic
+from envs.sql import SQLTeacher
+from envs.teacher import tool_call
+
+ENV_IDS = ["Calculator-v0", "SQL-v0"]
+TEACHERS = {"Calculator-v0": CalculatorTeacher, "SQL-v0": SQLTeacher}
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_env_passes_gymnasium_check_env_without_warnings(env_id):
+    env = gym.make(env_id)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env.unwrapped)
+    assert [str(w.message) for w in caught] == []
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_module_colon_id_form_imports_and_makes_the_env(env_id):
+    env = gym.make(f"envs:{env_id}")
+    obs, info = env.reset(seed=3)
+    assert isinstance(obs, str) and obs
+    assert [tool["function"]["name"] for tool in info["tools"]]
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_reset_is_deterministic_in_the_seed(env_id):
+    env = gym.make(env_id)
+    assert env.reset(seed=11)[0] == env.reset(seed=11)[0]
+    prompts = {env.reset(seed=s)[0] for s in range(20)}
+    assert len(prompts) > 10
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_expert_teacher_solves_every_episode(env_id):
+    env = gym.make(env_id)
+    teacher = TEACHERS[env_id](noise=0.0)
+    for seed in range(30):
+        task, _ = env.reset(seed=seed)
+        teacher.begin(env.unwrapped, np.random.default_rng(seed))
+        history = []
+        while True:
+            action = teacher.act(env.unwrapped, task, history)
+            obs, reward, terminated, truncated, info = env.step(action)
+            history.append((action, obs))
+            if terminated or truncated:
+                break
+        assert info["success"] and reward == 1.0, (seed, history)
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_noisy_teacher_fails_about_as_often_as_its_noise(env_id):
+    from rl_agents.collect import collect
+
+    _, stats = collect(env_id, {}, TEACHERS[env_id](noise=0.5), list(range(200)), progress=False)
+    assert 0.3 < stats["teacher_success_rate"] < 0.8
+
+
+def test_parse_turn_reads_tool_calls_answers_and_reasoning():
+    call = parse_turn('<think>x</think><tool_call>{"name": "calculator", "arguments": {"expression": "1+1"}}</tool_call>')
+    assert call == ToolCall("calculator", {"expression": "1+1"})
+    assert parse_turn("<think>maybe <answer>3</answer>?</think><answer> 42 </answer>") == Answer("42")
+    assert parse_turn("<tool_call>{bad json</tool_call>").kind == "malformed_json"
+    assert parse_turn('<tool_call>["calculator"]</tool_call>').kind == "malformed_call"
+    assert parse_turn('<tool_call>{"name": "c", "arguments": 3}</tool_call>').kind == "malformed_call"
+    assert parse_turn("just words").kind == "no_action"
+    assert parse_turn("x" * 50, max_chars=10).kind == "action_too_long"
+
+
+@pytest.mark.parametrize(
+    ("action", "kind"),
+    [
+        ("<tool_call>{not json}</tool_call>", "malformed_json"),
+        ('<tool_call>{"arguments": {}}</tool_call>', "malformed_call"),
+        ('<tool_call>{"name": "python", "arguments": {"code": "1"}}</tool_call>', "unknown_tool"),
+        ('<tool_call>{"name": "calculator", "arguments": {}}</tool_call>', "bad_arguments"),
+        ('<tool_call>{"name": "calculator", "arguments": {"expression": 7}}</tool_call>', "bad_arguments"),
+        ('<tool_call>{"name": "calculator", "arguments": {"expression": "1", "x": 1}}</tool_call>', "bad_arguments"),
+        ('<tool_call>{"name": "calculator", "arguments": {"expression": "__import__(\'os\')"}}</tool_call>', "tool_error"),
+        ('<tool_call>{"name": "calculator", "arguments": {"expression": "1/0"}}</tool_call>', "tool_error"),
+        ("I think the answer is five", "no_action"),
+        ("<answer>" + "9" * 2000 + "</answer>", "action_too_long"),
+    ],
+)
+def test_bad_turns_become_error_observations_with_a_counted_kind(action, kind):
+    env = gym.make("Calculator-v0", fail_prob=0.0)
+    env.reset(seed=0)
+    obs, reward, terminated, truncated, info = env.step(action)
+    assert obs.startswith("ERROR:") and info["error"] == kind
+    assert info["error_counts"] == {kind: 1}
+    assert (reward, terminated, truncated) == (0.0, False, False)
+
+
+def test_a_tool_that_raises_becomes_a_tool_exception_observation():
+    env = gym.make("Calculator-v0", fail_prob=0.0)
+    env.reset(seed=0)
+    env.unwrapped.tools["calculator"] = env.unwrapped.tools["calculator"].__class__(
+        name="calculator", description="", parameters={"type": "object"}, fn=lambda **_: 1 / 0
+    )
+    obs, _, _, _, info = env.step(tool_call("calculator", expression="1"))
+    assert info["error"] == "tool_exception" and "ZeroDivisionError" in obs
+
+
+def test_calculator_times_out_transiently_and_the_teacher_retries():
+    env = gym.make("Calculator-v0", fail_prob=0.5)
+    kinds = []
+    for seed in range(20):
+        env.reset(seed=seed)
+        expression = env.unwrapped.task.extra["expression"]
+        obs, *_, info = env.step(tool_call("calculator", expression=expression))
+        kinds.append(info["error"])
+        if info["error"] == "tool_timeout":
+            assert obs == "ERROR: timeout, try again"
+    assert "tool_timeout" in kinds and None in kinds
+
+
+def test_step_budget_truncates_the_episode():
+    env = gym.make("Calculator-v0", max_episode_steps=3)
+    env.reset(seed=0)
+    results = [env.step("no action here") for _ in range(3)]
+    assert [r[3] for r in results] == [False, False, True]
+
+
+def test_calculator_evaluates_arithmetic_only():
+    assert evaluate_arithmetic("12 * (3 + 4) - 2 ** 3") == 76
+    assert evaluate_arithmetic("-7 // 2") == -4
+    for bad in ["__import__('os').system('ls')", "a + 1", "[1, 2]", "9 ** 9999", "1 if 1 else 2", "1" * 300]:
+        with pytest.raises(Exception) as err:
+            evaluate_arithmetic(bad)
+        assert type(err.value).__name__ == "ToolError"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "DELETE FROM employees",
+        "INSERT INTO departments VALUES (99, 'X', 'Y')",
+        "DROP TABLE orders",
+        "ATTACH DATABASE '/tmp/x.db' AS x",
+        "PRAGMA writable_schema = 1",
+        "CREATE TABLE t (x)",
+        "SELECT 1; DELETE FROM employees",
+    ],
+)
+def test_sql_tool_is_read_only(query):
+    env = gym.make("SQL-v0")
+    env.reset(seed=0)
+    before = env.unwrapped.db.execute("SELECT COUNT(*) FROM employees").fetchone()
+    obs, *_, info = env.step(tool_call("sql", query=query))
+    assert info["error"] == "tool_error" and obs.startswith("ERROR: SQL error")
+    env.unwrapped.db.set_authorizer(None)
+    assert env.unwrapped.db.execute("SELECT COUNT(*) FROM employees").fetchone() == before
+    assert env.unwrapped.db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 't'").fetchone() == (0,)
+
+
+def test_sql_tool_stops_slow_queries_and_caps_rows():
+    env = gym.make("SQL-v0", time_limit_s=0.2, max_rows=5)
+    env.reset(seed=0)
+    slow = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT COUNT(*) FROM c"
+    obs, *_, info = env.step(tool_call("sql", query=slow))
+    assert info["error"] == "tool_error" and "time limit" in obs
+    obs, *_, info = env.step(tool_call("sql", query="SELECT name FROM employees"))
+    assert info["error"] is None
+    assert obs.splitlines()[0] == "name" and len(obs.splitlines()) == 1 + 5 + 1 and "first 5 rows" in obs
+
+
+def test_sql_database_is_an_in_memory_sqlite_per_seed():
+    env = gym.make("SQL-v0")
+    env.reset(seed=1)
+    db = env.unwrapped.db
+    assert isinstance(db, sqlite3.Connection)
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert tables == {"departments", "employees", "orders"}
+
+
+def test_answers_match_numbers_numerically_and_text_case_insensitively():
+    assert answers_match("52345.0", "52345") and answers_match(" 1,200 ", "1200")
+    assert answers_match("paris.", "Paris") and not answers_match("41", "42")
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    turn=st.one_of(
+        st.text(max_size=300),
+        st.builds(lambda s: f"<tool_call>{s}</tool_call>", st.text(max_size=200)),
+        st.builds(
+            lambda name, args: f"<tool_call>{json.dumps({'name': name, 'arguments': args})}</tool_call>",
+            st.sampled_from(["calculator", "sql", "nope"]),
+            st.dictionaries(st.sampled_from(["expression", "query", "x"]), st.one_of(st.text(max_size=80), st.integers(), st.none())),
+        ),
+        st.builds(lambda s: f"<answer>{s}</answer>", st.text(max_size=50)),
+    )
+)
+def test_fuzzed_agent_turns_never_raise(env_id, turn):
+    env = gym.make(env_id)
+    env.reset(seed=0)
+    obs, reward, terminated, truncated, info = env.step(turn)
+    assert env.unwrapped.observation_space.contains(obs)
+    assert info["error"] in (None, *ERROR_KINDS)
+    assert isinstance(parse_turn(turn), (ToolCall, Answer, ParseError))

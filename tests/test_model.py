@@ -1,0 +1,72 @@
+"""Models: the tiny model is deterministic and loads like any checkpoint; pretrained loading adds tokens."""
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rl_agents.model import add_special_tokens, build_tiny_model, build_tokenizer, load_policy, trajectory_texts
+from rl_agents.trajectory import SPECIAL_TOKENS
+
+
+def test_tiny_model_is_deterministic_from_the_seed(calculator_data):
+    tokenizer = build_tokenizer(trajectory_texts(calculator_data), 400)
+    again = build_tokenizer(trajectory_texts(calculator_data), 400)
+    assert tokenizer.get_vocab() == again.get_vocab()
+    a, b, c = (build_tiny_model(tokenizer, seed, hidden_size=32, num_layers=1, num_heads=2) for seed in (0, 0, 1))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
+
+
+def test_tokenizer_has_the_format_tokens_as_single_special_tokens(calculator_data):
+    tokenizer = build_tokenizer(trajectory_texts(calculator_data), 400)
+    for token in SPECIAL_TOKENS:
+        assert tokenizer(token, add_special_tokens=False)["input_ids"] == [tokenizer.convert_tokens_to_ids(token)]
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token is not None
+    assert tokenizer("12345", add_special_tokens=False)["input_ids"].__len__() == 5  # digits one by one
+
+
+def test_saved_tiny_model_loads_through_from_pretrained(tmp_path, calculator_data):
+    tokenizer = build_tokenizer(trajectory_texts(calculator_data), 400)
+    model = build_tiny_model(tokenizer, 0, hidden_size=32, num_layers=1, num_heads=2)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, loaded_tok = load_policy(tmp_path, local_files_only=True)
+    assert loaded_tok.get_vocab() == tokenizer.get_vocab()
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_pretrained_model_without_the_format_tokens_gets_them_and_resized_embeddings(tmp_path, calculator_data):
+    """A 'user's pretrained model': a checkpoint whose tokenizer lacks our special tokens and a pad token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    base.pre_tokenizer = pre_tokenizers.Whitespace()
+    plain = PreTrainedTokenizerFast(tokenizer_object=base, unk_token="[UNK]")
+    model = build_tiny_model(plain, 0, hidden_size=32, num_layers=1, num_heads=2)
+    model.config.pad_token_id = None
+    model.save_pretrained(tmp_path)
+    plain.save_pretrained(tmp_path)
+
+    loaded, tokenizer = load_policy(tmp_path, local_files_only=True)
+    assert len(tokenizer) == 3 + len(SPECIAL_TOKENS) + 1  # + pad
+    assert loaded.get_input_embeddings().weight.shape[0] >= len(tokenizer)
+    assert tokenizer.pad_token is not None
+    ids = tokenizer("<tool_call>hello</tool_call>", add_special_tokens=False)["input_ids"]
+    assert ids == [tokenizer.convert_tokens_to_ids("<tool_call>"), 1, tokenizer.convert_tokens_to_ids("</tool_call>")]
+    out = loaded(torch.tensor([ids]))
+    assert out.logits.shape[-1] == loaded.get_input_embeddings().weight.shape[0]
+
+
+def test_add_special_tokens_is_idempotent(calculator_data):
+    tokenizer = build_tokenizer(trajectory_texts(calculator_data), 400)
+    model = build_tiny_model(tokenizer, 0, hidden_size=32, num_layers=1, num_heads=2)
+    before = len(tokenizer)
+    assert add_special_tokens(tokenizer, model) == []
+    assert len(tokenizer) == before
+
+
+def test_auto_classes_load_the_tiny_model_directly(tiny_policy):
+    policy_dir, _, _ = tiny_policy
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir, local_files_only=True)
+    assert model.config.model_type == "llama" and tokenizer.convert_tokens_to_ids("<tool_call>") > 0

@@ -1,0 +1,93 @@
+"""End to end through the CLI on budget=smoke: collect -> bc -> eval, resume, evaluate, W&B offline."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rl_agents.trajectory import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(module, *overrides, check=True):
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("smoke")
+    _run("rl_agents.train", "budget=smoke", f"hydra.run.dir={run_dir}", "env=calculator_sql")
+    return run_dir
+
+
+def test_smoke_run_writes_every_artifact(smoke_run):
+    for path in ["config.yaml", ".hydra/config.yaml", "train.log", "trajectories/train.jsonl",
+                 "trajectories/collect_stats.json", "model/init/config.json", "bc/policy/config.json",
+                 "bc/policy/tokenizer.json", "eval.json", "eval/episodes_bc.jsonl", "eval/episodes_teacher.jsonl"]:  # fmt: skip
+        assert (smoke_run / path).exists(), path
+    assert list((smoke_run / "bc" / "checkpoints").glob("checkpoint-*"))
+    trajectories = read_jsonl(smoke_run / "trajectories" / "train.jsonl")
+    assert {t.metadata["env_id"] for t in trajectories} == {"Calculator-v0", "SQL-v0"}
+    assert all(t.success for t in trajectories)  # rejection sampling keeps successes
+
+
+def test_eval_json_has_the_documented_shape(smoke_run):
+    data = json.loads((smoke_run / "eval.json").read_text())
+    assert data["env"] == "calculator_sql" and data["seeds"] == {"start": 1_000_000, "count": 4}
+    keys = {"success_rate", "mean_reward", "mean_turns", "tool_error_rate", "step_latency_ms", "tokens_per_s", "episodes"}
+    for name in ("teacher", "bc"):
+        policy = data["policies"][name]
+        assert keys <= set(policy) and policy["episodes"] == 8
+        assert set(policy["per_env"]) == {"Calculator-v0", "SQL-v0"}
+    assert data["policies"]["teacher"]["success_rate"] == 1.0
+    assert data["policies"]["bc"]["tokens_per_s"] > 0
+
+
+def test_wandb_offline_run_lands_in_the_run_dir(smoke_run):
+    runs = list((smoke_run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("run-*.wandb"))
+
+
+def test_resume_reuses_finished_stages_and_bc_checkpoints(smoke_run):
+    before = (smoke_run / "trajectories" / "train.jsonl").read_text()
+    proc = _run("rl_agents.train", "budget=smoke", f"hydra.run.dir={smoke_run}", "env=calculator_sql", "resume=true", "logger=none")
+    assert "collect: reusing" in proc.stderr + proc.stdout + (smoke_run / "train.log").read_text()
+    assert (smoke_run / "trajectories" / "train.jsonl").read_text() == before
+
+
+def test_interrupted_bc_resumes_from_its_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    base = ["budget=smoke", f"hydra.run.dir={run_dir}", "logger=none", "bc.save_steps=2"]
+    _run("rl_agents.train", *base, "bc.max_steps=2", "stages=[collect,bc]")
+    import shutil
+
+    shutil.rmtree(run_dir / "bc" / "policy")  # as if killed after the checkpoint, before the end
+    _run("rl_agents.train", *base, "bc.max_steps=4", "stages=[collect,bc]", "resume=true")
+    state = json.loads((run_dir / "bc" / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert "resuming from" in (run_dir / "train.log").read_text()
+
+
+def test_evaluate_cli_on_a_saved_policy(smoke_run, tmp_path):
+    out = tmp_path / "ev"
+    _run("rl_agents.evaluate", f"checkpoint={smoke_run / 'bc' / 'policy'}", "env=sql", "eval.episodes=3",
+         "eval.policies=[teacher,policy]", f"hydra.run.dir={out}", "runtime.max_new_tokens=16")  # fmt: skip
+    data = json.loads((out / "eval.json").read_text())
+    assert set(data["policies"]) == {"teacher", "policy"} and data["policies"]["policy"]["episodes"] == 3
+
+
+def test_config_error_fails_before_any_work(tmp_path):
+    proc = _run("rl_agents.train", "+env.envs.Calcuator-v0={}", f"hydra.run.dir={tmp_path / 'r'}", check=False)
+    assert proc.returncode != 0 and "unknown env 'Calcuator-v0'" in proc.stderr
+    assert not (tmp_path / "r" / "trajectories").exists()
