@@ -15,8 +15,9 @@ import json
 import re
 import string
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import gymnasium as gym
 import jsonschema
@@ -109,7 +110,9 @@ def parse_turn(text: str, max_chars: int | None = None) -> ToolCall | Answer | P
     answer = ANSWER_RE.search(body)
     if answer is not None:
         return Answer(answer.group(1).strip())
-    return ParseError("no_action", "no tool call or answer found; write <tool_call>{...}</tool_call> or <answer>...</answer>")
+    return ParseError(
+        "no_action", "no tool call or answer found; write <tool_call>{...}</tool_call> or <answer>...</answer>"
+    )
 
 
 def sanitize(text: str, max_chars: int) -> str:

@@ -120,15 +120,27 @@ class SQLEnv(ToolEnv):
         n_depts = int(rng.integers(4, 7))
         depts = rng.choice(DEPARTMENTS, n_depts, replace=False)
         cities = rng.choice(CITIES, n_depts, replace=False)
-        db.executemany("INSERT INTO departments VALUES (?, ?, ?)", [(i + 1, str(d), str(c)) for i, (d, c) in enumerate(zip(depts, cities))])
+        db.executemany(
+            "INSERT INTO departments VALUES (?, ?, ?)",
+            [(i + 1, str(d), str(c)) for i, (d, c) in enumerate(zip(depts, cities))],
+        )
         n_emp = int(rng.integers(15, 31))
         names = rng.choice(NAMES, n_emp, replace=False)
         employees = [
-            (i + 1, str(names[i]), int(rng.integers(1, n_depts + 1)), int(rng.integers(60, 300)) * 500, int(rng.integers(2010, 2025)))
+            (
+                i + 1,
+                str(names[i]),
+                int(rng.integers(1, n_depts + 1)),
+                int(rng.integers(60, 300)) * 500,
+                int(rng.integers(2010, 2025)),
+            )
             for i in range(n_emp)
         ]
         db.executemany("INSERT INTO employees VALUES (?, ?, ?, ?, ?)", employees)
-        orders = [(i + 1, int(rng.integers(1, n_emp + 1)), int(rng.integers(10, 1000)), int(rng.integers(2020, 2025))) for i in range(int(rng.integers(40, 101)))]
+        orders = [
+            (i + 1, int(rng.integers(1, n_emp + 1)), int(rng.integers(10, 1000)), int(rng.integers(2020, 2025)))
+            for i in range(int(rng.integers(40, 101)))
+        ]
         db.executemany("INSERT INTO orders VALUES (?, ?, ?, ?)", orders)
         db.commit()
         db.set_authorizer(lambda action, *args: sqlite3.SQLITE_OK if action in _ALLOWED else sqlite3.SQLITE_DENY)

@@ -24,7 +24,9 @@ def teacher_episode(env: gym.Env, teacher: Any, seed: int, env_id: str, max_turn
     for _ in range(max_turns):
         text = teacher.act(env.unwrapped, task, [(t.agent, t.observation) for t in turns])
         observation, r, terminated, truncated, info = env.step(text)
-        turns.append(Turn(agent=text, observation=observation, tool=info.get("tool"), error=info.get("error"), reward=float(r)))
+        turns.append(
+            Turn(agent=text, observation=observation, tool=info.get("tool"), error=info.get("error"), reward=float(r))
+        )
         reward += float(r)
         success = bool(info.get("success", False))
         if terminated or truncated:
@@ -32,7 +34,13 @@ def teacher_episode(env: gym.Env, teacher: Any, seed: int, env_id: str, max_turn
             break
     else:
         truncation = "max_turns"
-    metadata = {"env_id": env_id, "seed": int(seed), "teacher": teacher.name, "version": FORMAT_VERSION, "truncation": truncation}
+    metadata = {
+        "env_id": env_id,
+        "seed": int(seed),
+        "teacher": teacher.name,
+        "version": FORMAT_VERSION,
+        "truncation": truncation,
+    }
     return Trajectory(task=task, turns=turns, reward=reward, success=success, metadata=metadata)
 
 

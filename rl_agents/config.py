@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import gymnasium as gym
 from hydra.core.config_store import ConfigStore
@@ -53,10 +53,10 @@ class EnvConfig:
 class ModelConfig:
     kind: str = "tiny"
     """tiny: a small Llama built from this config; hf: a pretrained model (name or directory)"""
-    name_or_path: Optional[str] = None
+    name_or_path: str | None = None
     dtype: str = "float32"
     local_files_only: bool = False
-    vocab_size: int = 1024
+    vocab_size: int = 2048
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -72,8 +72,8 @@ class TeacherConfig:
     """fraction of episodes in which a scripted teacher acts lazily or wrongly"""
     think: bool = True
     """scripted teachers write a short <think> before tool calls"""
-    model: Optional[str] = None
-    base_url: Optional[str] = None
+    model: str | None = None
+    base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     temperature: float = 0.0
     max_tokens: int = 512
@@ -93,10 +93,10 @@ class LoggerConfig:
     kind: str = "wandb"
     """wandb or none"""
     project: str = "rl_agents"
-    entity: Optional[str] = None
+    entity: str | None = None
     mode: str = "auto"
     """auto: online when WANDB_API_KEY is set, else offline; or online / offline / disabled"""
-    group: Optional[str] = None
+    group: str | None = None
     tags: list[str] = field(default_factory=list)
     table_episodes: int = 8
     """sample episodes per policy in the W&B episode table"""
@@ -122,7 +122,7 @@ class TrainConfig:
     stages: list[str] = field(default_factory=lambda: ["collect", "bc", "eval"])
     resume: bool = False
     """continue an interrupted run in the same run dir (hydra.run.dir=...)"""
-    trajectories: Optional[str] = None
+    trajectories: str | None = None
     """a trajectory JSONL to clone instead of running the collect stage"""
     progress: bool = True
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -164,8 +164,11 @@ def _check_envs(cfg: DictConfig) -> None:
         try:
             gym.spec(env_id)
         except gym.error.Error as err:
-            known = ", ".join(sorted(k for k in gym.registry if "-v" in k and ("Calculator" in k or "SQL" in k)))
-            raise ConfigError(f"unknown env {env_id!r} in env.envs ({err}); registered here: {known}") from None
+            ours = sorted(k for k, s in gym.registry.items() if str(s.entry_point).startswith("envs."))
+            raise ConfigError(
+                f"unknown env {env_id!r} in env.envs ({err}); tool envs registered here: {', '.join(ours)}; "
+                "a user env is named 'my_pkg.module:MyEnv-v0'"
+            ) from None
         if entry.weight <= 0:
             raise ConfigError(f"env.envs.{env_id}.weight must be positive, got {entry.weight}")
 
@@ -244,7 +247,9 @@ def validate_train(cfg: DictConfig, run_dir: Path) -> None:
         raise ConfigError(f"unknown eval.policies {unknown_policies}; known: teacher, bc")
     if "eval" in cfg.stages and "bc" in cfg.eval.policies and "bc" not in cfg.stages:
         if not (run_dir / "bc" / "policy" / "config.json").is_file():
-            raise ConfigError("eval of the bc policy needs the bc stage (or resume=true in a run dir that has bc/policy)")
+            raise ConfigError(
+                "eval of the bc policy needs the bc stage (or resume=true in a run dir that has bc/policy)"
+            )
 
 
 def validate_evaluate(cfg: DictConfig) -> None:
@@ -254,5 +259,8 @@ def validate_evaluate(cfg: DictConfig) -> None:
     path = Path(cfg.checkpoint)
     if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
         raise ConfigError(f"checkpoint={cfg.checkpoint!r} is not a saved policy directory (no config.json)")
+    unknown = [p for p in cfg.eval.policies if p not in ("teacher", "policy")]
+    if unknown:
+        raise ConfigError(f"unknown eval.policies {unknown}; known: teacher, policy (the checkpoint)")
     if "teacher" in cfg.eval.policies:
         _check_teacher(cfg)

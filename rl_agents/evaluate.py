@@ -139,10 +139,12 @@ def main(cfg: DictConfig) -> None:
     model, tokenizer = load_policy(cfg.checkpoint, cfg.model.dtype, local_files_only=True)
     for name in cfg.eval.policies:
         if name == "teacher":
-            results["teacher"], episodes = evaluate_policy(cfg, "teacher", run_dir)
+            metrics, episodes = evaluate_policy(cfg, name, run_dir)
         else:
-            results[cfg.name], episodes = evaluate_policy(cfg, cfg.name, run_dir, model, tokenizer)
-        tracker.log_eval(name if name == "teacher" else cfg.name, results.get(name, results.get(cfg.name)), episodes)
+            name = cfg.name
+            metrics, episodes = evaluate_policy(cfg, name, run_dir, model, tokenizer)
+        results[name] = metrics
+        tracker.log_eval(name, metrics, episodes)
     data = write_eval(run_dir / "eval.json", cfg, results)
     tracker.finish()
     print(json.dumps(data, indent=2))

@@ -8,8 +8,8 @@ run's own trajectories, nothing downloaded) and a real checkpoint follow the sam
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -126,7 +126,11 @@ def load_policy(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a policy (a model name or directory), with the format's special tokens in its tokenizer."""
     path = str(path)
-    if Path(path).is_dir() and not (Path(path) / "config.json").exists() and not (Path(path) / "adapter_config.json").exists():
+    if (
+        Path(path).is_dir()
+        and not (Path(path) / "config.json").exists()
+        and not (Path(path) / "adapter_config.json").exists()
+    ):
         raise FileNotFoundError(f"{path} is a directory but holds no model (no config.json or adapter_config.json)")
     torch_dtype = getattr(torch, dtype)
     if (Path(path) / "adapter_config.json").exists():

@@ -74,7 +74,9 @@ class _Episode:
 class Runtime:
     """Runs a policy in environments; returns trajectories in the teacher's format."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: RuntimeConfig, seed: int = 0):
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: RuntimeConfig, seed: int = 0
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config
@@ -85,7 +87,9 @@ class Runtime:
         self.stats = {"generated_tokens": 0, "forward_passes": 0, "wall_s": 0.0}
 
     # --- public -------------------------------------------------------------------------------
-    def run(self, env_id: str, seeds: list[int], env_kwargs: dict | None = None, policy: str = "policy") -> list[Trajectory]:
+    def run(
+        self, env_id: str, seeds: list[int], env_kwargs: dict | None = None, policy: str = "policy"
+    ) -> list[Trajectory]:
         """Run one episode per seed; batches of ``config.batch_size`` environments at a time."""
         envs = [gym.make(env_id, **(env_kwargs or {})) for _ in range(min(self.config.batch_size, len(seeds)))]
         trajectories: list[Trajectory] = []
@@ -108,7 +112,9 @@ class Runtime:
         for env, seed in zip(envs, seeds):
             task, _ = env.reset(seed=int(seed))
             ids = prompt_ids(self.tokenizer, task)
-            episodes.append(_Episode(env, int(seed), task, ids=list(ids), pending=list(ids), turn_start=time.perf_counter()))
+            episodes.append(
+                _Episode(env, int(seed), task, ids=list(ids), pending=list(ids), turn_start=time.perf_counter())
+            )
         cache, mask = None, torch.zeros(len(episodes), 0, dtype=torch.long, device=self.device)
         while not all(e.done for e in episodes):
             fed = [bool(e.pending) for e in episodes]
@@ -208,7 +214,12 @@ class Runtime:
         e.turn_ids, e.turn_logprobs = [], []
         if truncation is None:
             observation, reward, terminated, truncated, info = e.env.step(text)
-            turn.observation, turn.reward, turn.tool, turn.error = observation, float(reward), info.get("tool"), info.get("error")
+            turn.observation, turn.reward, turn.tool, turn.error = (
+                observation,
+                float(reward),
+                info.get("tool"),
+                info.get("error"),
+            )
             e.reward += float(reward)
             e.success = bool(info.get("success", False))
             if terminated or truncated:
@@ -245,4 +256,3 @@ class Runtime:
                 "tokenizer": tokenizer_fingerprint(self.tokenizer),
             },
         )
-

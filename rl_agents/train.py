@@ -46,7 +46,9 @@ def stage_collect(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> 
     for env_id, entry in cfg.env.envs.items():
         n = max(1, round(cfg.collect.episodes * weights[env_id] / total))
         seeds = list(range(cfg.env.train_seed_start, cfg.env.train_seed_start + n))
-        kept, stats[env_id] = collect(env_id, dict(entry.kwargs), make_teacher(cfg, env_id), seeds, cfg.collect.keep, cfg.progress)
+        kept, stats[env_id] = collect(
+            env_id, dict(entry.kwargs), make_teacher(cfg, env_id), seeds, cfg.collect.keep, cfg.progress
+        )
         trajectories += kept
     write_jsonl(path, trajectories)
     (path.parent / "collect_stats.json").write_text(json.dumps(stats, indent=2))
@@ -63,7 +65,13 @@ def initial_policy(cfg: DictConfig, run_dir: Path, trajectories: list[Trajectory
         m = cfg.model
         tokenizer = build_tokenizer(trajectory_texts(trajectories), m.vocab_size)
         model = build_tiny_model(
-            tokenizer, cfg.seed, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size, m.max_position_embeddings
+            tokenizer,
+            cfg.seed,
+            m.hidden_size,
+            m.num_layers,
+            m.num_heads,
+            m.intermediate_size,
+            m.max_position_embeddings,
         )
         model.save_pretrained(init_dir)
         tokenizer.save_pretrained(init_dir)

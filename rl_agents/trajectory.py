@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -187,7 +188,9 @@ def encode_trajectory(trajectory: Trajectory, tokenizer: PreTrainedTokenizerBase
     ids = prompt_ids(tokenizer, trajectory.task)
     mask = [0] * len(ids)
     for i, turn in enumerate(trajectory.turns):
-        turn_ids = turn.token_ids if (turn.token_ids is not None and same_tokenizer) else agent_ids(tokenizer, turn.agent)
+        turn_ids = (
+            turn.token_ids if (turn.token_ids is not None and same_tokenizer) else agent_ids(tokenizer, turn.agent)
+        )
         ids += turn_ids
         mask += [1] * len(turn_ids)
         if i < len(trajectory.turns) - 1:  # the last observation was never shown to the agent

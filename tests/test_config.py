@@ -30,10 +30,14 @@ def test_every_group_option_composes(group, tmp_path):
 
 
 def test_hf_model_and_openai_teacher_compose_with_their_settings(tmp_path):
-    validate_train(_compose(["model=hf", "model.name_or_path=some/dir", "teacher=openai", "teacher.model=gpt"]), tmp_path)
+    validate_train(
+        _compose(["model=hf", "model.name_or_path=some/dir", "teacher=openai", "teacher.model=gpt"]), tmp_path
+    )
 
 
-@pytest.mark.parametrize("override", ["bc.bogus=1", "bc.max_steps=abc", "runtime.greedy=maybe", "env.envs.Calculator-v0.bogus=1"])
+@pytest.mark.parametrize(
+    "override", ["bc.bogus=1", "bc.max_steps=abc", "runtime.greedy=maybe", "env.envs.Calculator-v0.bogus=1"]
+)
 def test_schema_rejects_unknown_keys_and_bad_types(override):
     with pytest.raises((ConfigCompositionException, ValidationError)) as err:
         _compose([override])

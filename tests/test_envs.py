@@ -71,7 +71,9 @@ def test_noisy_teacher_fails_about_as_often_as_its_noise(env_id):
 
 
 def test_parse_turn_reads_tool_calls_answers_and_reasoning():
-    call = parse_turn('<think>x</think><tool_call>{"name": "calculator", "arguments": {"expression": "1+1"}}</tool_call>')
+    call = parse_turn(
+        '<think>x</think><tool_call>{"name": "calculator", "arguments": {"expression": "1+1"}}</tool_call>'
+    )
     assert call == ToolCall("calculator", {"expression": "1+1"})
     assert parse_turn("<think>maybe <answer>3</answer>?</think><answer> 42 </answer>") == Answer("42")
     assert parse_turn("<tool_call>{bad json</tool_call>").kind == "malformed_json"
@@ -90,7 +92,10 @@ def test_parse_turn_reads_tool_calls_answers_and_reasoning():
         ('<tool_call>{"name": "calculator", "arguments": {}}</tool_call>', "bad_arguments"),
         ('<tool_call>{"name": "calculator", "arguments": {"expression": 7}}</tool_call>', "bad_arguments"),
         ('<tool_call>{"name": "calculator", "arguments": {"expression": "1", "x": 1}}</tool_call>', "bad_arguments"),
-        ('<tool_call>{"name": "calculator", "arguments": {"expression": "__import__(\'os\')"}}</tool_call>', "tool_error"),
+        (
+            '<tool_call>{"name": "calculator", "arguments": {"expression": "__import__(\'os\')"}}</tool_call>',
+            "tool_error",
+        ),
         ('<tool_call>{"name": "calculator", "arguments": {"expression": "1/0"}}</tool_call>', "tool_error"),
         ("I think the answer is five", "no_action"),
         ("<answer>" + "9" * 2000 + "</answer>", "action_too_long"),
@@ -201,7 +206,9 @@ def test_answers_match_numbers_numerically_and_text_case_insensitively():
         st.builds(
             lambda name, args: f"<tool_call>{json.dumps({'name': name, 'arguments': args})}</tool_call>",
             st.sampled_from(["calculator", "sql", "nope"]),
-            st.dictionaries(st.sampled_from(["expression", "query", "x"]), st.one_of(st.text(max_size=80), st.integers(), st.none())),
+            st.dictionaries(
+                st.sampled_from(["expression", "query", "x"]), st.one_of(st.text(max_size=80), st.integers(), st.none())
+            ),
         ),
         st.builds(lambda s: f"<answer>{s}</answer>", st.text(max_size=50)),
     )

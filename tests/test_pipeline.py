@@ -31,9 +31,12 @@ def smoke_run(tmp_path_factory):
 
 
 def test_smoke_run_writes_every_artifact(smoke_run):
-    for path in ["config.yaml", ".hydra/config.yaml", "train.log", "trajectories/train.jsonl",
-                 "trajectories/collect_stats.json", "model/init/config.json", "bc/policy/config.json",
-                 "bc/policy/tokenizer.json", "eval.json", "eval/episodes_bc.jsonl", "eval/episodes_teacher.jsonl"]:  # fmt: skip
+    expected = [
+        "config.yaml", ".hydra/config.yaml", "train.log", "trajectories/train.jsonl", "trajectories/collect_stats.json",
+        "model/init/config.json", "bc/policy/config.json", "bc/policy/tokenizer.json", "eval.json",
+        "eval/episodes_bc.jsonl", "eval/episodes_teacher.jsonl",
+    ]  # fmt: skip
+    for path in expected:
         assert (smoke_run / path).exists(), path
     assert list((smoke_run / "bc" / "checkpoints").glob("checkpoint-*"))
     trajectories = read_jsonl(smoke_run / "trajectories" / "train.jsonl")
@@ -44,7 +47,15 @@ def test_smoke_run_writes_every_artifact(smoke_run):
 def test_eval_json_has_the_documented_shape(smoke_run):
     data = json.loads((smoke_run / "eval.json").read_text())
     assert data["env"] == "calculator_sql" and data["seeds"] == {"start": 1_000_000, "count": 4}
-    keys = {"success_rate", "mean_reward", "mean_turns", "tool_error_rate", "step_latency_ms", "tokens_per_s", "episodes"}
+    keys = {
+        "success_rate",
+        "mean_reward",
+        "mean_turns",
+        "tool_error_rate",
+        "step_latency_ms",
+        "tokens_per_s",
+        "episodes",
+    }
     for name in ("teacher", "bc"):
         policy = data["policies"][name]
         assert keys <= set(policy) and policy["episodes"] == 8
@@ -61,7 +72,14 @@ def test_wandb_offline_run_lands_in_the_run_dir(smoke_run):
 
 def test_resume_reuses_finished_stages_and_bc_checkpoints(smoke_run):
     before = (smoke_run / "trajectories" / "train.jsonl").read_text()
-    proc = _run("rl_agents.train", "budget=smoke", f"hydra.run.dir={smoke_run}", "env=calculator_sql", "resume=true", "logger=none")
+    proc = _run(
+        "rl_agents.train",
+        "budget=smoke",
+        f"hydra.run.dir={smoke_run}",
+        "env=calculator_sql",
+        "resume=true",
+        "logger=none",
+    )
     assert "collect: reusing" in proc.stderr + proc.stdout + (smoke_run / "train.log").read_text()
     assert (smoke_run / "trajectories" / "train.jsonl").read_text() == before
 

@@ -16,8 +16,12 @@ def test_kv_reused_greedy_decoding_equals_reencoding(tiny_policy, batch_size):
     _, model, tokenizer = tiny_policy
     seeds = list(range(100, 108))
     config = dict(batch_size=batch_size, max_new_tokens=64, max_turns=4)
-    cached = Runtime(model, tokenizer, RuntimeConfig(**config, use_cache=True)).run("Calculator-v0", seeds, {"fail_prob": 0.5})
-    full = Runtime(model, tokenizer, RuntimeConfig(**config, use_cache=False)).run("Calculator-v0", seeds, {"fail_prob": 0.5})
+    cached = Runtime(model, tokenizer, RuntimeConfig(**config, use_cache=True)).run(
+        "Calculator-v0", seeds, {"fail_prob": 0.5}
+    )
+    full = Runtime(model, tokenizer, RuntimeConfig(**config, use_cache=False)).run(
+        "Calculator-v0", seeds, {"fail_prob": 0.5}
+    )
     assert any(len(tr.turns) >= 2 for tr in cached), "need multi-turn episodes so observations are appended"
     assert _tokens(cached) == _tokens(full)
     assert [tr.success for tr in cached] == [tr.success for tr in full]
