@@ -8,14 +8,15 @@ disjoint. Every check runs before the first stage starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import importlib
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_class
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rl_agents.bc import BCConfig
 from rl_agents.runtime import RuntimeConfig
@@ -41,8 +42,9 @@ class EnvEntry:
 class EnvConfig:
     name: str = MISSING
     """a label for this environment set (eval.json's "env")"""
-    envs: dict[str, EnvEntry] = field(default_factory=dict)
-    """gymnasium ids ("Calculator-v0", or "my_pkg.module:MyEnv-v0") and their settings"""
+    envs: dict[str, Any] = field(default_factory=dict)
+    """gymnasium ids ("Calculator-v0", or "my_pkg.module:MyEnv-v0") -> EnvEntry fields (checked by env_entries,
+    untyped here so that +env.envs.<id>.teacher._target_=... can add an environment from the command line)"""
     train_seed_start: int = 0
     """seeds [train_seed_start, eval_seed_start) feed teacher data and RL"""
     eval_seed_start: int = 1_000_000
@@ -156,28 +158,47 @@ ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 
+def env_entries(cfg: DictConfig) -> dict[str, EnvEntry]:
+    """The configured environments, each checked against EnvEntry's fields."""
+    entries = {}
+    for env_id, entry in cfg.env.envs.items():
+        data = OmegaConf.to_container(entry, resolve=True) if entry is not None else {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"env.envs.{env_id} must be a mapping of kwargs / teacher / weight, got {data!r}")
+        unknown = set(data) - {f.name for f in fields(EnvEntry)}
+        if unknown:
+            raise ConfigError(f"env.envs.{env_id}: unknown key(s) {sorted(unknown)}; known: kwargs, teacher, weight")
+        entries[env_id] = EnvEntry(**data)
+    return entries
+
+
 # --- checks that need more than types -----------------------------------------------------------
 def _check_envs(cfg: DictConfig) -> None:
     if not cfg.env.envs:
         raise ConfigError("env.envs is empty: name at least one environment id")
-    for env_id, entry in cfg.env.envs.items():
+    for env_id, entry in env_entries(cfg).items():
+        module, _, name = env_id.rpartition(":")
         try:
-            gym.spec(env_id)
+            if module:  # gymnasium's "module:EnvId-v0" form: importing the module registers the env
+                importlib.import_module(module)
+            gym.spec(name)
+        except ImportError as err:
+            raise ConfigError(f"env.envs: cannot import {module!r} for {env_id!r}: {err}") from None
         except gym.error.Error as err:
             ours = sorted(k for k, s in gym.registry.items() if str(s.entry_point).startswith("envs."))
             raise ConfigError(
                 f"unknown env {env_id!r} in env.envs ({err}); tool envs registered here: {', '.join(ours)}; "
                 "a user env is named 'my_pkg.module:MyEnv-v0'"
             ) from None
-        if entry.weight <= 0:
+        if not isinstance(entry.weight, (int, float)) or entry.weight <= 0:
             raise ConfigError(f"env.envs.{env_id}.weight must be positive, got {entry.weight}")
 
 
 def _check_teacher(cfg: DictConfig) -> None:
     kind = cfg.teacher.kind
     if kind == "scripted":
-        for env_id, entry in cfg.env.envs.items():
-            target = entry.teacher.get("_target_") if entry.teacher else None
+        for env_id, entry in env_entries(cfg).items():
+            target = entry.teacher.get("_target_")
             if not target:
                 raise ConfigError(f"env.envs.{env_id}.teacher has no _target_: teacher=scripted needs one")
             try:

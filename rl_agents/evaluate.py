@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rl_agents import tracking
 from rl_agents.collect import teacher_episode
-from rl_agents.config import validate_evaluate
+from rl_agents.config import env_entries, validate_evaluate
 from rl_agents.model import load_policy
 from rl_agents.runtime import Runtime, RuntimeConfig
 from rl_agents.trajectory import Trajectory, write_jsonl
@@ -66,12 +66,12 @@ def make_teacher(cfg: DictConfig, env_id: str):
 
         t = cfg.teacher
         return OpenAITeacher(t.model, t.base_url, t.api_key_env, t.temperature, t.max_tokens, noise=t.noise)
-    return instantiate(cfg.env.envs[env_id].teacher, noise=cfg.teacher.noise, think=cfg.teacher.think)
+    return instantiate(env_entries(cfg)[env_id].teacher, noise=cfg.teacher.noise, think=cfg.teacher.think)
 
 
 def run_teacher(cfg: DictConfig, env_id: str, seeds: list[int]) -> tuple[list[Trajectory], float]:
     teacher = make_teacher(cfg, env_id)
-    env = gym.make(env_id, **cfg.env.envs[env_id].kwargs)
+    env = gym.make(env_id, **env_entries(cfg)[env_id].kwargs)
     start = time.perf_counter()
     trajectories = []
     try:
@@ -93,7 +93,7 @@ def evaluate_policy(
     """Run one policy (``teacher``, or a model) on the held-out seeds of every env; returns metrics."""
     seeds = eval_seeds(cfg)
     per_env, everything, wall, tokens = {}, [], 0.0, 0
-    for env_id, entry in cfg.env.envs.items():
+    for env_id, entry in env_entries(cfg).items():
         if model is None:
             trajectories, seconds = run_teacher(cfg, env_id, seeds)
             generated = None
@@ -101,7 +101,7 @@ def evaluate_policy(
             runtime_cfg = RuntimeConfig(**OmegaConf.to_container(cfg.runtime))
             runtime_cfg.greedy = True
             runtime = Runtime(model, tokenizer, runtime_cfg, seed=cfg.seed)
-            trajectories = runtime.run(env_id, seeds, dict(entry.kwargs), policy=name)
+            trajectories = runtime.run(env_id, seeds, entry.kwargs, policy=name)
             seconds, generated = runtime.stats["wall_s"], runtime.stats["generated_tokens"]
             tokens += generated
         wall += seconds

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from rl_agents import tracking
 from rl_agents.bc import BCConfig, train_bc
 from rl_agents.collect import collect
-from rl_agents.config import validate_train
+from rl_agents.config import env_entries, validate_train
 from rl_agents.evaluate import evaluate_policy, make_teacher, write_eval
 from rl_agents.model import build_tiny_model, build_tokenizer, load_policy, lora_config, trajectory_texts
 from rl_agents.trajectory import SPECIAL_TOKENS, Trajectory, read_jsonl, write_jsonl
@@ -40,14 +40,14 @@ def stage_collect(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> 
     if cfg.resume and path.is_file():
         log.info("collect: reusing %s", path)
         return read_jsonl(path)
-    weights = {env_id: entry.weight for env_id, entry in cfg.env.envs.items()}
-    total = sum(weights.values())
+    entries = env_entries(cfg)
+    total = sum(entry.weight for entry in entries.values())
     trajectories, stats = [], {}
-    for env_id, entry in cfg.env.envs.items():
-        n = max(1, round(cfg.collect.episodes * weights[env_id] / total))
+    for env_id, entry in entries.items():
+        n = max(1, round(cfg.collect.episodes * entry.weight / total))
         seeds = list(range(cfg.env.train_seed_start, cfg.env.train_seed_start + n))
         kept, stats[env_id] = collect(
-            env_id, dict(entry.kwargs), make_teacher(cfg, env_id), seeds, cfg.collect.keep, cfg.progress
+            env_id, entry.kwargs, make_teacher(cfg, env_id), seeds, cfg.collect.keep, cfg.progress
         )
         trajectories += kept
     write_jsonl(path, trajectories)

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf.errors import ConfigCompositionException, ValidationError
+from hydra.errors import ConfigCompositionException
+from omegaconf import open_dict
+from omegaconf.errors import ValidationError
 
 import rl_agents.config  # noqa: F401  (registers the schemas)
 from rl_agents.config import ConfigError, validate_evaluate, validate_train
@@ -36,7 +38,12 @@ def test_hf_model_and_openai_teacher_compose_with_their_settings(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override", ["bc.bogus=1", "bc.max_steps=abc", "runtime.greedy=maybe", "env.envs.Calculator-v0.bogus=1"]
+    "override",
+    [
+        "bc.bogus=1",
+        "bc.max_steps=abc",
+        "runtime.greedy=maybe",
+    ],
 )
 def test_schema_rejects_unknown_keys_and_bad_types(override):
     with pytest.raises((ConfigCompositionException, ValidationError)) as err:
@@ -47,7 +54,7 @@ def test_schema_rejects_unknown_keys_and_bad_types(override):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["+env.envs.Calcuator-v0={}"], "unknown env 'Calcuator-v0'"),
+        (["+env.envs.Calcuator-v0.weight=1.0"], "unknown env 'Calcuator-v0'"),
         (["stages=[collect,train]"], "unknown stage"),
         (["model=hf"], "model.name_or_path"),
         (["teacher=openai"], "teacher.model"),
@@ -57,6 +64,8 @@ def test_schema_rejects_unknown_keys_and_bad_types(override):
         (["trajectories=/nope.jsonl"], "/nope.jsonl"),
         (["stages=[eval]"], "bc stage"),
         (["runtime.max_turns=0"], "runtime.max_turns"),
+        (["+env.envs.Calculator-v0.bogus=1"], "unknown key"),
+        (["env.envs.Calculator-v0.weight=0"], "weight must be positive"),
         (["logger.kind=tensorboard"], "logger.kind"),
         (["env.envs.Calculator-v0.teacher._target_=envs.nope.Teacher"], "cannot be imported"),
     ],
@@ -64,6 +73,17 @@ def test_schema_rejects_unknown_keys_and_bad_types(override):
 def test_validation_fails_fast_naming_the_problem(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")):
         validate_train(_compose(overrides), tmp_path)
+
+
+def test_a_users_env_is_added_from_the_command_line(tmp_path):
+    """A user's env in the 'module:Id' form, with its teacher by _target_, and no change to the package."""
+    cfg = _compose(["~env.envs.Calculator-v0", "+env.envs.SQL-v0.teacher._target_=envs.sql.SQLTeacher"])
+    validate_train(cfg, tmp_path)
+    assert list(cfg.env.envs) == ["SQL-v0"]
+    # the "module:Id" form (Hydra overrides cannot hold ':', so it comes from an env YAML file)
+    with open_dict(cfg):
+        cfg.env.envs = {"envs:SQL-v0": {"teacher": {"_target_": "envs.sql.SQLTeacher"}}}
+    validate_train(cfg, tmp_path)
 
 
 def test_evaluate_config_needs_a_real_checkpoint(tmp_path):

@@ -21,7 +21,13 @@ def test_tokenizer_has_the_format_tokens_as_single_special_tokens(calculator_dat
     for token in SPECIAL_TOKENS:
         assert tokenizer(token, add_special_tokens=False)["input_ids"] == [tokenizer.convert_tokens_to_ids(token)]
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token is not None
-    assert tokenizer("12345", add_special_tokens=False)["input_ids"].__len__() == 5  # digits one by one
+    # numbers are cut in chunks of at most three digits from the left, whatever surrounds them
+    for text in ["12345", "x=12345?", " 12345 "]:
+        pieces = [tokenizer.decode([i]).strip("x=? ") for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+        digits = [p for p in pieces if p]
+        assert "".join(digits) == "12345"
+        boundaries = {sum(len(p) for p in digits[:k]) for k in range(len(digits) + 1)}
+        assert 3 in boundaries and all(len(p) <= 3 for p in digits)
 
 
 def test_saved_tiny_model_loads_through_from_pretrained(tmp_path, calculator_data):

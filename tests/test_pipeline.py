@@ -106,6 +106,6 @@ def test_evaluate_cli_on_a_saved_policy(smoke_run, tmp_path):
 
 
 def test_config_error_fails_before_any_work(tmp_path):
-    proc = _run("rl_agents.train", "+env.envs.Calcuator-v0={}", f"hydra.run.dir={tmp_path / 'r'}", check=False)
+    proc = _run("rl_agents.train", "+env.envs.Calcuator-v0.weight=1.0", f"hydra.run.dir={tmp_path / 'r'}", check=False)
     assert proc.returncode != 0 and "unknown env 'Calcuator-v0'" in proc.stderr
     assert not (tmp_path / "r" / "trajectories").exists()
