@@ -56,7 +56,6 @@ def test_trajectories_carry_the_teacher_format_plus_runtime_fields(tiny_policy):
     ("config", "reason"),
     [
         (dict(max_new_tokens=3), "max_new_tokens"),
-        (dict(max_turns=1, max_new_tokens=64), "max_turns"),
         (dict(max_context=40, max_new_tokens=64), "context_length"),
     ],
 )
@@ -68,12 +67,30 @@ def test_guards_truncate_with_a_clear_reason(tiny_policy, config, reason):
         assert all(len(t.token_ids) <= 3 for tr in trajectories for t in tr.turns)
 
 
+def _called_a_tool_first(trajectory):
+    return trajectory.turns[0].tool is not None
+
+
+def test_turn_budget_truncates_episodes_that_did_not_answer(tiny_policy):
+    _, model, tokenizer = tiny_policy
+    trajectories = Runtime(model, tokenizer, RuntimeConfig(batch_size=4, max_turns=1, max_new_tokens=64)).run(
+        "Calculator-v0", list(range(8))
+    )
+    assert all(len(tr.turns) == 1 for tr in trajectories)
+    tool_first = [tr for tr in trajectories if _called_a_tool_first(tr)]
+    assert tool_first, "the fixture policy calls the tool first"
+    assert {tr.metadata["truncation"] for tr in tool_first} == {"max_turns"}
+
+
 def test_env_step_budget_is_reported_as_max_steps(tiny_policy):
     _, model, tokenizer = tiny_policy
-    trajectories = Runtime(model, tokenizer, RuntimeConfig(batch_size=2, max_new_tokens=64)).run(
-        "Calculator-v0", [5, 6], {"max_episode_steps": 1, "fail_prob": 0.99}
+    trajectories = Runtime(model, tokenizer, RuntimeConfig(batch_size=4, max_new_tokens=64)).run(
+        "Calculator-v0", list(range(8)), {"max_episode_steps": 1, "fail_prob": 0.99}
     )
-    assert {tr.metadata["truncation"] for tr in trajectories} == {"max_steps"}
+    assert all(len(tr.turns) == 1 for tr in trajectories)
+    tool_first = [tr for tr in trajectories if _called_a_tool_first(tr)]
+    assert tool_first, "the fixture policy calls the tool first"
+    assert {tr.metadata["truncation"] for tr in tool_first} == {"max_steps"}
 
 
 def test_sampling_is_reproducible_from_the_seed_and_differs_across_seeds(tiny_policy):
