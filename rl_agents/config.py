@@ -59,6 +59,7 @@ class ModelConfig:
     dtype: str = "float32"
     local_files_only: bool = False
     vocab_size: int = 2048
+    number_chunk: int = 3
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -221,6 +222,14 @@ def _check_model(cfg: DictConfig) -> None:
         raise ConfigError("model=hf needs model.name_or_path (a Hugging Face model name or a local directory)")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    if cfg.model.kind == "tiny":
+        for key in ("vocab_size", "number_chunk", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            if cfg.model[key] <= 0:
+                raise ConfigError(f"model.{key} must be positive, got {cfg.model[key]}")
+        if cfg.model.hidden_size % cfg.model.num_heads:
+            raise ConfigError(
+                f"model.hidden_size={cfg.model.hidden_size} must be a multiple of model.num_heads={cfg.model.num_heads}"
+            )
 
 
 def _check_logger(cfg: DictConfig) -> None:

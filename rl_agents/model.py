@@ -39,8 +39,10 @@ def trajectory_texts(trajectories: Iterable[Trajectory]) -> Iterable[str]:
                 yield f"user\n\n{turn.observation}\n\nassistant\n"
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``corpus``, numbers cut in chunks of up to three digits.
+def build_tokenizer(
+    corpus: Iterable[str], vocab_size: int = 2048, number_chunk: int = 3
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``corpus``, numbers cut in chunks of up to ``number_chunk`` digits.
 
     Byte-level means any text can be encoded; the corpus only decides which merges exist. Numbers are
     split as GPT-4's tokenizer splits them: a small model copies "305|472" far more easily than six
@@ -49,7 +51,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 2048) -> PreTrained
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(r"[0-9]{1,3}"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(rf"[0-9]{{1,{number_chunk}}}"), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )

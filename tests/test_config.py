@@ -67,6 +67,8 @@ def test_schema_rejects_unknown_keys_and_bad_types(override):
         (["+env.envs.Calculator-v0.bogus=1"], "unknown key"),
         (["env.envs.Calculator-v0.weight=0"], "weight must be positive"),
         (["logger.kind=tensorboard"], "logger.kind"),
+        (["model.number_chunk=0"], "model.number_chunk"),
+        (["model.num_heads=3"], "multiple of model.num_heads"),
         (["env.envs.Calculator-v0.teacher._target_=envs.nope.Teacher"], "cannot be imported"),
     ],
 )
