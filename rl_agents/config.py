@@ -269,6 +269,11 @@ def validate_train(cfg: DictConfig, run_dir: Path) -> None:
         raise ConfigError(f"collect.keep must be 'success' or 'all', got {cfg.collect.keep!r}")
     if cfg.trajectories is not None and not Path(cfg.trajectories).is_file():
         raise ConfigError(f"trajectories={cfg.trajectories!r}: no such file")
+    if cfg.trajectories is not None and collecting:
+        raise ConfigError(
+            f"trajectories={cfg.trajectories!r} and the collect stage both give BC its data: "
+            "drop collect from stages (stages=[bc,eval]) or the trajectories key"
+        )
     if "bc" in cfg.stages and not collecting and cfg.trajectories is None:
         if not (cfg.resume and (run_dir / "trajectories" / "train.jsonl").is_file()):
             raise ConfigError("stage bc without collect needs trajectories=PATH (a trajectory JSONL)")

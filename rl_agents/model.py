@@ -39,9 +39,7 @@ def trajectory_texts(trajectories: Iterable[Trajectory]) -> Iterable[str]:
                 yield f"user\n\n{turn.observation}\n\nassistant\n"
 
 
-def build_tokenizer(
-    corpus: Iterable[str], vocab_size: int = 2048, number_chunk: int = 3
-) -> PreTrainedTokenizerFast:
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 2048, number_chunk: int = 3) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``corpus``, numbers cut in chunks of up to ``number_chunk`` digits.
 
     Byte-level means any text can be encoded; the corpus only decides which merges exist. Numbers are

@@ -64,3 +64,16 @@ def test_bc_lowers_the_loss_on_agent_tokens_and_saves_a_loadable_policy(tiny_pol
             return m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
     assert loss(model) < 0.5 * loss(init)
+
+
+def test_gradient_checkpointing_is_optional_and_changes_no_update(tmp_path, calculator_data):
+    """Recomputing activations (``bc.gradient_checkpointing``) trades time for memory, never the result."""
+    trained = {}
+    for checkpointing in (False, True):
+        model, tokenizer = _tiny(calculator_data)
+        config = BCConfig(max_steps=2, batch_size=4, gradient_checkpointing=checkpointing, save_steps=100)
+        trainer = make_trainer(calculator_data[:8], model, tokenizer, tmp_path / str(checkpointing), config, seed=0)
+        trainer.train()
+        assert trainer.model.is_gradient_checkpointing == checkpointing
+        trained[checkpointing] = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    assert torch.allclose(trained[False], trained[True], atol=1e-6)

@@ -77,6 +77,15 @@ def test_validation_fails_fast_naming_the_problem(overrides, message, tmp_path):
         validate_train(_compose(overrides), tmp_path)
 
 
+def test_trajectories_and_collect_together_are_refused(tmp_path):
+    """Either the teacher collects BC's data or a file gives it; both at once would silently drop one."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("")
+    with pytest.raises(ConfigError, match="drop collect"):
+        validate_train(_compose([f"trajectories={data}"]), tmp_path)
+    validate_train(_compose([f"trajectories={data}", "stages=[bc,eval]"]), tmp_path)
+
+
 def test_a_users_env_is_added_from_the_command_line(tmp_path):
     """A user's env in the 'module:Id' form, with its teacher by _target_, and no change to the package."""
     cfg = _compose(["~env.envs.Calculator-v0", "+env.envs.SQL-v0.teacher._target_=envs.sql.SQLTeacher"])
