@@ -60,6 +60,7 @@ class ModelConfig:
     local_files_only: bool = False
     vocab_size: int = 2048
     number_chunk: int = 3
+    merge_across_words: bool = False
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4

@@ -39,18 +39,24 @@ def trajectory_texts(trajectories: Iterable[Trajectory]) -> Iterable[str]:
                 yield f"user\n\n{turn.observation}\n\nassistant\n"
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 2048, number_chunk: int = 3) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    corpus: Iterable[str], vocab_size: int = 2048, number_chunk: int = 3, merge_across_words: bool = False
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``corpus``, numbers cut in chunks of up to ``number_chunk`` digits.
 
     Byte-level means any text can be encoded; the corpus only decides which merges exist. Numbers are
     split as GPT-4's tokenizer splits them: a small model copies "305|472" far more easily than six
-    single digits, whose repeats make the copy position ambiguous. Training is deterministic.
+    single digits, whose repeats make the copy position ambiguous. With ``merge_across_words`` the BPE
+    merges are not confined to words (no GPT-2 word regex, as SentencePiece without whitespace
+    splitting): a workflow's fixed boilerplate such as ``", "arguments": {"expression": "`` becomes one
+    token, and sequences get shorter (about 30% on Calculator-v0), so training and decoding are faster.
+    Training is deterministic.
     """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(rf"[0-9]{{1,{number_chunk}}}"), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not merge_across_words),
         ]
     )
     tokenizer.decoder = decoders.ByteLevel()

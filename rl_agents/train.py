@@ -63,7 +63,7 @@ def initial_policy(cfg: DictConfig, run_dir: Path, trajectories: list[Trajectory
     init_dir = run_dir / "model" / "init"
     if not (init_dir / "config.json").is_file():
         m = cfg.model
-        tokenizer = build_tokenizer(trajectory_texts(trajectories), m.vocab_size, m.number_chunk)
+        tokenizer = build_tokenizer(trajectory_texts(trajectories), m.vocab_size, m.number_chunk, m.merge_across_words)
         model = build_tiny_model(
             tokenizer,
             cfg.seed,

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rl_agents.model import add_special_tokens, build_tiny_model, build_tokenizer, load_policy, trajectory_texts
-from rl_agents.trajectory import SPECIAL_TOKENS
+from rl_agents.trajectory import SPECIAL_TOKENS, encode_trajectory
 
 
 def test_tiny_model_is_deterministic_from_the_seed(calculator_data):
@@ -28,6 +28,20 @@ def test_tokenizer_has_the_format_tokens_as_single_special_tokens(calculator_dat
         assert "".join(digits) == "12345"
         boundaries = {sum(len(p) for p in digits[:k]) for k in range(len(digits) + 1)}
         assert 3 in boundaries and all(len(p) <= 3 for p in digits)
+
+
+def test_merges_across_words_shorten_sequences_and_keep_numbers_and_text_exact(calculator_data):
+    words = build_tokenizer(trajectory_texts(calculator_data), 600)
+    merged = build_tokenizer(trajectory_texts(calculator_data), 600, merge_across_words=True)
+    length = {t: sum(len(encode_trajectory(x, t).input_ids) for x in calculator_data) for t in (words, merged)}
+    assert length[merged] < 0.85 * length[words]
+    for trajectory in calculator_data[:20]:
+        for turn in trajectory.turns:
+            ids = merged(turn.agent, add_special_tokens=False)["input_ids"]
+            assert merged.decode(ids) == turn.agent  # lossless
+            pieces = [merged.decode([i]) for i in ids]
+            numeric = [p for p in pieces if any(ch.isdigit() for ch in p)]
+            assert all(p.isdigit() and len(p) <= 3 for p in numeric)  # numbers stay in chunks of their own
 
 
 def test_saved_tiny_model_loads_through_from_pretrained(tmp_path, calculator_data):
