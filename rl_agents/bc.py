@@ -38,6 +38,7 @@ class BCConfig:
     warmup_steps: float = 0.05
     """a fraction of max_steps when below 1"""
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999
     max_length: int = 1024
     """longest training sequence, in tokens"""
     packing: bool = False
@@ -85,6 +86,7 @@ def make_trainer(
         lr_scheduler_type=config.lr_scheduler_type,
         warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay,
+        adam_beta2=config.adam_beta2,
         max_length=config.max_length,
         packing=config.packing,
         packing_strategy="bfd",
