@@ -46,7 +46,7 @@ class BCConfig:
     group_by_length: bool = True
     """batch episodes of similar length together (less padding); ignored when packing"""
     gradient_checkpointing: bool = False
-    """recompute activations in the backward pass: less memory for large models, about 30% slower"""
+    """recompute activations in the backward pass: less memory for large models, slower steps (11% on the tiny one)"""
     logging_steps: int = 10
     save_steps: int = 200
     save_total_limit: int = 2

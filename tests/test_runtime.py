@@ -67,8 +67,12 @@ def test_guards_truncate_with_a_clear_reason(tiny_policy, config, reason):
         assert all(len(t.token_ids) <= 3 for tr in trajectories for t in tr.turns)
 
 
-def _called_a_tool_first(trajectory):
-    return trajectory.turns[0].tool is not None
+def _assert_tool_callers_truncated(trajectories, reason):
+    """Every episode stopped after one turn; those whose turn was a tool call were cut for ``reason``."""
+    assert all(len(tr.turns) == 1 for tr in trajectories)
+    tool_first = [tr for tr in trajectories if tr.turns[0].tool is not None]
+    assert tool_first, "the fixture policy calls the tool first"
+    assert {tr.metadata["truncation"] for tr in tool_first} == {reason}
 
 
 def test_turn_budget_truncates_episodes_that_did_not_answer(tiny_policy):
@@ -76,10 +80,7 @@ def test_turn_budget_truncates_episodes_that_did_not_answer(tiny_policy):
     trajectories = Runtime(model, tokenizer, RuntimeConfig(batch_size=4, max_turns=1, max_new_tokens=64)).run(
         "Calculator-v0", list(range(8))
     )
-    assert all(len(tr.turns) == 1 for tr in trajectories)
-    tool_first = [tr for tr in trajectories if _called_a_tool_first(tr)]
-    assert tool_first, "the fixture policy calls the tool first"
-    assert {tr.metadata["truncation"] for tr in tool_first} == {"max_turns"}
+    _assert_tool_callers_truncated(trajectories, "max_turns")
 
 
 def test_env_step_budget_is_reported_as_max_steps(tiny_policy):
@@ -87,10 +88,7 @@ def test_env_step_budget_is_reported_as_max_steps(tiny_policy):
     trajectories = Runtime(model, tokenizer, RuntimeConfig(batch_size=4, max_new_tokens=64)).run(
         "Calculator-v0", list(range(8)), {"max_episode_steps": 1, "fail_prob": 0.99}
     )
-    assert all(len(tr.turns) == 1 for tr in trajectories)
-    tool_first = [tr for tr in trajectories if _called_a_tool_first(tr)]
-    assert tool_first, "the fixture policy calls the tool first"
-    assert {tr.metadata["truncation"] for tr in tool_first} == {"max_steps"}
+    _assert_tool_callers_truncated(trajectories, "max_steps")
 
 
 def test_sampling_is_reproducible_from_the_seed_and_differs_across_seeds(tiny_policy):
