@@ -38,6 +38,8 @@ ERROR_KINDS = (
     "tool_timeout",  # transient failure: the agent should retry
     "tool_exception",  # the tool itself crashed
 )
+# The kinds that are the agent's format mistakes (the rest are the tool's answer to a well-formed call).
+MALFORMED_KINDS = ERROR_KINDS[:6]
 
 THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)

@@ -12,6 +12,7 @@ need a dense block-diagonal attention mask with SDPA. Packing pays off on GPUs w
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,14 +54,18 @@ class BCConfig:
 
 
 class LogToPython(TrainerCallback):
-    """Trainer logs (loss, learning rate, ...) into the run's log file."""
+    """Trainer logs (loss, learning rate, ...) into the run's log file and, given a path, a JSONL history."""
+
+    def __init__(self, stage: str = "bc", history: Path | None = None):
+        self.stage, self.history = stage, history
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        log.info(
-            "bc step %d: %s",
-            state.global_step,
-            {k: round(v, 5) if isinstance(v, float) else v for k, v in (logs or {}).items()},
-        )
+        logs = {k: round(v, 5) if isinstance(v, float) else v for k, v in (logs or {}).items()}
+        log.info("%s step %d: %s", self.stage, state.global_step, logs)
+        if self.history is not None and state.is_world_process_zero:
+            self.history.parent.mkdir(parents=True, exist_ok=True)
+            with self.history.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
 def make_trainer(

@@ -19,9 +19,11 @@ from hydra.utils import get_class
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rl_agents.bc import BCConfig
+from rl_agents.rl import ON_MALFORMED, GRPOAlgoConfig, PPOAlgoConfig, RLConfig
 from rl_agents.runtime import RuntimeConfig
 
-STAGES = ("collect", "bc", "eval")
+STAGES = ("collect", "bc", "rl", "eval")
+POLICIES = ("teacher", "bc", "rl")
 
 
 class ConfigError(ValueError):
@@ -138,6 +140,9 @@ class TrainConfig:
     bc: BCConfig = field(default_factory=BCConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    algo: Any = None
+    """the RL algorithm (group algo: grpo or ppo; typed by GRPOAlgoConfig / PPOAlgoConfig)"""
 
 
 @dataclass
@@ -158,6 +163,8 @@ class EvaluateConfig:
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
+ConfigStore.instance().store(group="algo", name="grpo_schema", node=GRPOAlgoConfig)
+ConfigStore.instance().store(group="algo", name="ppo_schema", node=PPOAlgoConfig)
 
 
 def env_entries(cfg: DictConfig) -> dict[str, EnvEntry]:
@@ -249,6 +256,48 @@ def _check_runtime(cfg: DictConfig) -> None:
         raise ConfigError(f"runtime.temperature must be positive when sampling, got {rt.temperature}")
 
 
+def _check_rl(cfg: DictConfig, run_dir: Path) -> None:
+    rl, algo = cfg.rl, cfg.algo
+    if algo is None or algo.get("name") not in ("grpo", "ppo"):
+        raise ConfigError("the rl stage needs algo=grpo or algo=ppo")
+    for key in ("steps", "episodes_per_step", "save_steps", "logging_steps"):
+        if rl[key] <= 0:
+            raise ConfigError(f"rl.{key} must be positive, got {rl[key]}")
+    if not 0 < rl.minibatch_size <= rl.episodes_per_step:
+        raise ConfigError(
+            f"rl.minibatch_size={rl.minibatch_size} must be in [1, rl.episodes_per_step={rl.episodes_per_step}]"
+        )
+    if rl.temperature <= 0:
+        raise ConfigError(f"rl.temperature must be positive, got {rl.temperature}")
+    if rl.on_malformed not in ON_MALFORMED:
+        raise ConfigError(f"rl.on_malformed must be one of {', '.join(ON_MALFORMED)}, got {rl.on_malformed!r}")
+    if algo.beta < 0:
+        raise ConfigError(f"algo.beta must be >= 0, got {algo.beta}")
+    if algo.name == "grpo":
+        if algo.group_size < 2 or rl.episodes_per_step % algo.group_size:
+            raise ConfigError(
+                f"algo.group_size={algo.group_size} must be >= 2 and divide rl.episodes_per_step={rl.episodes_per_step}"
+            )
+        if rl.episodes_per_step % rl.minibatch_size:
+            raise ConfigError(
+                f"rl.minibatch_size={rl.minibatch_size} must divide rl.episodes_per_step={rl.episodes_per_step} "
+                "(GRPO accumulates the minibatches of a step into one update)"
+            )
+    else:
+        if algo.kl_in not in ("reward", "loss"):
+            raise ConfigError(f"algo.kl_in must be 'reward' or 'loss', got {algo.kl_in!r}")
+        if algo.epochs <= 0:
+            raise ConfigError(f"algo.epochs must be positive, got {algo.epochs}")
+    if cfg.peft.enabled:
+        raise ConfigError("the rl stage trains full weights for now: run it with peft=none (LoRA RL is not built yet)")
+    for key in ("init_from", "ref_from"):
+        path = rl[key]
+        if path is not None and not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"rl.{key}={path!r} is not a saved policy directory (no config.json)")
+    if rl.init_from is None and "bc" not in cfg.stages and not (run_dir / "bc" / "policy" / "config.json").is_file():
+        raise ConfigError("the rl stage starts from the BC policy: add bc to stages, or set rl.init_from=DIR")
+
+
 def validate_train(cfg: DictConfig, run_dir: Path) -> None:
     """Every check a training run needs before its first stage."""
     unknown = [s for s in cfg.stages if s not in STAGES]
@@ -278,14 +327,17 @@ def validate_train(cfg: DictConfig, run_dir: Path) -> None:
     if "bc" in cfg.stages and not collecting and cfg.trajectories is None:
         if not (cfg.resume and (run_dir / "trajectories" / "train.jsonl").is_file()):
             raise ConfigError("stage bc without collect needs trajectories=PATH (a trajectory JSONL)")
-    unknown_policies = [p for p in cfg.eval.policies if p not in ("teacher", "bc")]
+    unknown_policies = [p for p in cfg.eval.policies if p not in POLICIES]
     if unknown_policies:
-        raise ConfigError(f"unknown eval.policies {unknown_policies}; known: teacher, bc")
-    if "eval" in cfg.stages and "bc" in cfg.eval.policies and "bc" not in cfg.stages:
-        if not (run_dir / "bc" / "policy" / "config.json").is_file():
-            raise ConfigError(
-                "eval of the bc policy needs the bc stage (or resume=true in a run dir that has bc/policy)"
-            )
+        raise ConfigError(f"unknown eval.policies {unknown_policies}; known: {', '.join(POLICIES)}")
+    if "rl" in cfg.stages:
+        _check_rl(cfg, run_dir)
+    for stage in ("bc", "rl"):
+        if "eval" in cfg.stages and stage in cfg.eval.policies and stage not in cfg.stages:
+            if not (run_dir / stage / "policy" / "config.json").is_file():
+                raise ConfigError(
+                    f"eval of the {stage} policy needs the {stage} stage (or a run dir that has {stage}/policy)"
+                )
 
 
 def validate_evaluate(cfg: DictConfig) -> None:

@@ -23,6 +23,7 @@ import gymnasium as gym
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from envs.base import MALFORMED_KINDS
 from rl_agents.trajectory import (
     END_OF_TURN,
     FORMAT_VERSION,
@@ -50,6 +51,9 @@ class RuntimeConfig:
     top_p: float = 1.0
     use_cache: bool = True
     """reuse the KV cache across tokens and turns (False re-encodes every sequence at every token)"""
+    end_on_malformed: bool = False
+    """end the episode at the first malformed turn (truncation reason ``malformed``) instead of feeding the
+    error back (``envs.base.MALFORMED_KINDS``: no action, bad JSON, unknown tool, bad arguments, too long)"""
 
 
 @dataclass
@@ -77,7 +81,7 @@ class Runtime:
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: RuntimeConfig, seed: int = 0
     ):
-        self.model = model.eval()
+        self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.eot_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
@@ -94,12 +98,15 @@ class Runtime:
         envs = [gym.make(env_id, **(env_kwargs or {})) for _ in range(min(self.config.batch_size, len(seeds)))]
         trajectories: list[Trajectory] = []
         start = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()  # and back afterwards: a trainer may call the runtime between its steps
         try:
             for i in range(0, len(seeds), len(envs)):
                 batch = seeds[i : i + len(envs)]
                 for episode in self._run_batch(envs[: len(batch)], batch):
                     trajectories.append(self._trajectory(episode, env_id, policy))
         finally:
+            self.model.train(was_training)
             for env in envs:
                 env.close()
         self.stats["wall_s"] += time.perf_counter() - start
@@ -224,6 +231,8 @@ class Runtime:
             e.success = bool(info.get("success", False))
             if terminated or truncated:
                 truncation = None if terminated else "max_steps"
+            elif self.config.end_on_malformed and turn.error in MALFORMED_KINDS:
+                truncation = "malformed"
             elif len(e.turns) >= self.config.max_turns:
                 truncation = "max_turns"
             else:

@@ -56,11 +56,17 @@ class Tracker:
     def log_eval(self, policy: str, metrics: dict[str, Any], episodes: list[Trajectory]) -> None:
         if self.run is None:
             return
-        import wandb
-
         self.log(metrics, f"eval/{policy}")
         for key, value in _flat("eval", {policy: metrics}).items():
             self.run.summary[key] = value
+        self.log_episodes(policy, episodes)
+
+    def log_episodes(self, policy: str, episodes: list[Trajectory]) -> None:
+        """A W&B table of the first ``table_episodes`` episodes, under ``episodes/<policy>``."""
+        if self.run is None:
+            return
+        import wandb
+
         table = wandb.Table(columns=["policy", "env", "seed", "success", "reward", "turns", "truncation", "transcript"])
         for trajectory in episodes[: self.table_episodes]:
             meta = trajectory.metadata

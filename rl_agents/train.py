@@ -1,16 +1,17 @@
 """The pipeline's entry point: ``python -m rl_agents.train`` (or ``rl-agents-train``) with Hydra overrides.
 
-Stages run in the order of ``stages`` (collect -> bc -> eval), handing off through files in the run dir::
+Stages run in the order of ``stages`` (collect -> bc -> rl -> eval), handing off through files in the run dir::
 
     <run_dir>/config.yaml                    the resolved config
     <run_dir>/trajectories/train.jsonl       teacher trajectories (train seeds)  + collect_stats.json
     <run_dir>/model/init                     the initial policy (tiny model and its tokenizer)
     <run_dir>/bc/checkpoints, bc/policy      BC checkpoints and the BC policy
+    <run_dir>/rl/checkpoints, rl/policy      RL checkpoints, the RL policy, rl/metrics.jsonl (the reward curve)
     <run_dir>/eval.json, eval/               held-out metrics and every evaluation episode
     <run_dir>/wandb                          the W&B run (offline unless a key is set)
 
 ``resume=true hydra.run.dir=<run_dir>`` continues an interrupted run: finished stages are reused and BC
-restarts from its last checkpoint.
+and RL restart from their last checkpoints.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from rl_agents.collect import collect
 from rl_agents.config import env_entries, validate_train
 from rl_agents.evaluate import evaluate_policy, make_teacher, write_eval
 from rl_agents.model import build_tiny_model, build_tokenizer, load_policy, lora_config, trajectory_texts
+from rl_agents.rl import train_rl
 from rl_agents.trajectory import SPECIAL_TOKENS, Trajectory, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,14 @@ def stage_bc(cfg: DictConfig, run_dir: Path, trajectories: list[Trajectory], tra
     )
 
 
+def stage_rl(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> Path:
+    policy_dir = run_dir / "rl" / "policy"
+    if cfg.resume and (policy_dir / "config.json").is_file():
+        log.info("rl: reusing the finished policy %s", policy_dir)
+        return policy_dir
+    return train_rl(cfg, run_dir, tracker)
+
+
 def stage_eval(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> dict[str, Any]:
     results = {}
     for name in cfg.eval.policies:
@@ -120,6 +130,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             if trajectories is None:
                 trajectories = read_jsonl(cfg.trajectories or run_dir / "trajectories" / "train.jsonl")
             stage_bc(cfg, run_dir, trajectories, tracker)
+        if "rl" in cfg.stages:
+            stage_rl(cfg, run_dir, tracker)
         return stage_eval(cfg, run_dir, tracker) if "eval" in cfg.stages else {}
     finally:
         tracker.finish()

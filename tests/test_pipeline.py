@@ -109,3 +109,21 @@ def test_config_error_fails_before_any_work(tmp_path):
     proc = _run("rl_agents.train", "+env.envs.Calcuator-v0.weight=1.0", f"hydra.run.dir={tmp_path / 'r'}", check=False)
     assert proc.returncode != 0 and "unknown env 'Calcuator-v0'" in proc.stderr
     assert not (tmp_path / "r" / "trajectories").exists()
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_rl_stage_through_the_cli(tmp_path, algo):
+    """collect -> bc -> rl -> eval on budget=smoke: the RL policy is evaluated on the same seeds, KL is logged."""
+    run_dir = tmp_path / algo
+    _run("rl_agents.train", "budget=smoke", f"hydra.run.dir={run_dir}", f"algo={algo}", "rl.steps=3",
+         "stages=[collect,bc,rl,eval]", "eval.policies=[teacher,bc,rl]")  # fmt: skip
+    data = json.loads((run_dir / "eval.json").read_text())
+    assert set(data["policies"]) == {"teacher", "bc", "rl"} and data["policies"]["rl"]["episodes"] == 4
+    assert (run_dir / "rl" / "policy" / "config.json").is_file()
+    history = [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
+    steps = [h for h in history if "kl" in h]
+    assert [h["step"] for h in steps] == [1, 2, 3]  # KL logged at every step
+    # GRPO logs TRL's k3 KL; PPO its k3 KL loss term (both >= 0) and the sampled log-ratio sum "kl"
+    kl_key, reward_key = ("kl", "reward") if algo == "grpo" else ("kl_loss", "reward_env")
+    assert all(h[kl_key] >= 0 and reward_key in h for h in steps)
+    assert list((run_dir / "wandb").glob("offline-run-*"))

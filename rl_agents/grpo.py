@@ -1,0 +1,173 @@
+"""GRPO through TRL's ``GRPOTrainer``, with multi-turn episodes from the project's runtime (``rollout_func``).
+
+The training dataset holds one row per (environment, seed), its ``prompt`` the string ``"<env_id>#<seed>"``.
+TRL repeats each row ``algo.group_size`` times and hands the batch to ``EnvRollouts``, which runs one sampled
+episode per row and returns, per episode:
+
+* ``prompt_ids``: the episode's prompt tokens (the task);
+* ``completion_ids``: everything after it: agent turns and, between them, the observations;
+* ``logprobs``: the sampling policy's log-probability of each agent token (0.0 on observation tokens);
+* ``env_mask``: 1 on agent tokens, 0 on observation tokens, so observations carry no loss;
+* ``r_<term>``: each reward term (``rl.reward_terms``), read back by one TRL reward function per term, so
+  TRL sums them and logs each under its name.
+
+The KL reference is TRL's: a frozen copy loaded from the path the policy's config names. When the reference
+is not the starting policy (``rl.init_from`` differs from the BC policy), that path is pointed at the
+reference before the trainer is built: the smallest change that keeps TRL's own reference handling.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from omegaconf import DictConfig
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+from trl import GRPOConfig, GRPOTrainer
+
+from rl_agents.bc import LogToPython
+from rl_agents.model import load_policy
+from rl_agents.rl import episode_metrics, reward_terms, sample_episodes, step_seeds, term_names
+from rl_agents.trajectory import encode_trajectory, prompt_ids
+
+log = logging.getLogger(__name__)
+
+
+class EnvRollouts:
+    """TRL's ``rollout_func``: one runtime episode per prompt row."""
+
+    def __init__(self, cfg: DictConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.last_episodes = []
+
+    def __call__(self, prompts: list[str], trainer: GRPOTrainer) -> dict[str, list]:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        keys = [prompt.rsplit("#", 1) for prompt in prompts]
+        by_env: dict[str, list[int]] = {}
+        for env_id, seed in keys:
+            by_env.setdefault(env_id, []).append(int(seed))
+        episodes = sample_episodes(self.cfg, model, self.tokenizer, by_env, trainer.state.global_step)
+        # back into the order of the prompts (sample_episodes runs env by env)
+        queues: dict[str, list] = {}
+        for episode in episodes:
+            queues.setdefault(episode.metadata["env_id"], []).append(episode)
+        episodes = [queues[env_id].pop(0) for env_id, _ in keys]
+        self.last_episodes = episodes
+
+        out = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "env_mask": [], "episode": episodes}
+        out.update({f"r_{name}": [] for name in term_names(self.cfg.rl)})
+        for episode in episodes:
+            encoded = encode_trajectory(episode, self.tokenizer)
+            n = len(prompt_ids(self.tokenizer, episode.task))
+            completion, mask = encoded.input_ids[n:], encoded.agent_mask[n:]
+            agent_logprobs = iter(lp for turn in episode.turns for lp in turn.logprobs)
+            out["prompt_ids"].append(encoded.input_ids[:n])
+            out["completion_ids"].append(completion)
+            out["env_mask"].append(mask)
+            out["logprobs"].append([next(agent_logprobs) if m else 0.0 for m in mask])
+            for name, value in reward_terms(episode, self.cfg.rl).items():
+                out[f"r_{name}"].append(value)
+        return out
+
+
+def reward_function(name: str, rl: DictConfig):
+    """The TRL reward function of one reward term; the env term also logs the episodes' metrics."""
+
+    def reward(prompts, completions, log_metric=None, **kwargs) -> list[float]:
+        if name == "env" and log_metric is not None:
+            for key, value in episode_metrics(kwargs["episode"], rl).items():
+                log_metric(f"episodes/{key}", value)
+        return [float(x) for x in kwargs[f"r_{name}"]]
+
+    reward.__name__ = name
+    return reward
+
+
+class EpisodeTable(TrainerCallback):
+    """Log the last rollout's episodes as a W&B table at every checkpoint."""
+
+    def __init__(self, rollouts: EnvRollouts, tracker):
+        self.rollouts, self.tracker = rollouts, tracker
+
+    def on_save(self, args, state, control, **kwargs):
+        self.tracker.log_episodes("rl", self.rollouts.last_episodes)
+
+
+def make_trainer(cfg: DictConfig, init: Path, ref: Path, out_dir: Path, tracker) -> GRPOTrainer:
+    """TRL's GRPOTrainer on the policy in ``init``, KL-anchored to ``ref``, with runtime rollouts."""
+    algo, rl = cfg.algo, cfg.rl
+    model, tokenizer = load_policy(init, cfg.model.dtype, local_files_only=True)
+    model.config._name_or_path = str(ref)  # where TRL loads its frozen reference from (see the module docstring)
+
+    prompts_per_step = rl.episodes_per_step // algo.group_size
+    rows = [
+        {"prompt": f"{env_id}#{seed}"}
+        for step in range(rl.steps)
+        for env_id, seeds in step_seeds(cfg, step, prompts_per_step).items()
+        for seed in seeds
+    ]
+    cuda = torch.cuda.is_available()
+    args = GRPOConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        max_steps=rl.steps,
+        per_device_train_batch_size=rl.minibatch_size,
+        gradient_accumulation_steps=rl.episodes_per_step // rl.minibatch_size,  # one generation batch per update
+        num_generations=algo.group_size,
+        num_iterations=algo.num_iterations,
+        learning_rate=algo.learning_rate,
+        lr_scheduler_type=algo.lr_scheduler_type,
+        warmup_steps=algo.warmup_steps,
+        weight_decay=algo.weight_decay,
+        max_grad_norm=algo.max_grad_norm,
+        beta=algo.beta,
+        epsilon=algo.epsilon,
+        loss_type=algo.loss_type,
+        scale_rewards=algo.scale_rewards,
+        temperature=rl.temperature,
+        max_completion_length=cfg.runtime.max_turns * cfg.runtime.max_new_tokens,
+        disable_dropout=True,
+        gradient_checkpointing=cfg.bc.gradient_checkpointing,  # the same memory trade-off as BC (off by default)
+        logging_steps=rl.logging_steps,
+        save_steps=rl.save_steps,
+        save_total_limit=rl.save_total_limit,
+        report_to=tracker.report_to,
+        run_name="rl",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    rollouts = EnvRollouts(cfg, tokenizer)
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=[reward_function(name, rl) for name in term_names(rl)],
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        rollout_func=rollouts,
+        callbacks=[LogToPython("rl", out_dir / "metrics.jsonl"), EpisodeTable(rollouts, tracker)],
+    )
+
+
+def train_grpo(cfg: DictConfig, init: Path, ref: Path, out_dir: Path, tracker) -> Path:
+    """GRPO from the policy in ``init``, KL-anchored to ``ref``; returns the saved policy's directory."""
+    trainer = make_trainer(cfg, init, ref, out_dir, tracker)
+    tokenizer = trainer.processing_class
+    checkpoints = trainer.args.output_dir
+    checkpoint = get_last_checkpoint(checkpoints) if cfg.resume and Path(checkpoints).is_dir() else None
+    if cfg.resume and checkpoint is None:
+        log.warning("rl: resume=true but no checkpoint in %s; training from the start", checkpoints)
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+    policy_dir = out_dir / "policy"
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    trained.config._name_or_path = str(policy_dir)
+    trained.save_pretrained(policy_dir)
+    tokenizer.save_pretrained(policy_dir)
+    log.info("rl: policy saved to %s", policy_dir)
+    return policy_dir

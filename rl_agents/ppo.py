@@ -1,0 +1,374 @@
+"""Token-level PPO for multi-turn tool episodes, on the project's runtime (TRL no longer ships a PPO trainer).
+
+One iteration (``rl.steps`` of them):
+
+1. sample ``rl.episodes_per_step`` episodes with the runtime (``rl.sample_episodes``);
+2. flatten each into its token sequence (``trajectory.encode_trajectory``): the agent's tokens are the
+   actions; the prompt and the observations are context only;
+3. score the actions with the policy (old log-probabilities), the frozen reference and the critic (values);
+4. rewards: each turn's reward (``rl.turn_rewards``) on the turn's last token and, with ``algo.kl_in=reward``,
+   ``-beta * (logp - ref_logp)`` on every action token;
+5. GAE over the action tokens only: observation tokens are skipped, so the value of the first token of turn
+   k+1 bootstraps the last token of turn k and credit flows across turns;
+6. ``algo.epochs`` passes of minibatch updates: clipped policy loss, clipped value loss, an optional entropy
+   bonus and, with ``algo.kl_in=loss``, ``beta * KL`` (the k3 estimator) in the loss.
+
+Tensors over a sequence are *action-aligned*: index t concerns token t+1 (the logits at t predict it, and the
+critic's value at t is the value of the state before it). The critic is a copy of the policy's transformer
+with a scalar head (zero-initialised). Accelerate places the models and saves checkpoints (models, optimizer,
+scheduler, RNG); each iteration's episodes and minibatch order derive from ``(seed, step)``, so a resumed run
+continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from omegaconf import DictConfig
+from torch import nn
+from transformers import AutoModel, PreTrainedTokenizerBase, get_scheduler
+from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
+
+from rl_agents.model import load_policy
+from rl_agents.rl import episode_metrics, sample_episodes, step_seeds, turn_rewards
+from rl_agents.trajectory import Trajectory, encode_trajectory
+
+log = logging.getLogger(__name__)
+
+
+class Critic(nn.Module):
+    """A value model: a transformer body (initialised from the policy) and a scalar head."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(body.config.hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_policy(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> Critic:
+        return cls(AutoModel.from_pretrained(path, dtype=dtype, local_files_only=True))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+
+@dataclass
+class Batch:
+    """Episodes as right-padded token tensors; the last three are action-aligned (length T-1)."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    action_mask: torch.Tensor  # (B, T-1) 1.0 where token t+1 is the agent's
+    rewards: torch.Tensor  # (B, T-1) each turn's reward on the turn's last token
+
+    def __getitem__(self, rows) -> Batch:
+        ids, attn = self.input_ids[rows], self.attention_mask[rows]
+        width = int(attn.sum(-1).max())  # drop the columns that are padding for every row of the subset
+        return Batch(
+            ids[:, :width], attn[:, :width], self.action_mask[rows, : width - 1], self.rewards[rows, : width - 1]
+        )
+
+
+def build_batch(episodes: list[Trajectory], tokenizer: PreTrainedTokenizerBase, rl: DictConfig) -> Batch:
+    """Flatten episodes into a batch; each turn's reward sits on the last token of the turn."""
+    rows = []
+    for episode in episodes:
+        encoded = encode_trajectory(episode, tokenizer)
+        ids, mask = encoded.input_ids, encoded.agent_mask
+        ends = [i for i in range(len(ids)) if mask[i] and (i + 1 == len(ids) or not mask[i + 1])]
+        rewards = turn_rewards(episode, rl)
+        if len(ends) != len(rewards):
+            raise RuntimeError(
+                f"episode seed {episode.metadata.get('seed')}: {len(ends)} agent spans, {len(rewards)} turns"
+            )
+        token_rewards = [0.0] * len(ids)
+        for i, r in zip(ends, rewards):
+            token_rewards[i] = r
+        rows.append((ids, mask, token_rewards))
+    width = max(len(ids) for ids, _, _ in rows)
+    B = len(rows)
+    input_ids = torch.full((B, width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((B, width), dtype=torch.long)
+    agent = torch.zeros((B, width))
+    rewards = torch.zeros((B, width))
+    for b, (ids, mask, token_rewards) in enumerate(rows):
+        n = len(ids)
+        input_ids[b, :n] = torch.tensor(ids)
+        attention[b, :n] = 1
+        agent[b, :n] = torch.tensor(mask, dtype=torch.float)
+        rewards[b, :n] = torch.tensor(token_rewards)
+    return Batch(input_ids, attention, agent[:, 1:], rewards[:, 1:])
+
+
+# --- the arithmetic -----------------------------------------------------------------------------
+def logprobs_from_logits(
+    logits: torch.Tensor, input_ids: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Action-aligned log-probabilities of the sequence's own tokens, and the entropies, at ``temperature``."""
+    logits = logits[:, :-1].float() / temperature
+    return selective_log_softmax(logits, input_ids[:, 1:]), entropy_from_logits(logits)
+
+
+def token_logprobs(model, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return logprobs_from_logits(logits, batch.input_ids, temperature)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise the masked entries to mean 0, std 1 (the masked-out entries become 0)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def masked_gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the masked steps of each row; unmasked steps are skipped.
+
+    A row's masked steps form one episode: the step after a masked step is the next masked step (across any
+    unmasked gap: an observation between two turns), and the episode ends after the last one (value 0).
+    Rewards must sit on masked steps. Returns (advantages, returns), both 0 where the mask is 0.
+    """
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        step = mask[:, t].bool()
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        gae = delta + gamma * lam * running
+        advantages[:, t] = torch.where(step, gae, 0.0)
+        running = torch.where(step, gae, running)
+        next_value = torch.where(step, values[:, t], next_value)
+    return advantages, (advantages + values) * mask
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    var = masked_mean((target - masked_mean(target, mask)) ** 2, mask)
+    residual = target - predicted
+    return float(1.0 - masked_mean((residual - masked_mean(residual, mask)) ** 2, mask) / var.clamp(min=1e-8))
+
+
+def ppo_losses(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+    value_clip: float,
+) -> dict[str, torch.Tensor]:
+    """The clipped policy loss, the clipped value loss and their diagnostics, averaged over the masked tokens."""
+    ratio = torch.exp(logp - old_logp)
+    pg = torch.max(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip, 1.0 + clip))
+    clipped_values = old_values + (values - old_values).clamp(-value_clip, value_clip)
+    vf = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
+    return {
+        "policy_loss": masked_mean(pg, mask),
+        "value_loss": masked_mean(vf, mask),
+        "clip_fraction": masked_mean(((ratio - 1.0).abs() > clip).float(), mask),
+        "value_clip_fraction": masked_mean(((values - old_values).abs() > value_clip).float(), mask),
+        "approx_kl": masked_mean((ratio - 1.0) - (logp - old_logp), mask),  # k3 estimate of KL(old || new)
+    }
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(policy || reference), the non-negative k3 estimator on samples of the policy."""
+    return torch.exp(ref_logp - logp) - (ref_logp - logp) - 1.0
+
+
+# --- the loop -----------------------------------------------------------------------------------
+class PPO:
+    def __init__(self, cfg: DictConfig, init: Path, ref: Path, out_dir: Path, tracker):
+        self.cfg, self.algo, self.rl = cfg, cfg.algo, cfg.rl
+        self.out_dir, self.tracker = Path(out_dir), tracker
+        cuda = torch.cuda.is_available()
+        self.accelerator = Accelerator(
+            cpu=not cuda, mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+        )
+        dtype = getattr(torch, cfg.model.dtype)
+        policy, self.tokenizer = load_policy(init, cfg.model.dtype, local_files_only=True)
+        reference, _ = load_policy(ref, cfg.model.dtype, local_files_only=True)
+        critic = Critic.from_policy(init, dtype)
+        for model in (policy, reference, critic):
+            disable_dropout_in_model(model)
+        self.reference = reference.eval().requires_grad_(False).to(self.accelerator.device)
+        algo = self.algo
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": [p for p in policy.parameters() if p.requires_grad], "lr": algo.learning_rate},
+                {"params": list(critic.parameters()), "lr": algo.critic_learning_rate},
+            ],
+            weight_decay=algo.weight_decay,
+        )
+        scheduler = get_scheduler(
+            algo.lr_scheduler_type, optimizer, num_warmup_steps=algo.warmup_steps, num_training_steps=self.rl.steps
+        )
+        self.policy, self.critic, self.optimizer, self.scheduler = self.accelerator.prepare(
+            policy, critic, optimizer, scheduler
+        )
+        self.step = 0
+
+    # --- checkpoints ------------------------------------------------------------------------
+    @property
+    def checkpoints(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def save_checkpoint(self) -> None:
+        path = self.checkpoints / f"step-{self.step:06d}"
+        self.accelerator.save_state(str(path), safe_serialization=False)
+        (path / "ppo_state.json").write_text(json.dumps({"step": self.step}))
+        kept = sorted(p for p in self.checkpoints.glob("step-*") if (p / "ppo_state.json").is_file())
+        for old in kept[: -self.rl.save_total_limit]:
+            shutil.rmtree(old)
+        log.info("rl: checkpoint %s", path)
+
+    def resume(self) -> bool:
+        """Load the last complete checkpoint (models, optimizer, scheduler, RNG, step); False if there is none."""
+        done = sorted(p for p in self.checkpoints.glob("step-*") if (p / "ppo_state.json").is_file())
+        if not done:
+            return False
+        self.accelerator.load_state(str(done[-1]))
+        self.step = json.loads((done[-1] / "ppo_state.json").read_text())["step"]
+        log.info("rl: resumed from %s (step %d)", done[-1], self.step)
+        return True
+
+    # --- one iteration ----------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Old log-probabilities, reference log-probabilities and values of a batch, in minibatches."""
+        parts = {"logp": [], "ref_logp": [], "values": []}
+        n, size = batch.input_ids.shape[0], self.rl.minibatch_size
+        for i in range(0, n, size):
+            rows = slice(i, i + size)
+            mb = Batch(batch.input_ids[rows], batch.attention_mask[rows], batch.action_mask[rows], batch.rewards[rows])
+            parts["logp"].append(token_logprobs(self.policy, mb, self.rl.temperature)[0])
+            parts["ref_logp"].append(token_logprobs(self.reference, mb, self.rl.temperature)[0])
+            parts["values"].append(self.critic(mb.input_ids, mb.attention_mask)[:, :-1])
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def iteration(self) -> dict[str, float]:
+        algo, rl, acc = self.algo, self.rl, self.accelerator
+        start = time.perf_counter()
+        episodes = sample_episodes(
+            self.cfg,
+            acc.unwrap_model(self.policy),
+            self.tokenizer,
+            step_seeds(self.cfg, self.step, rl.episodes_per_step),
+            self.step,
+        )
+        rollout_s = time.perf_counter() - start
+        batch = build_batch(episodes, self.tokenizer, rl)
+        batch = Batch(
+            *(t.to(acc.device) for t in (batch.input_ids, batch.attention_mask, batch.action_mask, batch.rewards))
+        )
+        mask = batch.action_mask
+        old = self.score(batch)
+        kl = (old["logp"] - old["ref_logp"]) * mask  # sampled log-ratio: its expectation is KL(policy || reference)
+        rewards = batch.rewards - algo.beta * kl if algo.kl_in == "reward" else batch.rewards
+        advantages, returns = masked_gae(rewards, old["values"], mask, algo.gamma, algo.lam)
+        if algo.normalize_advantages:
+            advantages = whiten(advantages, mask)
+
+        self.policy.train()
+        self.critic.train()
+        generator = torch.Generator().manual_seed(
+            int(np.random.default_rng([self.cfg.seed, self.step, 3]).integers(2**31))
+        )
+        stats: dict[str, list[float]] = {}
+        n = len(episodes)
+        for _ in range(algo.epochs):
+            for rows in torch.randperm(n, generator=generator).split(rl.minibatch_size):
+                rows = rows.to(acc.device)
+                mb = batch[rows]
+                width = mb.input_ids.shape[1] - 1
+                m = mb.action_mask
+                logp, entropy = token_logprobs(self.policy, mb, rl.temperature)
+                values = self.critic(mb.input_ids, mb.attention_mask)[:, :-1]
+                losses = ppo_losses(
+                    logp, old["logp"][rows, :width], advantages[rows, :width], values, old["values"][rows, :width],
+                    returns[rows, :width], m, algo.clip, algo.value_clip,
+                )  # fmt: skip
+                losses["entropy"] = masked_mean(entropy, m)
+                losses["kl_loss"] = masked_mean(kl_k3(logp, old["ref_logp"][rows, :width]), m)
+                loss = (
+                    losses["policy_loss"] + algo.vf_coef * losses["value_loss"] - algo.entropy_coef * losses["entropy"]
+                )
+                if algo.kl_in == "loss":
+                    loss = loss + algo.beta * losses["kl_loss"]
+                self.optimizer.zero_grad()
+                acc.backward(loss)
+                losses["grad_norm"] = acc.clip_grad_norm_(
+                    list(self.policy.parameters()) + list(self.critic.parameters()), algo.max_grad_norm
+                )
+                self.optimizer.step()
+                for k, v in losses.items():
+                    stats.setdefault(k, []).append(float(v))
+        self.scheduler.step()
+        self.step += 1
+
+        metrics = episode_metrics(episodes, rl)
+        metrics.update({k: sum(v) / len(v) for k, v in stats.items()})
+        metrics.update(
+            kl=float(kl.sum() / len(episodes)),  # per episode, summed over its action tokens
+            kl_per_token=float(masked_mean(kl, mask)),
+            explained_variance=explained_variance(old["values"], returns, mask),
+            value_mean=float(masked_mean(old["values"], mask)),
+            learning_rate=self.scheduler.get_last_lr()[0],
+            rollout_s=rollout_s,
+            step_s=time.perf_counter() - start,
+        )
+        self.last_episodes = episodes
+        return metrics
+
+    def train(self, resume: bool) -> Path:
+        if resume and not self.resume():
+            log.warning("rl: resume=true but no checkpoint in %s; training from the start", self.checkpoints)
+        history = self.out_dir / "metrics.jsonl"  # the reward curve: one line per step
+        history.parent.mkdir(parents=True, exist_ok=True)
+        kept = (
+            [line for line in history.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            if history.is_file()
+            else []
+        )
+        history.write_text("".join(line + "\n" for line in kept))  # steps after the checkpoint are redone
+        with history.open("a") as f:
+            while self.step < self.rl.steps:
+                metrics = self.iteration()
+                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+                f.flush()
+                if self.step % self.rl.logging_steps == 0 or self.step == self.rl.steps:
+                    shown = ("success", "reward", "kl", "entropy", "clip_fraction", "value_loss", "explained_variance")
+                    summary = " ".join(f"{k} {metrics[k]:.4g}" for k in shown)
+                    log.info("rl step %d: %s (%.1f s)", self.step, summary, metrics["step_s"])
+                    self.tracker.log(metrics, "rl")
+                if self.step % self.rl.save_steps == 0 or self.step == self.rl.steps:
+                    self.save_checkpoint()
+                    self.tracker.log_episodes("rl", self.last_episodes)
+        policy_dir = self.out_dir / "policy"
+        self.accelerator.unwrap_model(self.policy).save_pretrained(policy_dir)
+        self.tokenizer.save_pretrained(policy_dir)
+        log.info("rl: policy saved to %s", policy_dir)
+        return policy_dir
+
+
+def train_ppo(cfg: DictConfig, init: Path, ref: Path, out_dir: Path, tracker) -> Path:
+    """PPO from the policy in ``init``, KL-anchored to ``ref``; returns the saved policy's directory."""
+    return PPO(cfg, init, ref, out_dir, tracker).train(resume=cfg.resume)

@@ -1,0 +1,229 @@
+"""The rl stage: refine a policy in the tool environments with GRPO (TRL) or PPO (``rl_agents.ppo``).
+
+Both algorithms share what is defined here: the configuration, the reward (the environment's plus the
+shaping terms declared in ``rl.shaping``), the handling of malformed tool calls (``rl.on_malformed``), the
+training seeds of each step, and the episode metrics. The policy starts from the BC policy (or
+``rl.init_from``) and is anchored by a KL penalty (``algo.beta``) to a frozen reference, the BC policy (or
+``rl.ref_from``). Episodes come from the project's runtime, sampled at ``rl.temperature``; each step's
+episode seeds and sampling generator derive from ``(seed, step)``, so a resumed run draws what an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from envs.base import ERROR_KINDS, MALFORMED_KINDS
+from rl_agents.runtime import Runtime, RuntimeConfig
+from rl_agents.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
+
+ON_MALFORMED = ("feedback", "end", "penalize")
+
+
+@dataclass
+class ShapingConfig:
+    """Terms added to the environment's reward (0 turns a term off)."""
+
+    per_turn: float = 0.0
+    """added for every agent turn (negative: prefer short episodes)"""
+    tool_error: float = 0.0
+    """added for every well-formed call the tool refused (a bad expression, an SQL error)"""
+    truncated: float = 0.0
+    """added once when the episode was cut short (turn or context budget, or a malformed turn with on_malformed=end)"""
+
+
+@dataclass
+class RLConfig:
+    init_from: str | None = None
+    """the policy to start from (a saved policy dir); default: this run's bc/policy"""
+    ref_from: str | None = None
+    """the frozen KL reference; default: this run's bc/policy, else init_from"""
+    steps: int = 100
+    """optimizer updates (GRPO) or PPO iterations (each: sample episodes, then epochs of minibatches)"""
+    episodes_per_step: int = 64
+    """episodes sampled per step (GRPO: prompts x algo.group_size)"""
+    minibatch_size: int = 16
+    """episodes per forward/backward pass (PPO: per optimizer update; GRPO: accumulated to one update a step)"""
+    temperature: float = 1.0
+    """sampling temperature of the rollouts (and of the log-probabilities trained on)"""
+    on_malformed: str = "feedback"
+    """a malformed tool call: feedback (the error is the next observation), end (the episode ends), or
+    penalize (feedback, and malformed_penalty is subtracted from the reward for each one)"""
+    malformed_penalty: float = 0.2
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
+    save_steps: int = 20
+    save_total_limit: int = 2
+    logging_steps: int = 1
+    table_episodes: int = 8
+    """episodes in the W&B episode table logged at each save"""
+
+
+@dataclass
+class AlgoConfig:
+    """What both algorithms have (the ``algo`` group: grpo or ppo)."""
+
+    name: str = "grpo"
+    beta: float = 0.05
+    """KL coefficient to the reference policy"""
+    learning_rate: float = 1e-4
+    lr_scheduler_type: str = "constant_with_warmup"
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class GRPOAlgoConfig(AlgoConfig):
+    name: str = "grpo"
+    group_size: int = 8
+    """episodes per prompt (the group whose rewards give the baseline)"""
+    num_iterations: int = 1
+    """optimizer passes over each generation batch (mu in the GRPO paper)"""
+    epsilon: float = 0.2
+    """clipping range of the importance ratio"""
+    loss_type: str = "dapo"
+    """TRL's loss aggregation: dapo (token-level), grpo (per sequence), dr_grpo, bnpo"""
+    scale_rewards: str = "group"
+    """advantage scaling: group, batch or none"""
+
+
+@dataclass
+class PPOAlgoConfig(AlgoConfig):
+    name: str = "ppo"
+    kl_in: str = "reward"
+    """where the KL penalty goes: reward (per-token -beta*KL in the reward) or loss (beta*KL added to the loss)"""
+    critic_learning_rate: float = 3e-4
+    epochs: int = 2
+    """passes over each step's episodes (in minibatches of rl.minibatch_size)"""
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    normalize_advantages: bool = True
+
+
+# --- rewards ------------------------------------------------------------------------------------
+def reward_terms(trajectory: Trajectory, rl: RLConfig | DictConfig) -> dict[str, float]:
+    """The reward of an episode, term by term: ``env`` (the environment's) and each active shaping term."""
+    turns = trajectory.turns
+    terms = {"env": float(trajectory.reward)}
+    if rl.on_malformed == "penalize":
+        terms["malformed"] = -rl.malformed_penalty * sum(t.error in MALFORMED_KINDS for t in turns)
+    s = rl.shaping
+    if s.per_turn:
+        terms["per_turn"] = s.per_turn * len(turns)
+    if s.tool_error:
+        terms["tool_error"] = s.tool_error * sum(t.error == "tool_error" for t in turns)
+    if s.truncated:
+        terms["truncated"] = s.truncated * bool(trajectory.metadata.get("truncation"))
+    return terms
+
+
+def term_names(rl: RLConfig | DictConfig) -> list[str]:
+    """The names ``reward_terms`` returns for this config (TRL needs them before the first episode)."""
+    names = ["env"] + (["malformed"] if rl.on_malformed == "penalize" else [])
+    return names + [name for name in ("per_turn", "tool_error", "truncated") if rl.shaping[name]]
+
+
+def turn_rewards(trajectory: Trajectory, rl: RLConfig | DictConfig) -> list[float]:
+    """The same reward, placed on the turn that earned it (for PPO's per-token credit assignment)."""
+    s = rl.shaping
+    rewards = []
+    for turn in trajectory.turns:
+        r = float(turn.reward) + s.per_turn + s.tool_error * (turn.error == "tool_error")
+        if rl.on_malformed == "penalize" and turn.error in MALFORMED_KINDS:
+            r -= rl.malformed_penalty
+        rewards.append(r)
+    if rewards and s.truncated and trajectory.metadata.get("truncation"):
+        rewards[-1] += s.truncated
+    return rewards
+
+
+# --- episodes -----------------------------------------------------------------------------------
+def step_seeds(cfg: DictConfig, step: int, n: int) -> dict[str, list[int]]:
+    """The training seeds of one step, split across the environments by weight; a function of (seed, step)."""
+    from rl_agents.config import env_entries  # config imports this module's dataclasses
+
+    entries = env_entries(cfg)
+    total = sum(e.weight for e in entries.values())
+    rng = np.random.default_rng([cfg.seed, step, 7])
+    counts = {env_id: max(1, round(n * e.weight / total)) for env_id, e in entries.items()}
+    first = next(iter(counts))
+    counts[first] = max(1, counts[first] + n - sum(counts.values()))
+    lo, hi = cfg.env.train_seed_start, cfg.env.eval_seed_start
+    return {env_id: [int(s) for s in rng.integers(lo, hi, size=k)] for env_id, k in counts.items()}
+
+
+def rollout_config(cfg: DictConfig) -> RuntimeConfig:
+    """The runtime settings of training rollouts: sampled at rl.temperature, malformed turns per rl.on_malformed."""
+    runtime = RuntimeConfig(**OmegaConf.to_container(cfg.runtime))
+    runtime.greedy = False
+    runtime.temperature = cfg.rl.temperature
+    runtime.top_p = 1.0
+    runtime.end_on_malformed = cfg.rl.on_malformed == "end"
+    return runtime
+
+
+def sample_episodes(cfg: DictConfig, model, tokenizer, seeds: dict[str, list[int]], step: int) -> list[Trajectory]:
+    """Sampled episodes of ``model`` on ``seeds`` (env id -> seeds), reproducible from (seed, step)."""
+    from rl_agents.config import env_entries
+
+    generator_seed = int(np.random.default_rng([cfg.seed, step]).integers(2**31))
+    runtime = Runtime(model, tokenizer, rollout_config(cfg), seed=generator_seed)
+    entries = env_entries(cfg)
+    episodes = []
+    for env_id, env_seeds in seeds.items():
+        episodes += runtime.run(env_id, env_seeds, entries[env_id].kwargs, policy="rl")
+    return episodes
+
+
+def episode_metrics(episodes: list[Trajectory], rl: RLConfig | DictConfig) -> dict[str, float]:
+    """Success, reward (total and per term), turns, truncations and the rate of each error kind per episode."""
+    n = max(1, len(episodes))
+    terms = [reward_terms(e, rl) for e in episodes]
+    metrics = {
+        "success": sum(e.success for e in episodes) / n,
+        "reward": sum(sum(t.values()) for t in terms) / n,
+        "turns": sum(len(e.turns) for e in episodes) / n,
+        "truncated": sum(bool(e.metadata.get("truncation")) for e in episodes) / n,
+    }
+    for name in terms[0] if terms else []:
+        metrics[f"reward_{name}"] = sum(t[name] for t in terms) / n
+    errors = Counter(t.error for e in episodes for t in e.turns if t.error)
+    for kind in ERROR_KINDS:
+        metrics[f"errors/{kind}"] = errors.get(kind, 0) / n
+    metrics["errors/malformed"] = sum(errors.get(k, 0) for k in MALFORMED_KINDS) / n
+    return metrics
+
+
+# --- the stage ----------------------------------------------------------------------------------
+def policy_dirs(cfg: DictConfig, run_dir: Path) -> tuple[Path, Path]:
+    """The policy RL starts from and its KL reference."""
+    bc = run_dir / "bc" / "policy"
+    init = Path(cfg.rl.init_from) if cfg.rl.init_from else bc
+    ref = Path(cfg.rl.ref_from) if cfg.rl.ref_from else (bc if (bc / "config.json").is_file() else init)
+    return init, ref
+
+
+def train_rl(cfg: DictConfig, run_dir: Path, tracker: Any) -> Path:
+    """Run ``cfg.algo`` in ``<run_dir>/rl``; returns the directory of the saved RL policy."""
+    init, ref = policy_dirs(cfg, run_dir)
+    log.info("rl: %s from %s, KL reference %s (beta %s)", cfg.algo.name, init, ref, cfg.algo.beta)
+    if cfg.algo.name == "grpo":
+        from rl_agents.grpo import train_grpo
+
+        return train_grpo(cfg, init, ref, run_dir / "rl", tracker)
+    from rl_agents.ppo import train_ppo
+
+    return train_ppo(cfg, init, ref, run_dir / "rl", tracker)

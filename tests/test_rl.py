@@ -1,0 +1,231 @@
+"""RL: PPO/GAE arithmetic by hand, rewards and malformed-call policies, masking checked on gradients,
+GRPO rollouts in TRL's format, and resumed runs that end where uninterrupted ones do."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from rl_agents import tracking
+from rl_agents.ppo import Batch, build_batch, logprobs_from_logits, masked_gae, ppo_losses, whiten
+from rl_agents.rl import reward_terms, sample_episodes, turn_rewards
+from rl_agents.runtime import Runtime, RuntimeConfig
+from rl_agents.train import run
+from rl_agents.trajectory import Trajectory, Turn, encode_trajectory, prompt_ids
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def _cfg(policy_dir, run_dir, *overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(
+            config_name="train",
+            overrides=[
+                "budget=smoke", "logger=none", "stages=[rl]", f"rl.init_from={policy_dir}",
+                "runtime.max_new_tokens=48", *overrides,
+            ],
+        )  # fmt: skip
+
+
+# --- arithmetic -----------------------------------------------------------------------------------
+def test_masked_gae_matches_hand_computation_and_skips_observations():
+    mask = torch.tensor([[1, 1, 0, 0, 1], [0, 1, 1, 0, 0]], dtype=torch.float)
+    rewards = torch.tensor([[0.0, 0.5, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0, 0.0]])
+    values = torch.tensor([[0.5, 0.6, 9.0, 9.0, 0.8], [7.0, 0.5, 0.5, 7.0, 7.0]])  # 9s and 7s are never read
+    advantages, returns = masked_gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # row 0: A4 = 1 - .8 = .2; A1 = (.5 + .8 - .6) + .5 * .2 = .8 (bootstraps across the gap); A0 = (.6 - .5) + .5 * .8
+    assert torch.allclose(advantages[0], torch.tensor([0.5, 0.8, 0.0, 0.0, 0.2]))
+    assert torch.allclose(returns[0], torch.tensor([1.0, 1.4, 0.0, 0.0, 1.0]))
+    assert torch.allclose(advantages[1], torch.tensor([0.0, 0.25, 0.5, 0.0, 0.0]))
+    # lam = 1: the advantage is the discounted return minus the value; G0 = .9 * .5 + .81 * 1 = 1.26
+    advantages, _ = masked_gae(rewards, values, mask, gamma=0.9, lam=1.0)
+    assert torch.allclose(advantages[0, [0, 1, 4]], torch.tensor([1.26 - 0.5, 0.5 + 0.9 - 0.6, 0.2]))
+
+
+def test_ppo_losses_clip_as_in_the_paper():
+    old = torch.zeros(1, 4)
+    logp = torch.tensor([[math.log(1.5), math.log(0.5), math.log(1.5), 5.0]])  # the last token is masked out
+    advantages = torch.tensor([[1.0, 1.0, -1.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    values, old_values, returns = torch.tensor([[1.0] * 4]), torch.tensor([[0.5] * 4]), torch.zeros(1, 4)
+    out = ppo_losses(logp, old, advantages, values, old_values, returns, mask, clip=0.2, value_clip=0.2)
+    # per token: max(-A r, -A clip(r)) = -1.2 (r=1.5, A=1), -0.5 (r=0.5, A=1), 1.5 (r=1.5, A=-1)
+    assert out["policy_loss"].item() == pytest.approx((-1.2 - 0.5 + 1.5) / 3, abs=1e-6)
+    assert out["clip_fraction"].item() == pytest.approx(1.0)
+    # value: max((1 - 0)^2, (0.5 + 0.2 - 0)^2) / 2
+    assert out["value_loss"].item() == pytest.approx(0.5)
+    assert out["value_clip_fraction"].item() == pytest.approx(1.0)
+
+
+def test_whiten_normalises_only_the_masked_entries():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, -50.0, 4.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    w = whiten(x, mask)
+    kept = w[mask.bool()]
+    assert kept.mean().abs() < 1e-6 and (kept.pow(2).mean() - 1).abs() < 1e-4
+    assert torch.all(w[~mask.bool()] == 0)
+
+
+# --- rewards and malformed calls ------------------------------------------------------------------
+def _episode():
+    turns = [
+        Turn(agent="x", error="malformed_json"),
+        Turn(agent="y", error="tool_error"),
+        Turn(agent="<answer>1</answer>", reward=1.0),
+    ]
+    return Trajectory(task="t", turns=turns, reward=1.0, success=True, metadata={"truncation": None})
+
+
+def test_reward_terms_and_their_placement_on_turns(tmp_path, tiny_policy):
+    cfg = _cfg(tiny_policy[0], tmp_path, "rl.on_malformed=penalize", "rl.malformed_penalty=0.3",
+               "rl.shaping.per_turn=-0.01", "rl.shaping.tool_error=-0.1")  # fmt: skip
+    terms = reward_terms(_episode(), cfg.rl)
+    assert terms == pytest.approx({"env": 1.0, "malformed": -0.3, "per_turn": -0.03, "tool_error": -0.1})
+    per_turn = turn_rewards(_episode(), cfg.rl)
+    assert per_turn == pytest.approx([-0.31, -0.11, 0.99])
+    assert sum(per_turn) == pytest.approx(sum(terms.values()))
+    assert reward_terms(_episode(), _cfg(tiny_policy[0], tmp_path).rl) == {"env": 1.0}  # feedback: no penalty
+
+
+def test_end_on_malformed_stops_the_episode_and_feedback_does_not(tiny_policy):
+    _, model, tokenizer = tiny_policy
+    kwargs = {"max_action_chars": 5}  # every turn is too long: a malformed turn
+    config = RuntimeConfig(batch_size=4, max_new_tokens=48, max_turns=3)
+    fed_back = Runtime(model, tokenizer, config).run("Calculator-v0", list(range(4)), kwargs)
+    assert all(len(t.turns) == 3 and t.turns[0].error == "action_too_long" for t in fed_back)
+    config.end_on_malformed = True
+    ended = Runtime(model, tokenizer, config).run("Calculator-v0", list(range(4)), kwargs)
+    assert all(len(t.turns) == 1 and t.metadata["truncation"] == "malformed" for t in ended)
+
+
+# --- masking, checked on gradients ----------------------------------------------------------------
+def test_ppo_loss_has_no_gradient_at_observation_or_prompt_tokens(tmp_path, tiny_policy):
+    policy_dir, model, tokenizer = tiny_policy
+    cfg = _cfg(policy_dir, tmp_path, "runtime.max_turns=4")
+    episodes = sample_episodes(cfg, model, tokenizer, {"Calculator-v0": list(range(6))}, step=0)
+    multi = [e for e in episodes if len(e.turns) >= 2]
+    assert multi, "the fixture policy calls a tool, then answers"
+    batch = build_batch(multi, tokenizer, cfg.rl)
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    logp, _ = logprobs_from_logits(out.logits, batch.input_ids, 1.0)
+    noise = torch.randn_like(logp)
+    losses = ppo_losses(logp, logp.detach() + 0.1 * noise, noise, noise, noise, noise, batch.action_mask, 0.2, 0.2)
+    (grad,) = torch.autograd.grad(losses["policy_loss"], out.logits)
+    per_position = grad[:, :-1].abs().sum(-1)  # position t predicts token t + 1
+    actions = batch.action_mask.bool()
+    assert torch.all(per_position[~actions] == 0)
+    assert torch.all(per_position[actions] > 0)
+    # the action mask is exactly the agent's tokens of each episode
+    for row, episode in enumerate(multi):
+        encoded = encode_trajectory(episode, tokenizer)
+        assert batch.action_mask[row, : len(encoded.input_ids) - 1].tolist() == encoded.agent_mask[1:]
+
+
+def test_ppo_turn_rewards_sit_on_the_last_token_of_each_turn(tmp_path, tiny_policy):
+    policy_dir, model, tokenizer = tiny_policy
+    cfg = _cfg(policy_dir, tmp_path, "rl.shaping.per_turn=-0.5")
+    episodes = sample_episodes(cfg, model, tokenizer, {"Calculator-v0": list(range(4))}, step=0)
+    batch = build_batch(episodes, tokenizer, cfg.rl)
+    for row, episode in enumerate(episodes):
+        placed = batch.rewards[row][batch.rewards[row] != 0].tolist()
+        assert placed == pytest.approx(turn_rewards(episode, cfg.rl))
+        ends = [i for i, m in enumerate(batch.action_mask[row].tolist()) if m and (i + 1 >= batch.rewards.shape[1]
+                or batch.action_mask[row, i + 1] == 0)]  # fmt: skip
+        assert torch.all(batch.rewards[row, ends] != 0)
+    assert isinstance(batch[torch.tensor([0, 1])], Batch)
+
+
+def test_grpo_rollouts_return_trl_fields_with_env_mask_and_sampling_logprobs(tmp_path, tiny_policy):
+    from rl_agents.grpo import make_trainer
+
+    policy_dir, _, tokenizer = tiny_policy
+    cfg = _cfg(policy_dir, tmp_path, "algo=grpo", "algo.group_size=2", "rl.episodes_per_step=4", "rl.minibatch_size=2")
+    trainer = make_trainer(cfg, policy_dir, policy_dir, tmp_path / "rl", tracking.Tracker())
+    prompts = ["Calculator-v0#11", "Calculator-v0#11", "Calculator-v0#12", "Calculator-v0#12"]
+    out = trainer.rollout_func(prompts, trainer)
+    assert len(out["completion_ids"]) == 4
+    for i, episode in enumerate(out["episode"]):
+        assert episode.metadata["seed"] == int(prompts[i].split("#")[1])
+        assert out["prompt_ids"][i] == prompt_ids(tokenizer, episode.task)
+        encoded = encode_trajectory(episode, tokenizer)
+        assert out["prompt_ids"][i] + out["completion_ids"][i] == encoded.input_ids
+        assert out["env_mask"][i] == encoded.agent_mask[len(out["prompt_ids"][i]) :]
+        agent_lps = [lp for lp, m in zip(out["logprobs"][i], out["env_mask"][i]) if m]
+        assert agent_lps == [lp for t in episode.turns for lp in t.logprobs] and all(lp <= 0 for lp in agent_lps)
+        assert out["r_env"][i] == episode.reward
+
+    # TRL's loss on these episodes: no gradient at positions that predict an observation token
+    inputs = trainer._generate_and_score_completions([{"prompt": p} for p in prompts])
+    hidden = {}
+
+    def keep(module, args, output):
+        output.retain_grad()
+        hidden["h"] = output
+
+    handle = trainer.model.model.norm.register_forward_hook(keep)
+    inputs["advantages"] = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    trainer._compute_loss(trainer.model, inputs).backward()
+    handle.remove()
+    grad = hidden["h"].grad.abs().sum(-1)  # (B, P + C): position t predicts token t + 1
+    P = inputs["prompt_ids"].shape[1]
+    predicts = grad[:, P - 1 : -1]  # the positions predicting completion tokens
+    env = inputs["tool_mask"].bool() & inputs["completion_mask"].bool()
+    assert torch.all(predicts[~env] == 0)
+    assert torch.all(predicts[env] > 0)
+
+
+# --- resume ---------------------------------------------------------------------------------------
+def _weights(policy):
+    return load_file(str(Path(policy) / "model.safetensors"))
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_policy, monkeypatch, algo):
+    policy_dir = tiny_policy[0]
+    extra = [f"algo={algo}", "rl.steps=3", "rl.save_steps=1", "rl.episodes_per_step=4", "rl.minibatch_size=2",
+             "algo.learning_rate=1e-3", "rl.shaping.per_turn=-0.1", "rl.temperature=1.5"]  # fmt: skip
+    extra += ["algo.group_size=2"] if algo == "grpo" else []  # per_turn: rewards differ within a group
+    whole = tmp_path / "whole"
+    run(_cfg(policy_dir, whole, *extra), whole)
+
+    killed = tmp_path / "killed"
+    if algo == "ppo":
+        from rl_agents.ppo import PPO
+
+        original = PPO.save_checkpoint
+
+        def save_then_die(self):
+            original(self)
+            if self.step == 2:
+                raise KeyboardInterrupt("killed after the step-2 checkpoint")
+
+        monkeypatch.setattr(PPO, "save_checkpoint", save_then_die)
+    else:
+        from rl_agents.grpo import EnvRollouts
+
+        original = EnvRollouts.__call__
+
+        def die_at_step_2(self, prompts, trainer):
+            if trainer.state.global_step == 2:
+                raise KeyboardInterrupt("killed after the step-2 checkpoint")
+            return original(self, prompts, trainer)
+
+        monkeypatch.setattr(EnvRollouts, "__call__", die_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(policy_dir, killed, *extra), killed)
+    monkeypatch.undo()
+    assert not (killed / "rl" / "policy").exists()
+    run(_cfg(policy_dir, killed, *extra, "resume=true"), killed)
+
+    a, b = _weights(whole / "rl" / "policy"), _weights(killed / "rl" / "policy")
+    start = _weights(policy_dir)
+    assert any(not torch.equal(a[k], start[k]) for k in a), "training changed the policy"
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    if algo == "ppo":
+        steps = [json.loads(line)["step"] for line in (killed / "rl" / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2, 3]
