@@ -320,7 +320,7 @@ class PPO:
                 )
                 self.optimizer.step()
                 for k, v in losses.items():
-                    stats.setdefault(k, []).append(float(v))
+                    stats.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
         self.scheduler.step()
         self.step += 1
 
