@@ -12,16 +12,16 @@ need a dense block-diagonal attention mask with SDPA. Packing pays off on GPUs w
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
+from rl_agents.tracking import LogToPython
 from rl_agents.trajectory import Trajectory, sft_dataset
 
 log = logging.getLogger(__name__)
@@ -51,21 +51,6 @@ class BCConfig:
     logging_steps: int = 10
     save_steps: int = 200
     save_total_limit: int = 2
-
-
-class LogToPython(TrainerCallback):
-    """Trainer logs (loss, learning rate, ...) into the run's log file and, given a path, a JSONL history."""
-
-    def __init__(self, stage: str = "bc", history: Path | None = None):
-        self.stage, self.history = stage, history
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = {k: round(v, 5) if isinstance(v, float) else v for k, v in (logs or {}).items()}
-        log.info("%s step %d: %s", self.stage, state.global_step, logs)
-        if self.history is not None and state.is_world_process_zero:
-            self.history.parent.mkdir(parents=True, exist_ok=True)
-            with self.history.open("a") as f:
-                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
 def make_trainer(

@@ -28,9 +28,9 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 
-from rl_agents.bc import LogToPython
 from rl_agents.model import load_policy
 from rl_agents.rl import episode_metrics, reward_terms, sample_episodes, step_seeds, term_names
+from rl_agents.tracking import LogToPython
 from rl_agents.trajectory import encode_trajectory, prompt_ids
 
 log = logging.getLogger(__name__)

@@ -326,9 +326,9 @@ class PPO:
 
         metrics = episode_metrics(episodes, rl)
         metrics.update({k: sum(v) / len(v) for k, v in stats.items()})
+        metrics["kl"] = metrics.pop("kl_loss")  # per token, k3, as TRL's GRPO logs it
         metrics.update(
-            kl=float(kl.sum() / len(episodes)),  # per episode, summed over its action tokens
-            kl_per_token=float(masked_mean(kl, mask)),
+            kl_episode=float(kl.sum() / len(episodes)),  # the sampled log-ratio, summed over an episode's actions
             explained_variance=explained_variance(old["values"], returns, mask),
             value_mean=float(masked_mean(old["values"], mask)),
             learning_rate=self.scheduler.get_last_lr()[0],

@@ -74,7 +74,7 @@ class AlgoConfig:
     name: str = "grpo"
     beta: float = 0.05
     """KL coefficient to the reference policy"""
-    learning_rate: float = 1e-4
+    learning_rate: float = 5e-4
     lr_scheduler_type: str = "constant_with_warmup"
     warmup_steps: int = 5
     weight_decay: float = 0.0
@@ -101,12 +101,12 @@ class PPOAlgoConfig(AlgoConfig):
     name: str = "ppo"
     kl_in: str = "reward"
     """where the KL penalty goes: reward (per-token -beta*KL in the reward) or loss (beta*KL added to the loss)"""
-    critic_learning_rate: float = 3e-4
+    critic_learning_rate: float = 1e-3
     epochs: int = 2
     """passes over each step's episodes (in minibatches of rl.minibatch_size)"""
     clip: float = 0.2
     value_clip: float = 0.2
-    vf_coef: float = 0.5
+    vf_coef: float = 1.0
     entropy_coef: float = 0.0
     gamma: float = 1.0
     lam: float = 0.95

@@ -8,12 +8,14 @@ losses, collect statistics, evaluation metrics and episode tables all land in on
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from transformers import TrainerCallback
 
 from rl_agents.trajectory import Trajectory
 
@@ -80,6 +82,21 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+class LogToPython(TrainerCallback):
+    """Trainer logs (loss, learning rate, ...) into the run's log file and, given a path, a JSONL history."""
+
+    def __init__(self, stage: str = "bc", history: Path | None = None):
+        self.stage, self.history = stage, history
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = {k: round(v, 5) if isinstance(v, float) else v for k, v in (logs or {}).items()}
+        log.info("%s step %d: %s", self.stage, state.global_step, logs)
+        if self.history is not None and state.is_world_process_zero:
+            self.history.parent.mkdir(parents=True, exist_ok=True)
+            with self.history.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
 def start(cfg: DictConfig, run_dir: Path, job: str) -> Tracker:

@@ -123,7 +123,6 @@ def test_rl_stage_through_the_cli(tmp_path, algo):
     history = [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
     steps = [h for h in history if "kl" in h]
     assert [h["step"] for h in steps] == [1, 2, 3]  # KL logged at every step
-    # GRPO logs TRL's k3 KL; PPO its k3 KL loss term (both >= 0) and the sampled log-ratio sum "kl"
-    kl_key, reward_key = ("kl", "reward") if algo == "grpo" else ("kl_loss", "reward_env")
-    assert all(h[kl_key] >= 0 and reward_key in h for h in steps)
+    reward_key = "reward" if algo == "grpo" else "reward_env"
+    assert all(h["kl"] >= 0 and reward_key in h for h in steps)  # per-token k3 KL to the reference
     assert list((run_dir / "wandb").glob("offline-run-*"))
