@@ -19,6 +19,7 @@ reference before the trainer is built: the smallest change that keeps TRL's own 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from rl_agents.tracking import LogToPython
 from rl_agents.trajectory import encode_trajectory, prompt_ids
 
 log = logging.getLogger(__name__)
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is "experimental"; tests pin what we use
 
 
 class EnvRollouts:

@@ -43,6 +43,10 @@ def test_hf_model_and_openai_teacher_compose_with_their_settings(tmp_path):
         "bc.bogus=1",
         "bc.max_steps=abc",
         "runtime.greedy=maybe",
+        "algo.bogus=1",
+        "algo.group_size=abc",
+        "algo.kl_in=loss",  # a PPO key under algo=grpo
+        "rl.steps=many",
     ],
 )
 def test_schema_rejects_unknown_keys_and_bad_types(override):
@@ -70,6 +74,15 @@ def test_schema_rejects_unknown_keys_and_bad_types(override):
         (["model.number_chunk=0"], "model.number_chunk"),
         (["model.num_heads=3"], "multiple of model.num_heads"),
         (["env.envs.Calculator-v0.teacher._target_=envs.nope.Teacher"], "cannot be imported"),
+        (["stages=[rl,eval]", "eval.policies=[rl]"], "starts from the BC policy"),
+        (["stages=[eval]", "eval.policies=[rl]"], "rl stage"),
+        (["stages=[collect,bc,rl]", "algo.group_size=3"], "algo.group_size=3"),
+        (["stages=[collect,bc,rl]", "rl.minibatch_size=12"], "rl.minibatch_size=12"),
+        (["stages=[collect,bc,rl]", "algo=ppo", "algo.kl_in=both"], "algo.kl_in"),
+        (["stages=[collect,bc,rl]", "rl.on_malformed=ignore"], "rl.on_malformed"),
+        (["stages=[collect,bc,rl]", "rl.init_from=/nope"], "rl.init_from='/nope'"),
+        (["stages=[collect,bc,rl]", "peft=lora"], "peft=none"),
+        (["eval.policies=[teacher,dagger]"], "unknown eval.policies"),
     ],
 )
 def test_validation_fails_fast_naming_the_problem(overrides, message, tmp_path):
