@@ -233,7 +233,7 @@ class PPO:
 
     def save_checkpoint(self) -> None:
         path = self.checkpoints / f"step-{self.step:06d}"
-        self.accelerator.save_state(str(path), safe_serialization=False)
+        self.accelerator.save_state(str(path), safe_serialization=False)  # tied embeddings: torch format
         (path / "ppo_state.json").write_text(json.dumps({"step": self.step}))
         kept = sorted(p for p in self.checkpoints.glob("step-*") if (p / "ppo_state.json").is_file())
         for old in kept[: -self.rl.save_total_limit]:
