@@ -7,6 +7,8 @@ tool call ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` or a fina
 malformed turn becomes an error observation with a named error kind, counted in ``info``.
 
 Subclasses provide the task (``_new_task``), the tools (``tools``) and the answer check (``_grade``).
+A tool whose call ends the episode (a purchase, a submission, a move into a hole) returns a ``Finish``
+with the episode's reward and success instead of a string.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class Tool:
     name: str
     description: str
     parameters: dict[str, Any]
-    fn: Callable[..., str]
+    fn: Callable[..., str | Finish]
 
     def schema(self) -> dict[str, Any]:
         """The OpenAI / Hermes function description of this tool."""
@@ -69,6 +71,15 @@ class Tool:
             "type": "function",
             "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
         }
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Returned by a tool whose call ends the episode: the last observation, the reward and the success."""
+
+    observation: str
+    reward: float
+    success: bool
 
 
 @dataclass(frozen=True)
@@ -209,6 +220,10 @@ class ToolEnv(gym.Env):
             observation = self._error(info, parsed.kind, parsed.message)
         else:
             observation = self._call(parsed, info)
+            if isinstance(observation, Finish):
+                reward, terminated = float(observation.reward), True
+                info["success"] = bool(observation.success)
+                observation = observation.observation
         info["error_counts"] = dict(self.error_counts)
         self._last = sanitize(observation, self.max_observation_chars)
         return self._last, reward, terminated, False, info
@@ -224,7 +239,7 @@ class ToolEnv(gym.Env):
         self.error_counts[kind] += 1
         return f"ERROR: {message}"
 
-    def _call(self, call: ToolCall, info: dict) -> str:
+    def _call(self, call: ToolCall, info: dict) -> str | Finish:
         tool = self.tools.get(call.name)
         info["tool"] = call.name
         if tool is None:
@@ -234,7 +249,8 @@ class ToolEnv(gym.Env):
         except jsonschema.ValidationError as err:
             return self._error(info, "bad_arguments", f"bad arguments for {tool.name}: {err.message}")
         try:
-            return str(tool.fn(**call.arguments))
+            result = tool.fn(**call.arguments)
+            return result if isinstance(result, Finish) else str(result)
         except ToolError as err:
             return self._error(info, err.kind, str(err))
         except Exception as err:  # a crashing tool is the episode's problem, never the trainer's

@@ -13,11 +13,21 @@ from hypothesis import strategies as st
 
 from envs.base import ERROR_KINDS, Answer, ParseError, ToolCall, answers_match, parse_turn
 from envs.calculator import CalculatorTeacher, evaluate_arithmetic
+from envs.code import CodeTeacher
+from envs.gym_text import PlannerTeacher
+from envs.shop import ShopTeacher
 from envs.sql import SQLTeacher
 from envs.teacher import tool_call
 
-ENV_IDS = ["Calculator-v0", "SQL-v0"]
-TEACHERS = {"Calculator-v0": CalculatorTeacher, "SQL-v0": SQLTeacher}
+TEACHERS = {
+    "Calculator-v0": CalculatorTeacher,
+    "SQL-v0": SQLTeacher,
+    "Shop-v0": ShopTeacher,
+    "Code-v0": CodeTeacher,
+    "FrozenLakeText-v0": PlannerTeacher,
+    "TaxiText-v0": PlannerTeacher,
+}
+ENV_IDS = list(TEACHERS)
 
 
 @pytest.mark.parametrize("env_id", ENV_IDS)
@@ -66,8 +76,8 @@ def test_expert_teacher_solves_every_episode(env_id):
 def test_noisy_teacher_fails_about_as_often_as_its_noise(env_id):
     from rl_agents.collect import collect
 
-    _, stats = collect(env_id, {}, TEACHERS[env_id](noise=0.5), list(range(200)), progress=False)
-    assert 0.3 < stats["teacher_success_rate"] < 0.8
+    _, stats = collect(env_id, {}, TEACHERS[env_id](noise=0.5), list(range(150)), progress=False)
+    assert 0.3 < stats["teacher_success_rate"] < 0.9
 
 
 def test_parse_turn_reads_tool_calls_answers_and_reasoning():
@@ -205,9 +215,29 @@ def test_answers_match_numbers_numerically_and_text_case_insensitively():
         st.builds(lambda s: f"<tool_call>{s}</tool_call>", st.text(max_size=200)),
         st.builds(
             lambda name, args: f"<tool_call>{json.dumps({'name': name, 'arguments': args})}</tool_call>",
-            st.sampled_from(["calculator", "sql", "nope"]),
+            st.sampled_from(
+                [
+                    "calculator",
+                    "sql",
+                    "search",
+                    "open",
+                    "choose",
+                    "buy",
+                    "run_tests",
+                    "submit",
+                    "move",
+                    "pickup",
+                    "nope",
+                ]
+            ),
             st.dictionaries(
-                st.sampled_from(["expression", "query", "x"]), st.one_of(st.text(max_size=80), st.integers(), st.none())
+                st.sampled_from(["expression", "query", "item_id", "option", "value", "code", "direction", "x"]),
+                st.one_of(
+                    st.text(max_size=80),
+                    st.integers(),
+                    st.none(),
+                    st.sampled_from(["left", "north", "color", "def f(): pass"]),
+                ),
             ),
         ),
         st.builds(lambda s: f"<answer>{s}</answer>", st.text(max_size=50)),
@@ -220,3 +250,115 @@ def test_fuzzed_agent_turns_never_raise(env_id, turn):
     assert env.unwrapped.observation_space.contains(obs)
     assert info["error"] in (None, *ERROR_KINDS)
     assert isinstance(parse_turn(turn), (ToolCall, Answer, ParseError))
+
+
+def play(env, actions: list[str]):
+    out = None
+    for action in actions:
+        out = env.step(action)
+        if out[2] or out[3]:
+            break
+    return out
+
+
+def test_shop_rewards_partial_matches_webshop_style():
+    env = gym.make("Shop-v0")
+    env.reset(seed=5)
+    shop = env.unwrapped
+    goal = shop.goal
+    near_miss = next(p for p in shop.catalogue.values() if p.category == goal.category and p.price > goal.max_price)
+    color = goal.options["color"] if goal.options["color"] in near_miss.colors else near_miss.colors[0]
+    obs, reward, terminated, _, info = play(
+        env,
+        [
+            tool_call("search", query=" ".join(goal.features) + " " + goal.category),
+            tool_call("open", item_id=near_miss.item_id),
+            tool_call("choose", option="color", value=color),
+            tool_call("buy"),
+        ],
+    )
+    expected = (2 + (color == goal.options["color"])) / 5  # both features, maybe the colour; no size, over price
+    assert terminated and not info["success"] and reward == pytest.approx(expected)
+    env.reset(seed=5)
+    obs, reward, terminated, _, info = play(
+        env,
+        [
+            tool_call("open", item_id=goal.target),
+            tool_call("choose", option="color", value=goal.options["color"]),
+            tool_call("choose", option="size", value=goal.options["size"]),
+            tool_call("buy"),
+        ],
+    )
+    assert terminated and info["success"] and reward == 1.0
+
+
+def test_shop_tools_refuse_out_of_order_or_unknown_choices():
+    env = gym.make("Shop-v0")
+    env.reset(seed=1)
+    for action, message in [
+        (tool_call("buy"), "open a product first"),
+        (tool_call("choose", option="color", value="red"), "open a product first"),
+        (tool_call("open", item_id="99999"), "no product"),
+        (tool_call("search", query="   "), "empty search"),
+    ]:
+        obs, reward, terminated, _, info = env.step(action)
+        assert info["error"] == "tool_error" and message in obs and not terminated
+    item = next(iter(env.unwrapped.catalogue))
+    env.step(tool_call("open", item_id=item))
+    obs, *_, info = env.step(tool_call("choose", option="flavour", value="x"))
+    assert "unknown option" in obs and info["error"] == "tool_error"
+
+
+def test_expert_shop_episode_takes_at_least_four_tool_calls():
+    from rl_agents.collect import collect
+
+    trajectories, stats = collect("Shop-v0", {}, ShopTeacher(), list(range(20)), progress=False)
+    assert stats["teacher_success_rate"] == 1.0
+    assert min(sum(t.tool is not None for t in traj.turns) for traj in trajectories) >= 4
+
+
+def test_frozen_lake_text_hole_ends_the_episode_and_the_goal_succeeds():
+    env = gym.make("FrozenLakeText-v0")
+    for seed in range(50):  # find a map with a hole next to the start
+        task, _ = env.reset(seed=seed)
+        if "right H" in task or "down H" in task:
+            break
+    direction = "right" if "right H" in task else "down"
+    obs, reward, terminated, truncated, info = env.step(tool_call("move", direction=direction))
+    assert terminated and reward == 0.0 and not info["success"] and "hole" in obs
+    env.reset(seed=seed)
+    obs, reward, terminated, truncated, info = env.step(tool_call("move", direction="diagonal"))
+    assert info["error"] == "bad_arguments" and not terminated
+
+
+def test_taxi_text_illegal_pickup_is_a_tool_error_and_dropoff_at_the_destination_succeeds():
+    env = gym.make("TaxiText-v0")
+    for seed in range(50):
+        env.reset(seed=seed)
+        row, col, passenger, _ = env.unwrapped._decode()
+        if passenger < 4 and (row, col) != env.unwrapped.inner.locs[passenger]:
+            break
+    obs, reward, terminated, _, info = env.step(tool_call("pickup"))
+    assert info["error"] == "tool_error" and not terminated
+    assert info["env_return"] == -10
+    teacher = PlannerTeacher()
+    out = env.step(teacher.act(env.unwrapped, "", []))
+    while not (out[2] or out[3]):
+        out = env.step(teacher.act(env.unwrapped, "", []))
+    assert out[4]["success"] and out[1] == 1.0 and "dropped off" in out[0]
+
+
+def test_code_env_grades_in_the_sandbox_and_reports_the_first_failure():
+    env = gym.make("Code-v0")
+    env.reset(seed=3)
+    code_env = env.unwrapped
+    params = code_env.task.extra["params"]
+    good = code_env.problem.solution.format(**params)
+    obs, *_ = env.step(tool_call("run_tests", code=good))
+    assert obs == f"passed {code_env.n_tests}/{code_env.n_tests}"
+    obs, *_ = env.step(tool_call("run_tests", code=f"def {code_env.problem.name}(*a):\n    return None"))
+    assert obs.startswith("passed 0/") and "first failure" in obs and "returned null, expected" in obs
+    obs, *_ = env.step(tool_call("run_tests", code="def nothing(): pass"))
+    assert "defines no function" in obs
+    obs, reward, terminated, _, info = env.step(tool_call("submit", code=good))
+    assert terminated and info["success"] and reward == 1.0

@@ -1,0 +1,290 @@
+"""Shop-v0: find and buy the product an instruction describes, in a catalogue generated per seed (after WebShop).
+
+## Description
+Each seed generates a catalogue of about 40 products (category, brand, features, colour and size options,
+price) and an instruction such as "Find waterproof lightweight running shoes in blue, size 9, under 60
+dollars." The catalogue holds near misses for the requested product: the same category with one of the
+features, or both features above the price limit. The agent searches, reads result and product pages,
+picks options and buys.
+
+## Tools
+- ``search(query: str)``: the five best keyword matches (``[id] title $price`` lines).
+- ``open(item_id: str)``: a product page (title, price, features, options); it becomes the current item.
+- ``choose(option: str, value: str)``: select an option (``color`` or ``size``) of the current item.
+- ``buy()``: buy the current item with the chosen options; ends the episode.
+
+## Rewards
+WebShop's: the share of the instruction's requirements the purchase meets, (features matched + options
+matched + price within the limit) / (features + options + 1), times 1 if the category matches, else 0.
+Success is a full match (reward 1.0). An ``<answer>`` without buying gives up (reward 0).
+
+## Episode End
+Terminated by ``buy()`` (or an answer); truncated by the step budget (``max_episode_steps``, default 12).
+An expert needs five tool calls: search, open, choose colour, choose size, buy.
+
+## Seeds
+``reset(seed=s)`` fixes the catalogue and the instruction.
+
+## Version History
+- v0: initial version.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from envs.base import Finish, Task, Tool, ToolEnv, ToolError
+from envs.teacher import ScriptedTeacher, tool_call
+
+CATEGORIES = {  # category: (features, sizes)
+    "running shoes": (
+        ["waterproof", "lightweight", "breathable", "cushioned", "trail", "wide"], ["7", "8", "9", "10", "11"]
+    ),
+    "t-shirt": (["cotton", "organic", "slim", "v-neck", "striped", "oversized"], ["xs", "s", "m", "l", "xl"]),
+    "backpack": (
+        ["waterproof", "leather", "lightweight", "padded", "rolltop", "compact"], ["15l", "20l", "30l", "40l"]
+    ),
+    "headphones": (
+        ["wireless", "foldable", "noise-cancelling", "waterproof", "over-ear", "compact"], ["small", "medium", "large"]
+    ),
+    "jacket": (["waterproof", "insulated", "hooded", "lightweight", "windproof", "packable"], ["s", "m", "l", "xl"]),
+    "water bottle": (["insulated", "steel", "glass", "leakproof", "compact", "lightweight"], ["500ml", "750ml", "1l"]),
+}  # fmt: skip
+COLORS = ["black", "white", "blue", "red", "green", "grey", "navy", "pink"]
+BRANDS = ["Nordik", "Acme", "Lumo", "Vela", "Orbit", "Kestrel", "Tundra", "Pax", "Zephyr", "Mosa"]
+PAGE_SIZE = 5
+WORD_RE = re.compile(r"[a-z0-9-]+")
+
+
+@dataclass
+class Product:
+    item_id: str
+    category: str
+    brand: str
+    features: list[str]
+    colors: list[str]
+    sizes: list[str]
+    price: float
+
+    @property
+    def title(self) -> str:
+        return f"{self.brand} {' '.join(self.features)} {self.category}"
+
+    def options(self) -> dict[str, list[str]]:
+        return {"color": self.colors, "size": self.sizes}
+
+
+@dataclass
+class Goal:
+    category: str
+    features: list[str]
+    options: dict[str, str]
+    max_price: int
+    target: str  # the id of a product that meets every requirement
+    extra: dict = field(default_factory=dict)
+
+
+def purchase_reward(goal: Goal, product: Product, chosen: dict[str, str]) -> float:
+    """WebShop's reward: share of the requirements met, times the category match."""
+    if product.category != goal.category:
+        return 0.0
+    hits = sum(f in product.features for f in goal.features)
+    hits += sum(chosen.get(k) == v for k, v in goal.options.items())
+    hits += product.price <= goal.max_price
+    return hits / (len(goal.features) + len(goal.options) + 1)
+
+
+class ShopEnv(ToolEnv):
+    """A web shop: search, open product pages, choose options, buy (see the module docstring)."""
+
+    def __init__(self, n_products: int = 40, **kwargs):
+        super().__init__(**kwargs)
+        if n_products < 8:
+            raise ValueError(f"n_products must be at least 8, got {n_products}")
+        self.n_products = n_products
+        self.catalogue: dict[str, Product] = {}
+        self.goal: Goal | None = None
+        self.current: Product | None = None
+        self.chosen: dict[str, str] = {}
+        self.tools = {
+            "search": Tool(
+                name="search",
+                description="Search the shop; returns the best matches as [id] title $price.",
+                parameters=_schema(query={"type": "string"}),
+                fn=self._search,
+            ),
+            "open": Tool(
+                name="open",
+                description="Open a product page by its id; it becomes the current item.",
+                parameters=_schema(item_id={"type": "string"}),
+                fn=self._open,
+            ),
+            "choose": Tool(
+                name="choose",
+                description="Choose an option (color or size) of the current item.",
+                parameters=_schema(option={"type": "string"}, value={"type": "string"}),
+                fn=self._choose,
+            ),
+            "buy": Tool(
+                name="buy",
+                description="Buy the current item with the chosen options.",
+                parameters=_schema(),
+                fn=self._buy,
+            ),
+        }
+
+    # --- the catalogue ------------------------------------------------------------------------
+    def _product(
+        self, item_id: str, category: str, features: list[str], price: float, colors=None, sizes=None
+    ) -> Product:
+        rng = self.np_random
+        _, all_sizes = CATEGORIES[category]
+        if colors is None:
+            colors = sorted(rng.choice(COLORS, size=int(rng.integers(2, 5)), replace=False).tolist())
+        if sizes is None:
+            sizes = [s for s in all_sizes if rng.random() < 0.7] or [all_sizes[0]]
+        return Product(item_id, category, str(rng.choice(BRANDS)), features, colors, sizes, price)
+
+    def _new_task(self) -> Task:
+        rng = self.np_random
+        ids = iter(str(100 + int(x)) for x in rng.choice(900, size=self.n_products, replace=False))
+        category = str(rng.choice(list(CATEGORIES)))
+        features_pool, _ = CATEGORIES[category]
+        wanted = sorted(rng.choice(features_pool, size=2, replace=False).tolist(), key=features_pool.index)
+        others = [f for f in features_pool if f not in wanted]
+        max_price = int(rng.integers(3, 10)) * 10
+        price_ok = lambda: round(float(rng.integers(max_price // 2, max_price)) - 0.01, 2)  # noqa: E731
+        price_high = lambda: round(float(rng.integers(max_price + 5, max_price * 2)) - 0.01, 2)  # noqa: E731
+        target = self._product(next(ids), category, wanted, price_ok())
+        color = str(rng.choice(target.colors))
+        size = str(rng.choice(target.sizes))
+        products = [target]
+        # near misses: one wanted feature only; both features but too expensive
+        for _ in range(3):
+            products.append(
+                self._product(next(ids), category, [str(rng.choice(wanted)), str(rng.choice(others))], price_ok())
+            )
+        for _ in range(2):
+            products.append(self._product(next(ids), category, list(wanted), price_high()))
+        while len(products) < self.n_products:
+            cat = str(rng.choice([c for c in CATEGORIES if c != category]))
+            pool, _ = CATEGORIES[cat]
+            feats = sorted(rng.choice(pool, size=2, replace=False).tolist(), key=pool.index)
+            products.append(self._product(next(ids), cat, feats, round(float(rng.integers(8, 120)) - 0.01, 2)))
+        self.catalogue = {p.item_id: p for p in products}
+        self.goal = Goal(category, wanted, {"color": color, "size": size}, max_price, target.item_id)
+        self.current, self.chosen = None, {}
+        prompt = f"Find {' '.join(wanted)} {category} in {color}, size {size}, under {max_price} dollars, and buy it."
+        return Task(prompt=prompt, answer="", extra={"goal": self.goal})
+
+    # --- tools --------------------------------------------------------------------------------
+    def _search(self, query: str) -> str:
+        words = set(WORD_RE.findall(query.lower()))
+        if not words:
+            raise ToolError("empty search query")
+        scored = []
+        for p in self.catalogue.values():
+            title = set(WORD_RE.findall(p.title.lower()))
+            score = len(words & title)
+            if score:
+                scored.append((-score, p.item_id))
+        if not scored:
+            return "No results."
+        lines = [
+            f"[{i}] {self.catalogue[i].title} ${self.catalogue[i].price:.2f}" for _, i in sorted(scored)[:PAGE_SIZE]
+        ]
+        return "\n".join(lines)
+
+    def _open(self, item_id: str) -> str:
+        product = self.catalogue.get(item_id.strip().strip("[]"))
+        if product is None:
+            raise ToolError(f"no product with id {item_id!r}")
+        self.current, self.chosen = product, {}
+        return (
+            f"[{product.item_id}] {product.title}\nPrice: ${product.price:.2f}\n"
+            f"color: {', '.join(product.colors)}\nsize: {', '.join(product.sizes)}"
+        )
+
+    def _choose(self, option: str, value: str) -> str:
+        if self.current is None:
+            raise ToolError("open a product first")
+        options = self.current.options()
+        if option not in options:
+            raise ToolError(f"unknown option {option!r}; options: {', '.join(options)}")
+        if value not in options[option]:
+            raise ToolError(f"{option} {value!r} is not available; choose one of {', '.join(options[option])}")
+        self.chosen[option] = value
+        return f"{option}: {value}"
+
+    def _buy(self) -> Finish:
+        if self.current is None:
+            raise ToolError("open a product first")
+        reward = purchase_reward(self.goal, self.current, self.chosen)
+        chosen = ", ".join(f"{k} {v}" for k, v in self.chosen.items()) or "no options"
+        return Finish(f"Bought [{self.current.item_id}] with {chosen}.", reward, reward >= 1.0)
+
+    def _grade(self, answer: str) -> tuple[float, bool]:
+        return 0.0, False  # the task is to buy, not to answer
+
+
+def _schema(**properties) -> dict:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+
+
+class ShopTeacher(ScriptedTeacher):
+    """Expert: search the instruction's words, open the matching product, choose colour and size, buy.
+
+    The expert has privileged access to the goal (which product matches); a lazy teacher opens the first
+    result, or skips the size, or buys a near miss over the price limit.
+    """
+
+    def begin(self, env, rng) -> None:
+        super().begin(env, rng)
+        self.mode = int(rng.integers(3))
+
+    def _pick(self, env: ShopEnv, results: str) -> str:
+        goal = env.goal
+        if not self.lazy:
+            return goal.target
+        listed = re.findall(r"^\[(\d+)\]", results, re.MULTILINE)
+        if self.mode == 0 and listed:
+            return listed[0]
+        if self.mode == 2:
+            for i in listed:
+                p = env.catalogue[i]
+                if p.price > goal.max_price and p.category == goal.category:
+                    return i
+        return goal.target
+
+    def expert(self, env: ShopEnv, history: list[tuple[str, str]]) -> str:
+        return self._next(env, history)
+
+    def lazy_act(self, env: ShopEnv, history: list[tuple[str, str]]) -> str:
+        return self._next(env, history)
+
+    def _next(self, env: ShopEnv, history: list[tuple[str, str]]) -> str:
+        goal = env.goal
+        done = [t for t, obs in history if not obs.startswith("ERROR")]
+        names = [re.search(r'"name": "(\w+)"', t).group(1) for t in done if '"name"' in t]
+        if "search" not in names:
+            return self.thought("Search for it.") + tool_call(
+                "search", query=f"{' '.join(goal.features)} {goal.category}"
+            )
+        if "open" not in names:
+            results = next(obs for t, obs in history if '"search"' in t and not obs.startswith("ERROR"))
+            return self.thought("Open the best match.") + tool_call("open", item_id=self._pick(env, results))
+        chosen = [t for t in done if '"choose"' in t]
+        product = env.current
+        for option in ("color", "size"):
+            if self.lazy and self.mode == 1 and option == "size":
+                break
+            value = goal.options[option]
+            if not any(f'"option": "{option}"' in t for t in chosen) and value in product.options()[option]:
+                return tool_call("choose", option=option, value=value)
+        return tool_call("buy")
