@@ -156,13 +156,30 @@ def step_seeds(cfg: DictConfig, step: int, n: int) -> dict[str, list[int]]:
     from rl_agents.config import env_entries  # config imports this module's dataclasses
 
     entries = env_entries(cfg)
-    total = sum(e.weight for e in entries.values())
     rng = np.random.default_rng([cfg.seed, step, 7])
-    counts = {env_id: max(1, round(n * e.weight / total)) for env_id, e in entries.items()}
-    first = next(iter(counts))
-    counts[first] = max(1, counts[first] + n - sum(counts.values()))
+    counts = split_by_weight(n, {env_id: e.weight for env_id, e in entries.items()}, rng)
     lo, hi = cfg.env.train_seed_start, cfg.env.eval_seed_start
-    return {env_id: [int(s) for s in rng.integers(lo, hi, size=k)] for env_id, k in counts.items()}
+    return {env_id: [int(s) for s in rng.integers(lo, hi, size=k)] for env_id, k in counts.items() if k}
+
+
+def split_by_weight(n: int, weights: dict[str, float], rng: np.random.Generator) -> dict[str, int]:
+    """``n`` items split in proportion to ``weights``: each gets the floor of its share, and the leftover
+    items go by systematic sampling on the fractional parts, so every count's expectation is exactly its share.
+
+    The counts always sum to ``n``; with fewer items than environments, each step draws which environments
+    get one, so every environment is visited at its weight's rate over the steps.
+    """
+    total = sum(weights.values())
+    exact = {k: n * w / total for k, w in weights.items()}
+    counts = {k: int(np.floor(x + 1e-9)) for k, x in exact.items()}
+    keys = list(weights)
+    rng.shuffle(keys)
+    u, cum = rng.random(), 0.0
+    for k in keys:
+        lo, cum = cum, cum + max(0.0, exact[k] - counts[k])
+        counts[k] += int(np.ceil(cum - u - 1e-9)) - int(np.ceil(lo - u - 1e-9))
+    counts[keys[-1]] += n - sum(counts.values())  # floating-point leftovers, if any
+    return counts
 
 
 def rollout_config(cfg: DictConfig) -> RuntimeConfig:

@@ -126,3 +126,21 @@ def test_rl_stage_through_the_cli(tmp_path, algo):
     reward_key = "reward" if algo == "grpo" else "reward_env"
     assert all(h["kl"] >= 0 and reward_key in h for h in steps)  # per-token k3 KL to the reference
     assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_mixed_training_over_every_environment(tmp_path):
+    """env=mix: one policy trained (bc, then GRPO) over all six environments; eval.json reports each one."""
+    run_dir = tmp_path / "mix"
+    _run("rl_agents.train", "budget=smoke", "env=mix", f"hydra.run.dir={run_dir}", "logger=none",
+         "collect.episodes=36", "stages=[collect,bc,rl,eval]", "eval.policies=[teacher,bc,rl]",
+         "rl.episodes_per_step=16", "eval.episodes=2")  # fmt: skip
+    ids = {"Calculator-v0", "SQL-v0", "Shop-v0", "Code-v0", "FrozenLakeText-v0", "TaxiText-v0"}
+    trajectories = read_jsonl(run_dir / "trajectories" / "train.jsonl")
+    assert {t.metadata["env_id"] for t in trajectories} == ids
+    data = json.loads((run_dir / "eval.json").read_text())
+    for name in ("teacher", "bc", "rl"):
+        per_env = data["policies"][name]["per_env"]
+        assert set(per_env) == ids and all(m["episodes"] == 2 for m in per_env.values())
+    assert all(m["success_rate"] == 1.0 for m in data["policies"]["teacher"]["per_env"].values())
+    history = [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "kl" in h] == [1, 2]

@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -229,3 +230,21 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_polic
     if algo == "ppo":
         steps = [json.loads(line)["step"] for line in (killed / "rl" / "metrics.jsonl").read_text().splitlines()]
         assert steps == [1, 2, 3]
+
+
+def test_split_by_weight_sums_to_n_and_follows_the_weights():
+    from collections import Counter
+
+    from rl_agents.rl import split_by_weight
+
+    weights = {"a": 1.0, "b": 1.0, "c": 2.0}
+    for seed in range(20):
+        assert split_by_weight(8, weights, np.random.default_rng(seed)) == {"a": 2, "b": 2, "c": 4}
+        counts = split_by_weight(7, weights, np.random.default_rng(seed))
+        assert sum(counts.values()) == 7 and counts["c"] in (3, 4) and {counts["a"], counts["b"]} <= {1, 2}
+    totals = Counter()
+    for step in range(300):  # fewer items than environments: which ones get an item is drawn per step
+        counts = split_by_weight(2, {**weights, "d": 2.0}, np.random.default_rng(step))
+        assert sum(counts.values()) == 2 and max(counts.values()) <= 1
+        totals.update(counts)
+    assert totals["c"] > 1.5 * totals["a"] and min(totals.values()) > 0
