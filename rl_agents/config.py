@@ -352,3 +352,23 @@ def validate_evaluate(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown eval.policies {unknown}; known: teacher, policy (the checkpoint)")
     if "teacher" in cfg.eval.policies:
         _check_teacher(cfg)
+
+
+def validate_bench(cfg: DictConfig) -> None:
+    """The checks of ``python -m rl_agents.bench``."""
+    _check_envs(cfg)
+    _check_runtime(cfg)
+    if cfg.checkpoint is not None:
+        path = Path(cfg.checkpoint)
+        if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+            raise ConfigError(f"checkpoint={cfg.checkpoint!r} is not a saved policy directory (no config.json)")
+    for key in ("episodes", "throughput_episodes", "limit_tokens"):
+        if cfg[key] <= 0:
+            raise ConfigError(f"{key} must be positive, got {cfg[key]}")
+    for key in ("turns", "parallel"):
+        if not cfg[key] or any(n <= 0 for n in cfg[key]):
+            raise ConfigError(f"{key} must be a non-empty list of positive numbers, got {list(cfg[key])}")
+    if cfg.turn_scaling.episodes <= 0:
+        raise ConfigError(f"turn_scaling.episodes must be positive, got {cfg.turn_scaling.episodes}")
+    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")

@@ -73,6 +73,7 @@ class _Episode:
     reward: float = 0.0
     success: bool = False
     truncation: str | None = None
+    forced: list[list[int]] | None = None  # teacher forcing: each turn's token ids (end-of-turn included)
 
 
 class Runtime:
@@ -92,9 +93,19 @@ class Runtime:
 
     # --- public -------------------------------------------------------------------------------
     def run(
-        self, env_id: str, seeds: list[int], env_kwargs: dict | None = None, policy: str = "policy"
+        self,
+        env_id: str,
+        seeds: list[int],
+        env_kwargs: dict | None = None,
+        policy: str = "policy",
+        forced: list[list[list[int]]] | None = None,
     ) -> list[Trajectory]:
-        """Run one episode per seed; batches of ``config.batch_size`` environments at a time."""
+        """Run one episode per seed; batches of ``config.batch_size`` environments at a time.
+
+        ``forced`` (one entry per seed: each turn's token ids) feeds those tokens instead of the model's
+        choices, through the same forward passes: a benchmark replays a teacher's episodes this way, so
+        every approach decodes the same tokens and meets the same observations.
+        """
         envs = [gym.make(env_id, **(env_kwargs or {})) for _ in range(min(self.config.batch_size, len(seeds)))]
         trajectories: list[Trajectory] = []
         start = time.perf_counter()
@@ -103,7 +114,8 @@ class Runtime:
         try:
             for i in range(0, len(seeds), len(envs)):
                 batch = seeds[i : i + len(envs)]
-                for episode in self._run_batch(envs[: len(batch)], batch):
+                batch_forced = forced[i : i + len(envs)] if forced is not None else None
+                for episode in self._run_batch(envs[: len(batch)], batch, batch_forced):
                     trajectories.append(self._trajectory(episode, env_id, policy))
         finally:
             self.model.train(was_training)
@@ -114,14 +126,14 @@ class Runtime:
 
     # --- the loop -----------------------------------------------------------------------------
     @torch.no_grad()
-    def _run_batch(self, envs: list[gym.Env], seeds: list[int]) -> list[_Episode]:
+    def _run_batch(self, envs: list[gym.Env], seeds: list[int], forced=None) -> list[_Episode]:
         episodes = []
-        for env, seed in zip(envs, seeds):
+        for row, (env, seed) in enumerate(zip(envs, seeds)):
             task, _ = env.reset(seed=int(seed))
             ids = prompt_ids(self.tokenizer, task)
-            episodes.append(
-                _Episode(env, int(seed), task, ids=list(ids), pending=list(ids), turn_start=time.perf_counter())
-            )
+            episode = _Episode(env, int(seed), task, ids=list(ids), pending=list(ids), turn_start=time.perf_counter())
+            episode.forced = forced[row] if forced is not None else None
+            episodes.append(episode)
         cache, mask = None, torch.zeros(len(episodes), 0, dtype=torch.long, device=self.device)
         while not all(e.done for e in episodes):
             fed = [bool(e.pending) for e in episodes]
@@ -134,7 +146,11 @@ class Runtime:
             next_ids, logprobs = self._sample(logits)
             for row, e in enumerate(episodes):
                 if fed[row]:
-                    self._advance(e, int(next_ids[row]), float(logprobs[row]))
+                    token, logprob = int(next_ids[row]), float(logprobs[row])
+                    if e.forced is not None and len(e.turns) < len(e.forced):
+                        token = e.forced[len(e.turns)][min(len(e.turn_ids), len(e.forced[len(e.turns)]) - 1)]
+                        logprob = float(torch.log_softmax(logits[row], dim=-1)[token])
+                    self._advance(e, token, logprob)
         return episodes
 
     def _forward_cached(self, episodes: list[_Episode], cache, mask: torch.Tensor):

@@ -36,3 +36,13 @@ def tiny_policy(tmp_path_factory, calculator_data):
     policy_dir = train_bc(calculator_data, model, tokenizer, out, config, seed=0)
     model, tokenizer = load_policy(policy_dir, local_files_only=True)
     return policy_dir, model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One ``budget=smoke`` run of the default stages on both first environments, through the CLI."""
+    from tests.cli import run_cli
+
+    run_dir = tmp_path_factory.mktemp("smoke")
+    run_cli("rl_agents.train", "budget=smoke", f"hydra.run.dir={run_dir}", "env=calculator_sql")
+    return run_dir

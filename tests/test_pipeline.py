@@ -1,33 +1,12 @@
 """End to end through the CLI on budget=smoke: collect -> bc -> eval, resume, evaluate, W&B offline."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from rl_agents.trajectory import read_jsonl
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(module, *overrides, check=True):
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("smoke")
-    _run("rl_agents.train", "budget=smoke", f"hydra.run.dir={run_dir}", "env=calculator_sql")
-    return run_dir
+from tests.cli import ROOT  # noqa: F401
+from tests.cli import run_cli as _run
 
 
 def test_smoke_run_writes_every_artifact(smoke_run):

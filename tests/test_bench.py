@@ -1,0 +1,100 @@
+"""The benchmark: forced replay gives both approaches the same episode, the orchestrated agent is stateless,
+and the CLI writes bench.json, bench.md and bench.png with the documented keys."""
+
+import json
+
+import numpy as np
+import pytest
+
+from envs.calculator import CalculatorTeacher
+from rl_agents.bench import Orchestrated, raw_decode_rate
+from rl_agents.collect import teacher_episode
+from rl_agents.runtime import Runtime, RuntimeConfig
+from rl_agents.trajectory import agent_ids
+from tests.cli import run_cli as _run
+
+KWARGS = {"fail_prob": 0.6, "max_episode_steps": 12}
+
+
+def _teacher_episode(seed):
+    import gymnasium as gym
+
+    env = gym.make("Calculator-v0", **KWARGS)
+    try:
+        return teacher_episode(env, CalculatorTeacher(), seed, "Calculator-v0")
+    finally:
+        env.close()
+
+
+def test_forced_replay_gives_both_approaches_the_teachers_episode(tiny_policy):
+    _, model, tokenizer = tiny_policy
+    seed = next(s for s in range(1_000_000, 1_000_100) if len(_teacher_episode(s).turns) >= 3)
+    teacher = _teacher_episode(seed)
+    forced = [[agent_ids(tokenizer, turn.agent) for turn in teacher.turns]]
+    config = RuntimeConfig(batch_size=1, max_new_tokens=96, max_turns=len(teacher.turns))
+    compiled = Runtime(model, tokenizer, config).run("Calculator-v0", [seed], KWARGS, forced=forced)[0]
+    orchestrated = Orchestrated(model, tokenizer, config).run("Calculator-v0", [seed], KWARGS, forced=forced)[0]
+    for episode in (compiled, orchestrated):
+        assert [t.agent for t in episode.turns] == [t.agent for t in teacher.turns]
+        assert [t.observation for t in episode.turns] == [t.observation for t in teacher.turns]
+        assert episode.success == teacher.success
+
+
+def test_orchestrated_calls_are_stateless_and_carry_tool_docs_and_history(tiny_policy):
+    _, model, tokenizer = tiny_policy
+    teacher = _teacher_episode(1_000_003)
+    agent = Orchestrated(model, tokenizer, RuntimeConfig(max_new_tokens=8))
+    tools = [{"type": "function", "function": {"name": "calculator", "description": "Evaluate it."}}]
+    history = [(t.agent, t.observation) for t in teacher.turns[:-1]]
+    text = agent.prompt(tools, teacher.task, history)
+    assert '"name": "calculator"' in text and "<tools>" in text and teacher.task in text
+    assert all(a in text and o in text for a, o in history)
+    agent.call(agent.prompt(tools, teacher.task, []))
+    first = agent.stats["prompt_tokens"]
+    agent.call(text)
+    assert agent.stats["prompt_tokens"] - first > first  # the whole history is encoded again
+
+
+def test_raw_decode_rate_is_positive_and_finite(tiny_policy):
+    _, model, _ = tiny_policy
+    rate = raw_decode_rate(model, 16)
+    assert np.isfinite(rate) and rate > 0
+
+
+def test_bench_cli_writes_the_report(smoke_run, tmp_path):
+    out = tmp_path / "bench"
+    _run("rl_agents.bench", f"checkpoint={smoke_run / 'bc' / 'policy'}", "env=calculator_sql", "episodes=2",
+         "turns=[2,4]", "parallel=[1,2]", "throughput_episodes=2", "limit_tokens=8", "turn_scaling.episodes=1",
+         "runtime.max_new_tokens=24", f"hydra.run.dir={out}")  # fmt: skip
+    data = json.loads((out / "bench.json").read_text())
+    for key in ("speedup", "limit_fraction", "turn_scaling", "throughput", "success", "memory"):
+        assert key in data, key
+    assert data["speedup"] > 0 and data["limit_fraction"] > 0
+    assert set(data["success"]["compiled"]) == set(data["success"]["orchestrated"]) == {"Calculator-v0", "SQL-v0"}
+    assert set(data["turn_scaling"]["compiled"]) == {"2", "4"} and set(data["throughput"]["tokens_per_s"]) == {"1", "2"}
+    assert data["turn_scaling"]["compiled"]["4"] > data["turn_scaling"]["compiled"]["2"]
+    assert "Regenerate: `python -m rl_agents.bench" in (out / "bench.md").read_text()
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_refuses_a_bad_config_before_any_work(tmp_path):
+    proc = _run("rl_agents.bench", "checkpoint=/nonexistent", f"hydra.run.dir={tmp_path / 'b'}", check=False)
+    assert proc.returncode != 0 and "checkpoint='/nonexistent'" in proc.stderr
+    proc = _run("rl_agents.bench", "parallel=[0]", f"hydra.run.dir={tmp_path / 'c'}", check=False)
+    assert proc.returncode != 0 and "parallel must be" in proc.stderr
+
+
+@pytest.mark.benchmark
+def test_micro_runtime_decoding_one_episode(benchmark, tiny_policy):
+    """Micro-benchmark (``pytest -m benchmark``): one greedy Calculator episode through the runtime."""
+    _, model, tokenizer = tiny_policy
+    runtime = Runtime(model, tokenizer, RuntimeConfig(batch_size=1, max_new_tokens=64))
+    benchmark(runtime.run, "Calculator-v0", [1_000_000])
+
+
+@pytest.mark.benchmark
+def test_micro_orchestrated_one_episode(benchmark, tiny_policy):
+    """Micro-benchmark (``pytest -m benchmark``): the same episode driven the orchestrated way."""
+    _, model, tokenizer = tiny_policy
+    agent = Orchestrated(model, tokenizer, RuntimeConfig(max_new_tokens=64))
+    benchmark(agent.run, "Calculator-v0", [1_000_000])
