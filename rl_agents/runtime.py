@@ -90,6 +90,7 @@ class Runtime:
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.stats = {"generated_tokens": 0, "forward_passes": 0, "wall_s": 0.0}
+        self.holes = False
 
     # --- public -------------------------------------------------------------------------------
     def run(
@@ -135,6 +136,7 @@ class Runtime:
             episode.forced = forced[row] if forced is not None else None
             episodes.append(episode)
         cache, mask = None, torch.zeros(len(episodes), 0, dtype=torch.long, device=self.device)
+        self.holes = False  # whether any masked position is in the cache yet
         while not all(e.done for e in episodes):
             fed = [bool(e.pending) for e in episodes]
             if self.config.use_cache:
@@ -167,9 +169,10 @@ class Runtime:
                 first = len(e.ids) - n  # position of the first pending token
                 positions[row, width - n :] = torch.arange(first, first + n)
         mask = torch.cat([mask, block_mask.to(self.device)], dim=1)
+        self.holes = self.holes or not bool(block_mask.all())
         out = self.model(
             input_ids=block.to(self.device),
-            attention_mask=mask,
+            attention_mask=mask if self.holes else None,  # no holes (one episode): plain causal attention
             position_ids=positions.to(self.device),
             past_key_values=cache,
             use_cache=True,
