@@ -99,6 +99,16 @@ class LogToPython(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+def sweep_group() -> str | None:
+    """In a Hydra multirun, the sweep's W&B group: every job of one sweep lands in the same group."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return "sweep-" + Path(HydraConfig.get().sweep.dir).as_posix().replace("/", "-").strip("-")
+
+
 def start(cfg: DictConfig, run_dir: Path, job: str) -> Tracker:
     """Start the run's W&B logging (or none)."""
     logger = cfg.logger
@@ -112,7 +122,7 @@ def start(cfg: DictConfig, run_dir: Path, job: str) -> Tracker:
     run = wandb.init(
         project=logger.project,
         entity=logger.entity,
-        group=logger.group,
+        group=logger.group or sweep_group(),
         tags=list(logger.tags) or None,
         job_type=job,
         name=f"{job}-{run_dir.name}",
@@ -120,5 +130,5 @@ def start(cfg: DictConfig, run_dir: Path, job: str) -> Tracker:
         mode=mode,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
-    log.info("wandb: %s run in %s", mode, run.dir if mode != "disabled" else "(disabled)")
+    log.info("wandb: %s run in %s, group %s", mode, run.dir if mode != "disabled" else "(disabled)", run.group)
     return Tracker(run, logger.table_episodes)

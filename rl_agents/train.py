@@ -138,11 +138,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> dict[str, Any]:
+def main(cfg: DictConfig) -> float | None:
+    """The job's objective for Hydra sweepers (Optuna): held-out success of the last policy in eval.policies."""
     result = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    for name, metrics in result.get("policies", {}).items():
+    policies = result.get("policies", {})
+    for name, metrics in policies.items():
         log.info("%s: success %.3f on %d held-out episodes", name, metrics["success_rate"], metrics["episodes"])
-    return result
+    last = next((name for name in reversed(list(cfg.eval.policies)) if name in policies), None)
+    return float(policies[last]["success_rate"]) if last else None
 
 
 if __name__ == "__main__":

@@ -123,3 +123,27 @@ def test_mixed_training_over_every_environment(tmp_path):
     assert all(m["success_rate"] == 1.0 for m in data["policies"]["teacher"]["per_env"].values())
     history = [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history if "kl" in h] == [1, 2]
+
+
+def test_multirun_sweep_summarises_across_seeds_and_groups_wandb_runs(tmp_path):
+    """Two seeds through the joblib launcher: one sweep.csv row per policy with 2 runs, one W&B group."""
+    import csv
+
+    sweep = tmp_path / "sweep"
+    _run("rl_agents.train", "-m", "hydra/launcher=local", "budget=smoke", "seed=0,1", "eval.policies=[teacher,bc]",
+         f"hydra.sweep.dir={sweep}")  # fmt: skip
+    rows = list(csv.DictReader((sweep / "sweep.csv").open()))
+    overall = {r["policy"]: r for r in rows if r["env"] == "all"}
+    assert set(overall) == {"teacher", "bc"}
+    assert overall["bc"]["runs"] == "2" and overall["bc"]["seeds"] == "0 1"
+    values = [json.loads((sweep / str(i) / "eval.json").read_text())["policies"]["bc"]["success_rate"] for i in (0, 1)]
+    assert float(overall["bc"]["mean"]) == pytest.approx(sum(values) / 2)
+    assert "| all | bc |" in (sweep / "sweep.md").read_text()
+    assert (sweep / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    groups = {
+        line.rsplit("group ", 1)[1]
+        for i in (0, 1)
+        for line in (sweep / str(i) / "train.log").read_text().splitlines()
+        if "wandb:" in line and "group" in line
+    }
+    assert len(groups) == 1 and groups.pop().startswith("sweep-")
