@@ -75,76 +75,7 @@ def episode_record(policy: str, trajectory: Trajectory, tokenizer) -> dict[str, 
     }
 
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>rl_agents trace: __TITLE__</title>
-<style>
-body { font-family: system-ui, sans-serif; margin: 0; display: flex; height: 100vh; }
-#side { width: 340px; overflow-y: auto; border-right: 1px solid #ccc; padding: 8px; box-sizing: border-box; }
-#main { flex: 1; overflow-y: auto; padding: 12px 20px; }
-.ep { padding: 4px 6px; cursor: pointer; border-radius: 4px; font-size: 13px; }
-.ep:hover { background: #eef; } .ep.active { background: #dde; }
-.ok { color: #060; } .fail { color: #a00; }
-.turn { border: 1px solid #ddd; border-radius: 6px; margin: 10px 0; padding: 8px; }
-.agent { font-family: monospace; white-space: pre-wrap; word-break: break-all; }
-.obs { font-family: monospace; white-space: pre-wrap; background: #f6f6f6; padding: 6px; margin-top: 6px; }
-.tok { border-radius: 2px; }
-.meta { color: #555; font-size: 12px; }
-select { margin: 2px 0 6px; }
-</style></head><body>
-<div id="side">
-  <div><b>__TITLE__</b></div>
-  <label>outcome <select id="outcome"><option value="all">all</option><option value="success">success</option>
-  <option value="failure">failure</option></select></label><br>
-  <label>policy <select id="policy"></select></label>
-  <label>env <select id="env"></select></label>
-  <div id="count" class="meta"></div>
-  <div id="list"></div>
-</div>
-<div id="main"><p class="meta">Pick an episode. Agent tokens are shaded by the probability the policy gave them
-(white: certain, dark red: unlikely); hover a token for its probability.</p></div>
-<script>
-const DATA = __DATA__;
-const $ = (id) => document.getElementById(id);
-function esc(s) { return String(s ?? "").replace(/[&<>"]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c])); }
-function options(select, values) {
-  select.innerHTML = ["all", ...values].map(v => `<option value="${esc(v)}">${esc(v)}</option>`).join("");
-}
-options($("policy"), [...new Set(DATA.episodes.map(e => e.policy))]);
-options($("env"), [...new Set(DATA.episodes.map(e => e.env))]);
-function visible() {
-  const o = $("outcome").value, p = $("policy").value, e = $("env").value;
-  return DATA.episodes.map((ep, i) => [ep, i]).filter(([ep]) =>
-    (o === "all" || (o === "success") === ep.success) && (p === "all" || ep.policy === p) && (e === "all" || ep.env === e));
-}
-function renderList() {
-  const rows = visible();
-  $("count").textContent = `${rows.length} of ${DATA.episodes.length} episodes`;
-  $("list").innerHTML = rows.map(([ep, i]) =>
-    `<div class="ep" data-index="${i}"><span class="${ep.success ? "ok" : "fail"}">${ep.success ? "\u2713" : "\u2717"}</span>
-     ${esc(ep.policy)} \u00b7 ${esc(ep.env)} \u00b7 seed ${esc(ep.seed)} \u00b7 ${ep.turns.length} turns</div>`).join("");
-  document.querySelectorAll(".ep").forEach(el => el.addEventListener("click", () => show(+el.dataset.index)));
-}
-function tokens(turn) {
-  if (!turn.tokens) return esc(turn.agent);
-  return turn.tokens.map(([text, p]) =>
-    `<span class="tok" title="p=${p.toFixed(3)}" style="background: rgba(200,0,0,${(1 - p).toFixed(3)})">${esc(text)}</span>`).join("");
-}
-function show(index) {
-  const ep = DATA.episodes[index];
-  document.querySelectorAll(".ep").forEach(el => el.classList.toggle("active", +el.dataset.index === index));
-  $("main").innerHTML = `<h3 class="${ep.success ? "ok" : "fail"}">${ep.success ? "success" : "failure"} \u00b7
-      ${esc(ep.policy)} \u00b7 ${esc(ep.env)} \u00b7 seed ${esc(ep.seed)}</h3>
-    <div class="meta">reward ${ep.reward} \u00b7 truncation ${esc(ep.truncation ?? "none")}</div>
-    <div class="obs" id="task">${esc(ep.task)}</div>` +
-    ep.turns.map((t, k) => `<div class="turn"><div class="meta">turn ${k + 1} \u00b7 tool ${esc(t.tool ?? "-")}
-      ${t.error ? "\u00b7 <span class=fail>error " + esc(t.error) + "</span>" : ""} \u00b7 reward ${t.reward}
-      ${t.latency_ms != null ? "\u00b7 " + t.latency_ms.toFixed(1) + " ms" : ""}</div>
-      <div class="agent">${tokens(t)}</div><div class="obs">${esc(t.observation)}</div></div>`).join("");
-}
-["outcome", "policy", "env"].forEach(id => $(id).addEventListener("change", renderList));
-renderList();
-</script></body></html>
-"""
+TEMPLATE = Path(__file__).with_name("trace.html")  # the page: styles and script inline, data filled in
 
 
 def render(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -158,7 +89,7 @@ def render(run_dir: str | Path, out: str | Path | None = None) -> Path:
         tokenizer = policy_tokenizer(run_dir, policy)
         episodes += [episode_record(policy, t, tokenizer) for t in read_jsonl(path)]
     data = json.dumps({"run": str(run_dir), "episodes": episodes}).replace("</", "<\\/")
-    page = PAGE.replace("__TITLE__", html.escape(run_dir.name)).replace("__DATA__", data)
+    page = TEMPLATE.read_text().replace("__TITLE__", html.escape(run_dir.name)).replace("__DATA__", data)
     out = Path(out) if out else run_dir / "trace.html"
     out.write_text(page)
     return out
