@@ -147,3 +147,24 @@ def test_multirun_sweep_summarises_across_seeds_and_groups_wandb_runs(tmp_path):
         if "wandb:" in line and "group" in line
     }
     assert len(groups) == 1 and groups.pop().startswith("sweep-")
+
+
+def test_the_same_seed_gives_the_same_eval_json_on_cpu(smoke_run, tmp_path):
+    """Reproducibility: a second run with the smoke run's seed and config reproduces eval.json and every
+    evaluation episode token for token (timings aside)."""
+    again = tmp_path / "again"
+    _run("rl_agents.train", "budget=smoke", f"hydra.run.dir={again}", "env=calculator_sql")
+    timing = {"step_latency_ms", "tokens_per_s"}
+
+    def strip(data):
+        if isinstance(data, dict):
+            return {k: strip(v) for k, v in data.items() if k not in timing}
+        return data
+
+    first, second = (json.loads((d / "eval.json").read_text()) for d in (smoke_run, again))
+    assert strip(first) == strip(second)
+    for name in ("bc", "teacher"):
+        a, b = (read_jsonl(d / "eval" / f"episodes_{name}.jsonl") for d in (smoke_run, again))
+        assert [[(t.agent, t.token_ids, t.observation) for t in e.turns] for e in a] == [
+            [(t.agent, t.token_ids, t.observation) for t in e.turns] for e in b
+        ]
