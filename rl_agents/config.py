@@ -106,6 +106,8 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
     table_episodes: int = 8
     """sample episodes per policy in the W&B episode table"""
+    artifacts: bool = True
+    """log the trajectory dataset, the policies and the evaluation as W&B artifacts (lineage in metadata)"""
 
 
 @dataclass

@@ -42,9 +42,11 @@ def transcript(trajectory: Trajectory) -> str:
 class Tracker:
     """A thin handle on the W&B run (or nothing, with ``logger=none``)."""
 
-    def __init__(self, run=None, table_episodes: int = 8):
+    def __init__(self, run=None, table_episodes: int = 8, artifacts: bool = False):
         self.run = run
         self.table_episodes = table_episodes
+        self.artifacts = artifacts
+        self.logged: dict[str, str] = {}  # artifact kind -> "name:digest" of this run's artifacts
 
     @property
     def report_to(self) -> str:
@@ -77,6 +79,35 @@ class Tracker:
                 len(trajectory.turns), meta.get("truncation"), transcript(trajectory),
             )  # fmt: skip
         self.run.log({f"episodes/{policy}": table})
+
+    def log_artifact(
+        self,
+        kind: str,
+        name: str,
+        artifact_type: str,
+        paths: list[Path],
+        metadata: dict[str, Any] | None = None,
+        derived_from: list[str] = (),
+    ) -> None:
+        """Log files or directories as a W&B artifact; ``derived_from`` names the kinds it was made from.
+
+        The lineage (trajectories -> bc policy -> rl policy -> evaluation) is recorded in each artifact's
+        metadata (``derived_from``: the parents' names and content digests): W&B's own input edges
+        (``run.use_artifact``) cannot be written by an offline run, and one run produces all of them.
+        """
+        if self.run is None or not self.artifacts:
+            return
+        import wandb
+
+        parents = [self.logged[k] for k in derived_from if k in self.logged]
+        artifact = wandb.Artifact(name, type=artifact_type, metadata={**(metadata or {}), "derived_from": parents})
+        for path in paths:
+            if path.is_dir():
+                artifact.add_dir(str(path), name=path.name)
+            elif path.is_file():
+                artifact.add_file(str(path))
+        self.run.log_artifact(artifact)
+        self.logged[kind] = f"{name}:{artifact.digest}"
 
     def finish(self) -> None:
         if self.run is not None:
@@ -131,4 +162,4 @@ def start(cfg: DictConfig, run_dir: Path, job: str) -> Tracker:
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     log.info("wandb: %s run in %s, group %s", mode, run.dir if mode != "disabled" else "(disabled)", run.group)
-    return Tracker(run, logger.table_episodes)
+    return Tracker(run, logger.table_episodes, logger.get("artifacts", False))

@@ -125,14 +125,30 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tracker = tracking.start(cfg, run_dir, job="train")
     try:
+        name = cfg.env.name
         trajectories = stage_collect(cfg, run_dir, tracker) if "collect" in cfg.stages else None
         if "bc" in cfg.stages:
+            data = Path(cfg.trajectories) if cfg.trajectories else run_dir / "trajectories" / "train.jsonl"
             if trajectories is None:
-                trajectories = read_jsonl(cfg.trajectories or run_dir / "trajectories" / "train.jsonl")
-            stage_bc(cfg, run_dir, trajectories, tracker)
+                trajectories = read_jsonl(data)
+            stats = data.parent / "collect_stats.json"
+            tracker.log_artifact("trajectories", f"trajectories-{name}", "dataset", [data, stats],
+                                 {"episodes": len(trajectories)})  # fmt: skip
+            policy = stage_bc(cfg, run_dir, trajectories, tracker)
+            tracker.log_artifact("bc", f"bc-policy-{name}", "model", [policy], {"max_steps": cfg.bc.max_steps},
+                                 derived_from=["trajectories"])  # fmt: skip
         if "rl" in cfg.stages:
-            stage_rl(cfg, run_dir, tracker)
-        return stage_eval(cfg, run_dir, tracker) if "eval" in cfg.stages else {}
+            policy = stage_rl(cfg, run_dir, tracker)
+            tracker.log_artifact("rl", f"rl-policy-{name}", "model", [policy],
+                                 {"algo": cfg.algo.name, "steps": cfg.rl.steps}, derived_from=["bc"])  # fmt: skip
+        if "eval" not in cfg.stages:
+            return {}
+        result = stage_eval(cfg, run_dir, tracker)
+        files = [run_dir / "eval.json", *sorted((run_dir / "eval").glob("episodes_*.jsonl"))]
+        success = {p: m["success_rate"] for p, m in result["policies"].items()}
+        tracker.log_artifact("eval", f"evaluation-{name}", "evaluation", files, {"success_rate": success},
+                             derived_from=[p for p in cfg.eval.policies if p != "teacher"])  # fmt: skip
+        return result
     finally:
         tracker.finish()
 

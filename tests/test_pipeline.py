@@ -168,3 +168,26 @@ def test_the_same_seed_gives_the_same_eval_json_on_cpu(smoke_run, tmp_path):
         assert [[(t.agent, t.token_ids, t.observation) for t in e.turns] for e in a] == [
             [(t.agent, t.token_ids, t.observation) for t in e.turns] for e in b
         ]
+
+
+def test_wandb_run_read_back_has_artifact_lineage_and_whole_episode_tables(smoke_run):
+    """The offline run the real library wrote: trajectories -> bc policy -> evaluation artifacts, each naming
+    its parent, and episode tables whose transcripts hold every turn."""
+    from tests.wandb_records import run_records
+
+    records = run_records(smoke_run)
+    artifacts = {r.artifact.name: r.artifact for r in records if r.WhichOneof("record_type") == "artifact"}
+    data = artifacts["trajectories-calculator_sql"]
+    bc = artifacts["bc-policy-calculator_sql"]
+    evaluation = artifacts["evaluation-calculator_sql"]
+    assert (data.type, bc.type, evaluation.type) == ("dataset", "model", "evaluation")
+    assert {c.path for c in data.manifest.contents} == {"train.jsonl", "collect_stats.json"}
+    assert "policy/model.safetensors" in {c.path for c in bc.manifest.contents}
+    assert json.loads(bc.metadata)["derived_from"] == [f"{data.name}:{data.digest}"]
+    assert json.loads(evaluation.metadata)["derived_from"] == [f"{bc.name}:{bc.digest}"]
+    (table_path,) = (smoke_run / "wandb").glob("offline-run-*/files/media/table/episodes/bc_*.table.json")
+    table = json.loads(table_path.read_text())
+    episodes = read_jsonl(smoke_run / "eval" / "episodes_bc.jsonl")
+    transcripts = [row[table["columns"].index("transcript")] for row in table["data"]]
+    for transcript, episode in zip(transcripts, episodes):
+        assert transcript.count("AGENT: ") == len(episode.turns) and episode.task in transcript
