@@ -128,11 +128,13 @@ def train_bc(
     trainer.train(resume_from_checkpoint=checkpoint)
 
     policy_dir = out_dir / "policy"
-    trained = trainer.model
-    if peft_config is not None:
-        trained.save_pretrained(out_dir / "adapter")
-        trained = trained.merge_and_unload()
-    trained.save_pretrained(policy_dir)
-    tokenizer.save_pretrained(policy_dir)
-    log.info("bc: policy saved to %s", policy_dir)
+    if trainer.is_world_process_zero():  # one writer under a distributed launch
+        trained = trainer.accelerator.unwrap_model(trainer.model)
+        if peft_config is not None:
+            trained.save_pretrained(out_dir / "adapter")
+            trained = trained.merge_and_unload()
+        trained.save_pretrained(policy_dir)
+        tokenizer.save_pretrained(policy_dir)
+        log.info("bc: policy saved to %s", policy_dir)
+    trainer.accelerator.wait_for_everyone()
     return policy_dir

@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import get_class
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from rl_agents import distributed
 from rl_agents.bc import BCConfig
 from rl_agents.rl import ON_MALFORMED, GRPOAlgoConfig, PPOAlgoConfig, RLConfig
 from rl_agents.runtime import RuntimeConfig
@@ -280,12 +281,18 @@ def _check_rl(cfg: DictConfig, run_dir: Path) -> None:
             raise ConfigError(
                 f"algo.group_size={algo.group_size} must be >= 2 and divide rl.episodes_per_step={rl.episodes_per_step}"
             )
-        if rl.episodes_per_step % rl.minibatch_size:
+        processes = distributed.world_size()
+        if rl.episodes_per_step % (rl.minibatch_size * processes):
             raise ConfigError(
-                f"rl.minibatch_size={rl.minibatch_size} must divide rl.episodes_per_step={rl.episodes_per_step} "
-                "(GRPO accumulates the minibatches of a step into one update)"
+                f"rl.minibatch_size={rl.minibatch_size} x {processes} process(es) must divide "
+                f"rl.episodes_per_step={rl.episodes_per_step} (GRPO accumulates the minibatches of a step into one "
+                "update)"
             )
     else:
+        if distributed.world_size() > 1:
+            raise ConfigError(
+                "algo=ppo runs in one process; under a distributed launch use algo=grpo (TRL's data-parallel GRPO)"
+            )
         if algo.kl_in not in ("reward", "loss"):
             raise ConfigError(f"algo.kl_in must be 'reward' or 'loss', got {algo.kl_in!r}")
         if algo.epochs <= 0:

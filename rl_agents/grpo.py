@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 
+from rl_agents import distributed
 from rl_agents.model import load_policy
 from rl_agents.rl import episode_metrics, reward_terms, sample_episodes, step_seeds, term_names
 from rl_agents.tracking import LogToPython
@@ -116,7 +117,8 @@ def make_trainer(cfg: DictConfig, init: Path, ref: Path, out_dir: Path, tracker)
         output_dir=str(out_dir / "checkpoints"),
         max_steps=rl.steps,
         per_device_train_batch_size=rl.minibatch_size,
-        gradient_accumulation_steps=rl.episodes_per_step // rl.minibatch_size,  # one generation batch per update
+        # one generation batch of rl.episodes_per_step per update, across all processes
+        gradient_accumulation_steps=rl.episodes_per_step // (rl.minibatch_size * distributed.world_size()),
         num_generations=algo.group_size,
         num_iterations=algo.num_iterations,
         learning_rate=algo.learning_rate,
@@ -167,9 +169,11 @@ def train_grpo(cfg: DictConfig, init: Path, ref: Path, out_dir: Path, tracker) -
     trainer.train(resume_from_checkpoint=checkpoint)
 
     policy_dir = out_dir / "policy"
-    trained = trainer.accelerator.unwrap_model(trainer.model)
-    trained.config._name_or_path = str(policy_dir)
-    trained.save_pretrained(policy_dir)
-    tokenizer.save_pretrained(policy_dir)
-    log.info("rl: policy saved to %s", policy_dir)
+    if trainer.is_world_process_zero():  # one writer under a distributed launch
+        trained = trainer.accelerator.unwrap_model(trainer.model)
+        trained.config._name_or_path = str(policy_dir)
+        trained.save_pretrained(policy_dir)
+        tokenizer.save_pretrained(policy_dir)
+        log.info("rl: policy saved to %s", policy_dir)
+    trainer.accelerator.wait_for_everyone()
     return policy_dir

@@ -122,9 +122,11 @@ class LogToPython(TrainerCallback):
         self.stage, self.history = stage, history
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:  # one log under a distributed launch
+            return
         logs = {k: round(v, 5) if isinstance(v, float) else v for k, v in (logs or {}).items()}
         log.info("%s step %d: %s", self.stage, state.global_step, logs)
-        if self.history is not None and state.is_world_process_zero:
+        if self.history is not None:
             self.history.parent.mkdir(parents=True, exist_ok=True)
             with self.history.open("a") as f:
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")

@@ -25,7 +25,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from rl_agents import tracking
+from rl_agents import distributed, tracking
 from rl_agents.bc import BCConfig, train_bc
 from rl_agents.collect import collect
 from rl_agents.config import env_entries, validate_train
@@ -85,6 +85,9 @@ def stage_bc(cfg: DictConfig, run_dir: Path, trajectories: list[Trajectory], tra
     if cfg.resume and (policy_dir / "config.json").is_file():
         log.info("bc: reusing the finished policy %s", policy_dir)
         return policy_dir
+    if distributed.is_main():
+        initial_policy(cfg, run_dir, trajectories)  # builds and saves the tiny model once
+    distributed.barrier()
     model, tokenizer = initial_policy(cfg, run_dir, trajectories)
     peft = None
     if cfg.peft.enabled:
@@ -119,14 +122,22 @@ def stage_eval(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> dic
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run the configured stages in ``run_dir``; returns eval.json's content (empty without eval)."""
+    """Run the configured stages in ``run_dir``; returns eval.json's content (empty without eval).
+
+    Under a distributed launch only the main process collects, evaluates and writes (``rl_agents.distributed``).
+    """
     validate_train(cfg, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tracker = tracking.start(cfg, run_dir, job="train")
+    main = distributed.is_main()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tracker = tracking.start(cfg, run_dir, job="train") if main else tracking.Tracker()
     try:
         name = cfg.env.name
-        trajectories = stage_collect(cfg, run_dir, tracker) if "collect" in cfg.stages else None
+        trajectories = None
+        if "collect" in cfg.stages:
+            trajectories = stage_collect(cfg, run_dir, tracker) if main else None
+            distributed.barrier()
         if "bc" in cfg.stages:
             data = Path(cfg.trajectories) if cfg.trajectories else run_dir / "trajectories" / "train.jsonl"
             if trajectories is None:
@@ -141,7 +152,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             policy = stage_rl(cfg, run_dir, tracker)
             tracker.log_artifact("rl", f"rl-policy-{name}", "model", [policy],
                                  {"algo": cfg.algo.name, "steps": cfg.rl.steps}, derived_from=["bc"])  # fmt: skip
-        if "eval" not in cfg.stages:
+        if "eval" not in cfg.stages or not main:
             return {}
         result = stage_eval(cfg, run_dir, tracker)
         files = [run_dir / "eval.json", *sorted((run_dir / "eval").glob("episodes_*.jsonl"))]
@@ -151,6 +162,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return result
     finally:
         tracker.finish()
+        distributed.barrier()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -1,6 +1,10 @@
 """End to end through the CLI on budget=smoke: collect -> bc -> eval, resume, evaluate, W&B offline."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -191,3 +195,38 @@ def test_wandb_run_read_back_has_artifact_lineage_and_whole_episode_tables(smoke
     transcripts = [row[table["columns"].index("transcript")] for row in table["data"]]
     for transcript, episode in zip(transcripts, episodes):
         assert transcript.count("AGENT: ") == len(episode.turns) and episode.task in transcript
+
+
+def test_two_cpu_processes_train_bc_and_grpo_data_parallel(tmp_path):
+    """torchrun with 2 CPU processes (gloo, accelerate's MULTI_CPU): one collects and evaluates, both train."""
+    import shutil
+
+    run_dir = tmp_path / "ddp"
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "-m", "rl_agents.train", "budget=smoke", "logger=none",
+         "stages=[collect,bc,rl,eval]", "eval.policies=[teacher,bc,rl]", f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    log_text = (run_dir / "train.log").read_text()
+    assert log_text.count("collect Calculator-v0: {") == 1  # only the main process collects
+    (checkpoint,) = sorted((run_dir / "bc" / "checkpoints").glob("checkpoint-*"))[-1:]
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    n = len(read_jsonl(run_dir / "trajectories" / "train.jsonl"))
+    # each optimizer step saw a batch from each of the 2 processes
+    assert state["epoch"] == pytest.approx(state["global_step"] * state["train_batch_size"] * 2 / n, rel=1e-3)
+    data = json.loads((run_dir / "eval.json").read_text())
+    assert set(data["policies"]) == {"teacher", "bc", "rl"}
+
+
+def test_ppo_refuses_a_distributed_launch_before_any_work(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "rl_agents.train", "budget=smoke", "algo=ppo", "stages=[collect,bc,rl,eval]",
+         f"hydra.run.dir={tmp_path / 'p'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "algo=ppo runs in one process" in proc.stderr
+    assert not (tmp_path / "p" / "trajectories").exists()
