@@ -69,6 +69,10 @@ class ModelConfig:
     num_heads: int = 4
     intermediate_size: int = 384
     max_position_embeddings: int = 1024
+    copy_pretrain_steps: int = 0
+    """tiny only: steps of synthetic copy pretraining (random tokens, repeated) before BC; 0 = off"""
+    copy_pretrain_span: int = 32
+    """length of each random span the copy pretraining repeats"""
 
 
 @dataclass
@@ -234,9 +238,17 @@ def _check_model(cfg: DictConfig) -> None:
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     if cfg.model.kind == "tiny":
-        for key in ("vocab_size", "number_chunk", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        sizes = ("vocab_size", "number_chunk", "hidden_size", "num_layers", "num_heads", "intermediate_size")
+        for key in (*sizes, "copy_pretrain_span"):
             if cfg.model[key] <= 0:
                 raise ConfigError(f"model.{key} must be positive, got {cfg.model[key]}")
+        if cfg.model.copy_pretrain_steps < 0:
+            raise ConfigError(f"model.copy_pretrain_steps must be >= 0, got {cfg.model.copy_pretrain_steps}")
+        if cfg.model.copy_pretrain_steps and 2 * cfg.model.copy_pretrain_span > cfg.model.max_position_embeddings:
+            raise ConfigError(
+                f"model.copy_pretrain_span={cfg.model.copy_pretrain_span} repeated must fit "
+                f"model.max_position_embeddings={cfg.model.max_position_embeddings}"
+            )
         if cfg.model.hidden_size % cfg.model.num_heads:
             raise ConfigError(
                 f"model.hidden_size={cfg.model.hidden_size} must be a multiple of model.num_heads={cfg.model.num_heads}"

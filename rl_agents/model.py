@@ -163,3 +163,48 @@ def lora_config(r: int, alpha: int, dropout: float, target_modules: str | list[s
         task_type="CAUSAL_LM",
         trainable_token_indices={"embed_tokens": new_token_ids} if new_token_ids else None,
     )
+
+
+def copy_pretrain(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    steps: int,
+    seed: int,
+    span: int = 64,
+    batch_size: int = 32,
+    learning_rate: float = 3e-3,
+) -> PreTrainedModel:
+    """Teach a freshly built model to copy before it sees any trajectory.
+
+    A pretrained LM arrives with induction heads (find the earlier occurrence of the current token, copy
+    the token after it); a model built from a config has none, so BC spends its first hundreds of steps on
+    a loss plateau until the copy circuit forms, and mis-copies rare tokens (3-digit number chunks, item
+    ids) after it. This trains on spans of uniformly random ordinary tokens repeated once, loss on the
+    repeat only (the standard induction-head curriculum): every token's embedding gets trained and the
+    circuit exists when BC starts. A plain loop in the calling process, on purpose: under torchrun only
+    the main process builds the initial model, and a Trainer there would wait for the other ranks.
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    special = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+    model.train()
+    for step in range(1, steps + 1):
+        picks = ordinary[torch.randint(len(ordinary), (batch_size, span), generator=generator)]
+        input_ids = torch.cat([picks, picks], dim=1).to(device)
+        labels = input_ids.clone()
+        labels[:, :span] = -100  # nothing to predict before the repeat starts
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % max(1, steps // 10) == 0 or step == steps:
+            log.info("copy pretraining step %d/%d: loss on the repeat %.4f", step, steps, loss.item())
+    model.eval()
+    return model

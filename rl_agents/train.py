@@ -30,7 +30,7 @@ from rl_agents.bc import BCConfig, train_bc
 from rl_agents.collect import collect
 from rl_agents.config import env_entries, validate_train
 from rl_agents.evaluate import evaluate_policy, make_teacher, write_eval
-from rl_agents.model import build_tiny_model, build_tokenizer, load_policy, lora_config, trajectory_texts
+from rl_agents.model import build_tiny_model, build_tokenizer, copy_pretrain, load_policy, lora_config, trajectory_texts
 from rl_agents.rl import train_rl
 from rl_agents.trajectory import SPECIAL_TOKENS, Trajectory, read_jsonl, write_jsonl
 
@@ -75,6 +75,8 @@ def initial_policy(cfg: DictConfig, run_dir: Path, trajectories: list[Trajectory
             m.intermediate_size,
             m.max_position_embeddings,
         )
+        if m.copy_pretrain_steps:
+            model = copy_pretrain(model, tokenizer, m.copy_pretrain_steps, cfg.seed, m.copy_pretrain_span)
         model.save_pretrained(init_dir)
         tokenizer.save_pretrained(init_dir)
     return load_policy(init_dir, cfg.model.dtype, local_files_only=True)

@@ -73,6 +73,8 @@ def test_schema_rejects_unknown_keys_and_bad_types(override):
         (["logger.kind=tensorboard"], "logger.kind"),
         (["model.number_chunk=0"], "model.number_chunk"),
         (["model.num_heads=3"], "multiple of model.num_heads"),
+        (["model.copy_pretrain_steps=-1"], "model.copy_pretrain_steps"),
+        (["model.copy_pretrain_steps=10", "model.copy_pretrain_span=600"], "model.copy_pretrain_span=600"),
         (["env.envs.Calculator-v0.teacher._target_=envs.nope.Teacher"], "cannot be imported"),
         (["stages=[rl,eval]", "eval.policies=[rl]"], "starts from the BC policy"),
         (["stages=[eval]", "eval.policies=[rl]"], "rl stage"),
