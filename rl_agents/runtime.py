@@ -76,6 +76,35 @@ class _Episode:
     forced: list[list[int]] | None = None  # teacher forcing: each turn's token ids (end-of-turn included)
 
 
+COMPACT_MIN_WIDTH = 64  # compact a batch's cache once it is this wide
+COMPACT_HOLE_FRACTION = 0.5  # and more than this fraction of it is holes even in its fullest row
+
+
+def _compact(cache, mask: torch.Tensor):
+    """Squeeze the holes out of a batched KV cache: each row's real positions, in order, left-padded.
+
+    Rows of a batch receive observations of different lengths at different steps, and the others get
+    masked padding in the same columns, so without this the cache (and every step's attention) grows with
+    the sum of all rows' observations instead of the longest row. Keys already carry their rotary
+    positions (``position_ids`` are explicit) and attention over past entries ignores their order, so
+    moving entries changes nothing but the cost.
+    """
+    real = mask.bool()
+    counts = real.sum(1)
+    width = int(counts.max())
+    rows, cols = real.nonzero(as_tuple=True)
+    dest = (width - counts)[rows] + (real.cumsum(1) - 1)[rows, cols]
+    compacted = torch.zeros(mask.shape[0], width, dtype=mask.dtype, device=mask.device)
+    compacted[rows, dest] = 1
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            old = getattr(layer, name)  # (batch, heads, length, head_dim)
+            new = old.new_zeros(old.shape[0], old.shape[1], width, old.shape[3])
+            new[rows, :, dest] = old[rows, :, cols]
+            setattr(layer, name, new)
+    return cache, compacted
+
+
 class Runtime:
     """Runs a policy in environments; returns trajectories in the teacher's format."""
 
@@ -89,7 +118,7 @@ class Runtime:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot_id
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.stats = {"generated_tokens": 0, "forward_passes": 0, "wall_s": 0.0}
+        self.stats = {"generated_tokens": 0, "forward_passes": 0, "compactions": 0, "wall_s": 0.0}
         self.holes = False
 
     # --- public -------------------------------------------------------------------------------
@@ -137,22 +166,37 @@ class Runtime:
             episodes.append(episode)
         cache, mask = None, torch.zeros(len(episodes), 0, dtype=torch.long, device=self.device)
         self.holes = False  # whether any masked position is in the cache yet
-        while not all(e.done for e in episodes):
-            fed = [bool(e.pending) for e in episodes]
+        active = list(episodes)  # the rows of the batch: finished episodes leave it
+        while active:
             if self.config.use_cache:
-                logits, cache, mask = self._forward_cached(episodes, cache, mask)
+                logits, cache, mask = self._forward_cached(active, cache, mask)
             else:
-                logits = self._forward_full(episodes)
-            for e in episodes:
+                logits = self._forward_full(active)
+            for e in active:
                 e.pending = []
             next_ids, logprobs = self._sample(logits)
-            for row, e in enumerate(episodes):
-                if fed[row]:
-                    token, logprob = int(next_ids[row]), float(logprobs[row])
-                    if e.forced is not None and len(e.turns) < len(e.forced):
-                        token = e.forced[len(e.turns)][min(len(e.turn_ids), len(e.forced[len(e.turns)]) - 1)]
-                        logprob = float(torch.log_softmax(logits[row], dim=-1)[token])
-                    self._advance(e, token, logprob)
+            for row, e in enumerate(active):
+                token, logprob = int(next_ids[row]), float(logprobs[row])
+                if e.forced is not None and len(e.turns) < len(e.forced):
+                    token = e.forced[len(e.turns)][min(len(e.turn_ids), len(e.forced[len(e.turns)]) - 1)]
+                    logprob = float(torch.log_softmax(logits[row], dim=-1)[token])
+                self._advance(e, token, logprob)
+            keep = [row for row, e in enumerate(active) if not e.done]
+            if len(keep) < len(active):
+                active = [active[row] for row in keep]
+                if cache is not None and keep:
+                    index = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(index)
+                    mask = mask[index]
+            width = mask.shape[1]
+            if (
+                cache is not None
+                and active
+                and width >= COMPACT_MIN_WIDTH
+                and (width - int(mask.sum(1).max()) > COMPACT_HOLE_FRACTION * width)
+            ):
+                cache, mask = _compact(cache, mask)
+                self.stats["compactions"] += 1
         return episodes
 
     def _forward_cached(self, episodes: list[_Episode], cache, mask: torch.Tensor):

@@ -3,6 +3,7 @@
 import gymnasium as gym
 import pytest
 
+from rl_agents import runtime as runtime_module
 from rl_agents.runtime import Runtime, RuntimeConfig
 from rl_agents.trajectory import IM_END
 
@@ -11,14 +12,18 @@ def _tokens(trajectories):
     return [[t.token_ids for t in tr.turns] for tr in trajectories]
 
 
-@pytest.mark.parametrize("batch_size", [1, 4])
-def test_kv_reused_greedy_decoding_equals_reencoding(tiny_policy, batch_size):
+@pytest.mark.parametrize("batch_size", [1, 4, 8])
+def test_kv_reused_greedy_decoding_equals_reencoding(tiny_policy, batch_size, monkeypatch):
+    """With a batch, finished rows leave the cache and its holes are squeezed out: tokens stay the same."""
     _, model, tokenizer = tiny_policy
+    monkeypatch.setattr(runtime_module, "COMPACT_MIN_WIDTH", 8)  # compact at every hole, even in short episodes
+    monkeypatch.setattr(runtime_module, "COMPACT_HOLE_FRACTION", 0.0)
     seeds = list(range(100, 108))
     config = dict(batch_size=batch_size, max_new_tokens=64, max_turns=4)
-    cached = Runtime(model, tokenizer, RuntimeConfig(**config, use_cache=True)).run(
-        "Calculator-v0", seeds, {"fail_prob": 0.5}
-    )
+    runtime = Runtime(model, tokenizer, RuntimeConfig(**config, use_cache=True))
+    cached = runtime.run("Calculator-v0", seeds, {"fail_prob": 0.5})
+    if batch_size == 8:
+        assert runtime.stats["compactions"] > 0
     full = Runtime(model, tokenizer, RuntimeConfig(**config, use_cache=False)).run(
         "Calculator-v0", seeds, {"fail_prob": 0.5}
     )
