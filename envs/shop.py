@@ -262,28 +262,6 @@ class ShopTeacher(ScriptedTeacher):
                     return i
         return goal.target
 
-    @staticmethod
-    def _review(env: ShopEnv, results: str, pick: str) -> str:
-        """The result lines checked one by one up to the pick: a short chain of local checks.
-
-        Each verdict compares one listing with the instruction (its words, then its price), and the id
-        to open is the one just before the last verdict, so a small model copies a near token instead of
-        solving the whole selection in one step.
-        """
-        goal, notes = env.goal, []
-        for item_id in re.findall(r"^\[(\d+)\]", results, re.MULTILINE):
-            product = env.catalogue[item_id]
-            if item_id == pick:
-                notes.append(f"[{item_id}] open.")
-                break
-            if product.category != goal.category or not set(goal.features) <= set(product.features):
-                notes.append(f"[{item_id}] other kind.")
-            elif product.price > goal.max_price:
-                notes.append(f"[{item_id}] over {goal.max_price:g}.")
-            else:
-                notes.append(f"[{item_id}] skip.")
-        return " ".join(notes)
-
     def expert(self, env: ShopEnv, history: list[tuple[str, str]]) -> str:
         return self._next(env, history)
 
@@ -300,8 +278,7 @@ class ShopTeacher(ScriptedTeacher):
             )
         if "open" not in names:
             results = next(obs for t, obs in history if '"search"' in t and not obs.startswith("ERROR"))
-            pick = self._pick(env, results)
-            return self.thought(self._review(env, results, pick)) + tool_call("open", item_id=pick)
+            return self.thought("Open the best match.") + tool_call("open", item_id=self._pick(env, results))
         chosen = [t for t in done if '"choose"' in t]
         product = env.current
         for option in ("color", "size"):

@@ -355,6 +355,12 @@ def bench(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
 
 
 # --- reports ------------------------------------------------------------------------------------
+def _runtime_lines() -> int:
+    """Lines of code of the runtime module (the compiled agent's whole infrastructure)."""
+    from rl_agents import runtime
+
+    return sum(1 for line in Path(runtime.__file__).read_text().splitlines() if line.strip())
+
 def markdown(result: dict[str, Any], command: str) -> str:
     envs = list(result["success"]["compiled"])
     header = "| approach | step latency, median (p90) | episode latency, median | " + " | ".join(
@@ -362,7 +368,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
     )
     lines = [header + " | infrastructure |", "|" + " --- |" * (4 + len(envs))]
     infra = {
-        "compiled": "one process: the weights and a ~250-line runtime; no prompt engineering",
+        "compiled": f"one process: the weights and a {_runtime_lines()}-line runtime; no prompt engineering",
         "orchestrated": "a framework re-prompting the model every step (tool docs + history), no cache kept",
     }
     env = result["env_id"]
