@@ -361,6 +361,7 @@ def _runtime_lines() -> int:
 
     return sum(1 for line in Path(runtime.__file__).read_text().splitlines() if line.strip())
 
+
 def markdown(result: dict[str, Any], command: str) -> str:
     envs = list(result["success"]["compiled"])
     header = "| approach | step latency, median (p90) | episode latency, median | " + " | ".join(
