@@ -27,16 +27,34 @@ log = logging.getLogger(__name__)
 FIELDS = ["config", "policy", "env", "runs", "mean", "std", "min", "max", "seeds"]
 
 
-def job_records(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One record per (job, policy, environment): the job's overrides, its seed and the success rate."""
-    records = []
+def _jobs(sweep_dir: Path) -> list[tuple[dict[str, str], dict[str, Any]]]:
+    """Each finished job's overrides (key -> value) and its eval.json."""
+    jobs = []
     for eval_path in sorted(sweep_dir.glob("*/eval.json")):
-        job_dir = eval_path.parent
-        overrides_path = job_dir / ".hydra" / "overrides.yaml"
+        overrides_path = eval_path.parent / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_path.read_text()) if overrides_path.is_file() else []
-        seed = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "seed"), "0")
-        config = " ".join(sorted(o for o in overrides if o.split("=", 1)[0] != "seed")) or "(defaults)"
-        data = json.loads(eval_path.read_text())
+        pairs = dict(o.split("=", 1) if "=" in o else (o, "") for o in overrides)
+        jobs.append((pairs, json.loads(eval_path.read_text())))
+    return jobs
+
+
+def fixed_overrides(jobs: list[tuple[dict[str, str], dict[str, Any]]]) -> dict[str, str]:
+    """Overrides every job shares (they name the sweep, not a configuration in it)."""
+    if len(jobs) < 2:
+        return {}
+    first = jobs[0][0]
+    return {k: v for k, v in first.items() if k != "seed" and all(j[0].get(k) == v for j in jobs)}
+
+
+def job_records(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One record per (job, policy, environment): the overrides that vary (not seed), seed and success rate."""
+    jobs = _jobs(sweep_dir)
+    fixed = fixed_overrides(jobs)
+    records = []
+    for pairs, data in jobs:
+        seed = pairs.get("seed", "0")
+        varying = sorted(f"{k}={v}" for k, v in pairs.items() if k != "seed" and k not in fixed)
+        config = " ".join(varying) or "(defaults)"
         for policy, metrics in data.get("policies", {}).items():
             rows = {"all": metrics, **metrics.get("per_env", {})}
             for env, m in rows.items():
@@ -70,12 +88,17 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["env"] != "all", r["env"], r["policy"], r["config"]))
 
 
-def markdown(rows: list[dict[str, Any]], sweep_dir: Path) -> str:
+def markdown(rows: list[dict[str, Any]], sweep_dir: Path, fixed: dict[str, str] | None = None) -> str:
     lines = [
         f"# Sweep {sweep_dir}",
         "",
-        "Held-out success per configuration (overrides without `seed`): mean ± standard deviation over seeds.",
+        "Held-out success per configuration (the overrides that vary, without `seed`): mean ± standard "
+        "deviation over seeds.",
         "",
+    ]
+    if fixed:
+        lines += ["Every job: `" + " ".join(f"{k}={v}" for k, v in sorted(fixed.items())) + "`", ""]
+    lines += [
         "| env | policy | configuration | runs | success | min | max |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -127,7 +150,7 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    (sweep_dir / "sweep.md").write_text(markdown(rows, sweep_dir))
+    (sweep_dir / "sweep.md").write_text(markdown(rows, sweep_dir, fixed_overrides(_jobs(sweep_dir))))
     try:
         plot(rows, sweep_dir / "sweep.png")
     except ImportError:
