@@ -69,7 +69,7 @@ class ModelConfig:
     num_heads: int = 4
     intermediate_size: int = 384
     max_position_embeddings: int = 1024
-    copy_pretrain_steps: int = 0
+    copy_pretrain_steps: int = 1000
     """tiny only: steps of synthetic copy pretraining (random tokens, repeated) before BC; 0 = off"""
     copy_pretrain_span: int = 32
     """length of each random span the copy pretraining repeats"""
