@@ -170,7 +170,7 @@ def copy_pretrain(
     tokenizer: PreTrainedTokenizerBase,
     steps: int,
     seed: int,
-    span: int = 64,
+    span: int = 32,
     batch_size: int = 32,
     learning_rate: float = 3e-3,
 ) -> PreTrainedModel:

@@ -46,9 +46,8 @@ def fixed_overrides(jobs: list[tuple[dict[str, str], dict[str, Any]]]) -> dict[s
     return {k: v for k, v in first.items() if k != "seed" and all(j[0].get(k) == v for j in jobs)}
 
 
-def job_records(sweep_dir: Path, jobs: list | None = None) -> list[dict[str, Any]]:
+def job_records(jobs: list[tuple[dict[str, str], dict[str, Any]]]) -> list[dict[str, Any]]:
     """One record per (job, policy, environment): the overrides that vary (not seed), seed and success rate."""
-    jobs = _jobs(sweep_dir) if jobs is None else jobs
     fixed = fixed_overrides(jobs)
     records = []
     for pairs, data in jobs:
@@ -143,7 +142,7 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """Write sweep.csv, sweep.md and sweep.png into ``sweep_dir``; returns the summary rows."""
     sweep_dir = Path(sweep_dir)
     jobs = _jobs(sweep_dir)
-    rows = summarize(job_records(sweep_dir, jobs))
+    rows = summarize(job_records(jobs))
     if not rows:
         log.warning("sweep %s: no job has an eval.json yet; nothing to summarise", sweep_dir)
         return rows
