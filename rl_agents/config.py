@@ -127,6 +127,9 @@ class EvalConfig:
     episodes: int = 200
     """held-out episodes per environment"""
     policies: list[str] = field(default_factory=lambda: ["teacher", "bc"])
+    temperature: float | None = None
+    """null: greedy decoding (the deployed agent); a temperature: sampled episodes (``runtime.top_p``,
+    seeded by ``seed``), the stochastic policy that RL optimises"""
 
 
 @dataclass
@@ -269,6 +272,8 @@ def _check_runtime(cfg: DictConfig) -> None:
             raise ConfigError(f"runtime.{key} must be positive, got {rt[key]}")
     if not rt.greedy and rt.temperature <= 0:
         raise ConfigError(f"runtime.temperature must be positive when sampling, got {rt.temperature}")
+    if "eval" in cfg and cfg.eval.get("temperature") is not None and cfg.eval.temperature <= 0:
+        raise ConfigError(f"eval.temperature must be positive (or null for greedy), got {cfg.eval.temperature}")
 
 
 def _check_rl(cfg: DictConfig, run_dir: Path) -> None:

@@ -1,9 +1,9 @@
 """Evaluation on held-out seeds: the eval stage, and ``python -m rl_agents.evaluate checkpoint=DIR``.
 
-Policies run greedy episodes on the same held-out seeds of every environment; ``eval.json`` in the run
-dir maps each policy to its metrics::
+Policies run greedy episodes on the same held-out seeds of every environment (or sampled ones, with
+``eval.temperature``); ``eval.json`` in the run dir maps each policy to its metrics::
 
-    {"env": ..., "seeds": {...}, "policies": {"teacher": {...}, "bc": {...}}}
+    {"env": ..., "seeds": {...}, "decoding": "greedy", "policies": {"teacher": {...}, "bc": {...}}}
 
 A later stage adds its policy (``rl``) to the same map: ``write_eval`` merges into an existing file.
 """
@@ -99,7 +99,9 @@ def evaluate_policy(
             generated = None
         else:
             runtime_cfg = RuntimeConfig(**OmegaConf.to_container(cfg.runtime))
-            runtime_cfg.greedy = True
+            runtime_cfg.greedy = cfg.eval.get("temperature") is None
+            if not runtime_cfg.greedy:
+                runtime_cfg.temperature = cfg.eval.temperature
             runtime = Runtime(model, tokenizer, runtime_cfg, seed=cfg.seed)
             trajectories = runtime.run(env_id, seeds, entry.kwargs, policy=name)
             seconds, generated = runtime.stats["wall_s"], runtime.stats["generated_tokens"]
@@ -115,13 +117,26 @@ def evaluate_policy(
     return metrics, everything
 
 
+def decoding(cfg: DictConfig) -> str:
+    """How the model policies chose their tokens: ``greedy``, or ``sampled, temperature T``."""
+    temperature = cfg.eval.get("temperature")
+    return "greedy" if temperature is None else f"sampled, temperature {temperature:g}"
+
+
 def write_eval(path: Path, cfg: DictConfig, policies: dict[str, dict]) -> dict:
     """Merge ``policies`` into ``eval.json`` (created if absent; same env and seeds required)."""
     seeds = {"start": cfg.env.eval_seed_start, "count": cfg.eval.episodes}
-    data = {"env": cfg.env.name, "env_ids": list(cfg.env.envs), "seeds": seeds, "policies": {}}
+    data = {
+        "env": cfg.env.name,
+        "env_ids": list(cfg.env.envs),
+        "seeds": seeds,
+        "decoding": decoding(cfg),
+        "policies": {},
+    }
     if path.is_file():
         old = json.loads(path.read_text())
-        if old.get("seeds") == seeds and old.get("env_ids") == data["env_ids"]:
+        old.setdefault("decoding", "greedy")  # files written before sampled evaluation existed
+        if all(old.get(key) == data[key] for key in ("seeds", "env_ids", "decoding")):
             data["policies"] = old.get("policies", {})
     data["policies"].update(policies)
     path.write_text(json.dumps(data, indent=2))

@@ -85,6 +85,7 @@ def test_schema_rejects_unknown_keys_and_bad_types(override):
         (["stages=[collect,bc,rl]", "rl.init_from=/nope"], "rl.init_from='/nope'"),
         (["stages=[collect,bc,rl]", "peft=lora"], "peft=none"),
         (["eval.policies=[teacher,dagger]"], "unknown eval.policies"),
+        (["eval.temperature=0"], "eval.temperature"),
     ],
 )
 def test_validation_fails_fast_naming_the_problem(overrides, message, tmp_path):

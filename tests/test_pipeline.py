@@ -88,6 +88,25 @@ def test_evaluate_cli_on_a_saved_policy(smoke_run, tmp_path):
     assert set(data["policies"]) == {"teacher", "policy"} and data["policies"]["policy"]["episodes"] == 3
 
 
+def test_sampled_evaluation_is_seeded_and_never_merged_with_greedy_results(smoke_run, tmp_path):
+    """eval.temperature samples the episodes: the same seed gives the same tokens, eval.json says how the
+    tokens were chosen, and a greedy evaluation into the same dir replaces the sampled results."""
+    policy = f"checkpoint={smoke_run / 'bc' / 'policy'}"
+    common = ("env=calculator", "eval.episodes=4", "runtime.max_new_tokens=16")
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out in (first, second):
+        _run("rl_agents.evaluate", policy, *common, "eval.temperature=1.5", "name=sampled", f"hydra.run.dir={out}")
+    tokens = [[t.token_ids for e in read_jsonl(d / "episodes_sampled.jsonl") for t in e.turns] for d in (first, second)]
+    assert tokens[0] == tokens[1]
+    data = json.loads((first / "eval.json").read_text())
+    assert data["decoding"] == "sampled, temperature 1.5" and set(data["policies"]) == {"sampled"}
+    _run("rl_agents.evaluate", policy, *common, "name=greedy", f"hydra.run.dir={first}")
+    data = json.loads((first / "eval.json").read_text())
+    greedy = [t.token_ids for e in read_jsonl(first / "episodes_greedy.jsonl") for t in e.turns]
+    assert tokens[0] != greedy  # sampling did change the tokens
+    assert data["decoding"] == "greedy" and set(data["policies"]) == {"greedy"}
+
+
 def test_config_error_fails_before_any_work(tmp_path):
     proc = _run("rl_agents.train", "+env.envs.Calcuator-v0.weight=1.0", f"hydra.run.dir={tmp_path / 'r'}", check=False)
     assert proc.returncode != 0 and "unknown env 'Calcuator-v0'" in proc.stderr
