@@ -74,7 +74,7 @@ class AlgoConfig:
     name: str = "grpo"
     beta: float = 0.05
     """KL coefficient to the reference policy"""
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-4
     lr_scheduler_type: str = "constant_with_warmup"
     warmup_steps: int = 5
     weight_decay: float = 0.0
