@@ -16,8 +16,9 @@ from tests.test_pipeline import _run
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the suite's 600 s limit is for unit tests; this is a whole launch
 def test_default_launch_clones_calculator_to_90_percent_on_held_out_seeds(tmp_path):
-    _run("rl_agents.train", f"hydra.run.dir={tmp_path}", "logger=none", "progress=false")
+    _run("rl_agents.train", f"hydra.run.dir={tmp_path}", "logger=none", "progress=false", timeout=3500)
     data = json.loads((tmp_path / "eval.json").read_text())
     assert data["seeds"]["start"] == 1_000_000 and data["seeds"]["count"] == 200
     assert data["policies"]["teacher"]["success_rate"] == 1.0
@@ -25,6 +26,7 @@ def test_default_launch_clones_calculator_to_90_percent_on_held_out_seeds(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(5400)
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 @pytest.mark.parametrize("env", ["calculator", "sql"])
 def test_rl_refines_the_bc_policy_of_a_noisy_teacher(tmp_path, env, algo):
@@ -37,7 +39,7 @@ def test_rl_refines_the_bc_policy_of_a_noisy_teacher(tmp_path, env, algo):
     """
     _run("rl_agents.train", f"hydra.run.dir={tmp_path}", "logger=none", "progress=false", f"env={env}",
          "teacher.noise=0.3", "collect.keep=all", "stages=[collect,bc,rl,eval]", "eval.policies=[teacher,bc,rl]",
-         f"algo={algo}", "eval.temperature=1.0")  # fmt: skip
+         f"algo={algo}", "eval.temperature=1.0", timeout=5300)  # fmt: skip
     data = json.loads((tmp_path / "eval.json").read_text())
     policies = data["policies"]
     assert data["decoding"] == "sampled, temperature 1"
