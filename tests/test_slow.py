@@ -1,4 +1,4 @@
-"""The promises of the main job and of the rl stage, measured: run with `pytest -m slow` (the BC test about 7
+"""The promises of the main job and of the rl stage, measured: run with `pytest -m slow` (the BC test about 8
 minutes on 2 cores; each RL test 20-30 minutes).
 
 The first is issue 2's acceptance target (BC >= 90% on Calculator-v0 held-out seeds; the default launch
