@@ -64,6 +64,13 @@ class Tool:
     description: str
     parameters: dict[str, Any]
     fn: Callable[..., str | Finish]
+    validator: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        # checked once here (a wrong schema fails when the tool is made), not at every call
+        cls = jsonschema.validators.validator_for(self.parameters)
+        cls.check_schema(self.parameters)
+        object.__setattr__(self, "validator", cls(self.parameters))
 
     def schema(self) -> dict[str, Any]:
         """The OpenAI / Hermes function description of this tool."""
@@ -244,10 +251,9 @@ class ToolEnv(gym.Env):
         info["tool"] = call.name
         if tool is None:
             return self._error(info, "unknown_tool", f"unknown tool {call.name!r}; available: {', '.join(self.tools)}")
-        try:
-            jsonschema.validate(call.arguments, tool.parameters)
-        except jsonschema.ValidationError as err:
-            return self._error(info, "bad_arguments", f"bad arguments for {tool.name}: {err.message}")
+        error = jsonschema.exceptions.best_match(tool.validator.iter_errors(call.arguments))
+        if error is not None:  # what jsonschema.validate would raise
+            return self._error(info, "bad_arguments", f"bad arguments for {tool.name}: {error.message}")
         try:
             result = tool.fn(**call.arguments)
             return result if isinstance(result, Finish) else str(result)

@@ -1,27 +1,33 @@
 """The runtime of a compiled agent: run episodes of a policy in tool environments, batched, KV cache reused.
 
-All episodes of a batch share one growing key/value cache. Every forward pass feeds each episode the
-tokens it has not fed yet, right-aligned in a block and left-padded with masked positions:
+The environments are slots: each runs one episode at a time and takes the next seed from the queue as
+soon as its episode ends (continuous batching), so a batch never waits for its slowest episode. Every
+slot keeps its episode's keys and values at the start of its row of one buffer per layer (``SlotCache``),
+and a step costs:
 
-* while generating: the token it just sampled;
-* at the end of a turn: the end-of-turn token and the observation segment, in one block;
-* when finished, or waiting: nothing (masked padding).
+* a **prefill**, only when some slots have several tokens to feed (a new episode's prompt, the end-of-turn
+  token and an observation): those slots alone go through the model, on a copy of their rows, and their
+  new keys and values are written after each slot's own tokens;
+* a **decode** of one token for every slot, written in place at each slot's own length. The attention
+  mask covers each slot's tokens, so rows of different lengths never pad one another with holes.
 
-The attention mask covers the whole cache, so masked positions are holes no token attends to, and
-position ids count only an episode's real tokens. An episode's context is therefore exactly the token
-sequence ``trajectory.encode_trajectory`` builds for it, and the cache is never re-encoded.
-``use_cache=False`` re-encodes every sequence at every token instead: the reference the tests compare
-against, and the cost that orchestration pays.
+Position ids count each episode's own tokens, so an episode's context is exactly the token sequence
+``trajectory.encode_trajectory`` builds for it, and the cache is never re-encoded. ``use_cache=False``
+re-encodes every sequence at every token instead: the reference the tests compare against, and the cost
+that orchestration pays.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import gymnasium as gym
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from envs.base import MALFORMED_KINDS
 from rl_agents.trajectory import (
@@ -74,35 +80,106 @@ class _Episode:
     success: bool = False
     truncation: str | None = None
     forced: list[list[int]] | None = None  # teacher forcing: each turn's token ids (end-of-turn included)
+    index: int = 0  # the episode's place in the seeds of ``Runtime.run``
 
 
-COMPACT_MIN_WIDTH = 64  # compact a batch's cache once it is this wide
-COMPACT_HOLE_FRACTION = 0.5  # and more than this fraction of it is holes even in its fullest row
+class _SlotLayer(DynamicLayer):
+    """One layer of a ``SlotCache``: the model's ``update`` writes the new keys and values in place."""
+
+    def __init__(self, cache: SlotCache, index: int):
+        super().__init__()
+        self.cache, self.index = cache, index
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        cache = self.cache
+        keys, values = cache.buffers(self.index, key_states)
+        if isinstance(cache.write_at, int):  # a block, the same columns for every slot
+            end = cache.write_at + key_states.shape[2]
+            keys[:, :, cache.write_at : end] = key_states
+            values[:, :, cache.write_at : end] = value_states
+        else:  # one token per slot, each at its slot's length
+            rows, columns = cache.write_at
+            keys[rows, :, columns] = key_states[:, :, 0]
+            values[rows, :, columns] = value_states[:, :, 0]
+        self.keys, self.values = keys[:, :, : cache.width], values[:, :, : cache.width]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.cache.offset
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.width, 0
 
 
-def _compact(cache, mask: torch.Tensor):
-    """Squeeze the holes out of a batched KV cache: each row's real positions, in order, left-padded.
+class SlotCache(Cache):
+    """Keys and values of a batch of slots, one buffer per layer of shape (slots, heads, capacity, head_dim).
 
-    Rows of a batch receive observations of different lengths at different steps, and the others get
-    masked padding in the same columns, so without this the cache (and every step's attention) grows with
-    the sum of all rows' observations instead of the longest row. Keys already carry their rotary
-    positions (``position_ids`` are explicit) and attention over past entries ignores their order, so
-    moving entries changes nothing but the cost.
+    Slot ``s`` holds its episode's ``lengths[s]`` tokens in columns ``[0, lengths[s])``; what lies beyond is
+    spare room, never attended. A decode step writes one token per slot in place (``_SlotLayer``), so its
+    cost does not grow with the cache; the capacity doubles when a slot needs more. Keys carry their rotary
+    positions (``position_ids`` are explicit), so where a slot's tokens sit in its row changes nothing.
     """
-    real = mask.bool()
-    counts = real.sum(1)
-    width = int(counts.max())
-    rows, cols = real.nonzero(as_tuple=True)
-    dest = (width - counts)[rows] + (real.cumsum(1) - 1)[rows, cols]
-    compacted = torch.zeros(mask.shape[0], width, dtype=mask.dtype, device=mask.device)
-    compacted[rows, dest] = 1
-    for layer in cache.layers:
-        for name in ("keys", "values"):
-            old = getattr(layer, name)  # (batch, heads, length, head_dim)
-            new = old.new_zeros(old.shape[0], old.shape[1], width, old.shape[3])
-            new[rows, :, dest] = old[rows, :, cols]
-            setattr(layer, name, new)
-    return cache, compacted
+
+    def __init__(self, slots: int, num_layers: int):
+        super().__init__(layers=[_SlotLayer(self, i) for i in range(num_layers)])
+        self.lengths = [0] * slots
+        self.keys: list[torch.Tensor] = []  # allocated by the first forward pass, layer by layer
+        self.values: list[torch.Tensor] = []
+        self.capacity = 64
+        self.width = 0  # columns the next forward pass attends
+        self.offset = 0  # the column of its first query (its causal mask lets a query see columns up to its own)
+        self.write_at: int | tuple[torch.Tensor, torch.Tensor] = 0  # where it writes (see ``_SlotLayer``)
+
+    def buffers(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer == len(self.keys):
+            shape = (len(self.lengths), like.shape[1], self.capacity, like.shape[3])
+            self.keys.append(like.new_zeros(shape))
+            self.values.append(like.new_zeros(shape))
+        return self.keys[layer], self.values[layer]
+
+    def reserve(self, columns: int) -> None:
+        """Make room for ``columns`` tokens per slot."""
+        if columns <= self.capacity:
+            return
+        capacity = max(columns, 2 * self.capacity)
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                buffers[i] = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+                buffers[i][:, :, : self.capacity] = old
+        self.capacity = capacity
+
+    def gather(self, slots: list[int], index: torch.Tensor, width: int) -> DynamicCache | None:
+        """A dense cache of some slots' first ``width`` columns (their tokens, right-padded), for a prefill."""
+        if width == 0:
+            return None
+        data = [(keys[index, :, :width], values[index, :, :width]) for keys, values in zip(self.keys, self.values)]
+        return DynamicCache(ddp_cache_data=data)
+
+    def scatter(self, slots: list[int], counts: list[int], prefilled: Cache, index: torch.Tensor) -> None:
+        """Append each slot's last ``counts`` tokens of a prefill's cache after the slot's own tokens."""
+        block_end = prefilled.layers[0].keys.shape[2]
+        self.reserve(max(self.lengths[s] + n for s, n in zip(slots, counts)))
+        repeats = torch.tensor(counts, device=index.device)
+        rows = torch.repeat_interleave(index, repeats)  # one entry per token written: its slot,
+        source_rows = torch.repeat_interleave(torch.arange(len(slots), device=index.device), repeats)  # prefill row,
+        source = torch.cat([torch.arange(block_end - n, block_end) for n in counts]).to(index.device)  # column there
+        dest = torch.cat([torch.arange(self.lengths[s], self.lengths[s] + n) for s, n in zip(slots, counts)])
+        dest = dest.to(index.device)  # and column in the slot's row
+        for i, layer in enumerate(prefilled.layers):
+            keys, values = self.buffers(i, layer.keys)
+            keys[rows, :, dest] = layer.keys[source_rows, :, source]
+            values[rows, :, dest] = layer.values[source_rows, :, source]
+        for s, n in zip(slots, counts):
+            self.lengths[s] += n
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only these slots (in this order)."""
+        if self.keys:
+            index = torch.tensor(keep, dtype=torch.long, device=self.keys[0].device)
+            self.keys = [k[index] for k in self.keys]
+            self.values = [v[index] for v in self.values]
+        self.lengths = [self.lengths[s] for s in keep]
 
 
 class Runtime:
@@ -118,8 +195,14 @@ class Runtime:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot_id
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.stats = {"generated_tokens": 0, "forward_passes": 0, "compactions": 0, "wall_s": 0.0}
-        self.holes = False
+        self.stats = {"generated_tokens": 0, "forward_passes": 0, "prefills": 0, "wall_s": 0.0}
+        self._slot_index: dict[int, torch.Tensor] = {}
+        layer_types = getattr(model.config.get_text_config(), "layer_types", None) or ["full_attention"]
+        if config.use_cache and set(layer_types) != {"full_attention"}:
+            raise ValueError(
+                f"the runtime's KV cache holds full-attention layers only; this model has {sorted(set(layer_types))} "
+                "(run it with use_cache=false, or add a cache layer for these to rl_agents/runtime.py)"
+            )
 
     # --- public -------------------------------------------------------------------------------
     def run(
@@ -130,23 +213,20 @@ class Runtime:
         policy: str = "policy",
         forced: list[list[list[int]]] | None = None,
     ) -> list[Trajectory]:
-        """Run one episode per seed; batches of ``config.batch_size`` environments at a time.
+        """Run one episode per seed on ``config.batch_size`` environments; trajectories in the seeds' order.
 
         ``forced`` (one entry per seed: each turn's token ids) feeds those tokens instead of the model's
         choices, through the same forward passes: a benchmark replays a teacher's episodes this way, so
         every approach decodes the same tokens and meets the same observations.
         """
         envs = [gym.make(env_id, **(env_kwargs or {})) for _ in range(min(self.config.batch_size, len(seeds)))]
-        trajectories: list[Trajectory] = []
+        trajectories: list[Trajectory | None] = [None] * len(seeds)
         start = time.perf_counter()
         was_training = self.model.training
         self.model.eval()  # and back afterwards: a trainer may call the runtime between its steps
         try:
-            for i in range(0, len(seeds), len(envs)):
-                batch = seeds[i : i + len(envs)]
-                batch_forced = forced[i : i + len(envs)] if forced is not None else None
-                for episode in self._run_batch(envs[: len(batch)], batch, batch_forced):
-                    trajectories.append(self._trajectory(episode, env_id, policy))
+            for episode in self._run_slots(list(envs), seeds, forced):
+                trajectories[episode.index] = self._trajectory(episode, env_id, policy)
         finally:
             self.model.train(was_training)
             for env in envs:
@@ -155,74 +235,142 @@ class Runtime:
         return trajectories
 
     # --- the loop -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def _run_batch(self, envs: list[gym.Env], seeds: list[int], forced=None) -> list[_Episode]:
-        episodes = []
-        for row, (env, seed) in enumerate(zip(envs, seeds)):
-            task, _ = env.reset(seed=int(seed))
-            ids = prompt_ids(self.tokenizer, task)
-            episode = _Episode(env, int(seed), task, ids=list(ids), pending=list(ids), turn_start=time.perf_counter())
-            episode.forced = forced[row] if forced is not None else None
-            episodes.append(episode)
-        cache, mask = None, torch.zeros(len(episodes), 0, dtype=torch.long, device=self.device)
-        self.holes = False  # whether any masked position is in the cache yet
-        active = list(episodes)  # the rows of the batch: finished episodes leave it
-        while active:
-            if self.config.use_cache:
-                logits, cache, mask = self._forward_cached(active, cache, mask)
-            else:
-                logits = self._forward_full(active)
-            for e in active:
-                e.pending = []
-            next_ids, logprobs = self._sample(logits)
-            for row, e in enumerate(active):
-                token, logprob = int(next_ids[row]), float(logprobs[row])
-                if e.forced is not None and len(e.turns) < len(e.forced):
-                    token = e.forced[len(e.turns)][min(len(e.turn_ids), len(e.forced[len(e.turns)]) - 1)]
-                    logprob = float(torch.log_softmax(logits[row], dim=-1)[token])
-                self._advance(e, token, logprob)
-            keep = [row for row, e in enumerate(active) if not e.done]
-            if len(keep) < len(active):
-                active = [active[row] for row in keep]
-                if cache is not None and keep:
-                    index = torch.tensor(keep, device=self.device)
-                    cache.batch_select_indices(index)
-                    mask = mask[index]
-            width = mask.shape[1]
-            if (
-                cache is not None
-                and active
-                and width >= COMPACT_MIN_WIDTH
-                and (width - int(mask.sum(1).max()) > COMPACT_HOLE_FRACTION * width)
-            ):
-                cache, mask = _compact(cache, mask)
-                self.stats["compactions"] += 1
-        return episodes
+    def _start(self, env: gym.Env, index: int, seeds: list[int], forced) -> _Episode:
+        task, _ = env.reset(seed=int(seeds[index]))
+        ids = prompt_ids(self.tokenizer, task)
+        episode = _Episode(env, int(seeds[index]), task, ids=list(ids), pending=list(ids))
+        episode.index, episode.turn_start = index, time.perf_counter()
+        episode.forced = forced[index] if forced is not None else None
+        return episode
 
-    def _forward_cached(self, episodes: list[_Episode], cache, mask: torch.Tensor):
-        """Feed each episode's pending tokens, right-aligned; returns last-position logits, cache, mask."""
-        width = max(len(e.pending) for e in episodes)
-        block = torch.full((len(episodes), width), self.pad_id, dtype=torch.long)
-        block_mask = torch.zeros((len(episodes), width), dtype=torch.long)
-        positions = torch.zeros((len(episodes), width), dtype=torch.long)
-        for row, e in enumerate(episodes):
-            n = len(e.pending)
-            if n:
-                block[row, width - n :] = torch.tensor(e.pending)
-                block_mask[row, width - n :] = 1
-                first = len(e.ids) - n  # position of the first pending token
-                positions[row, width - n :] = torch.arange(first, first + n)
-        mask = torch.cat([mask, block_mask.to(self.device)], dim=1)
-        self.holes = self.holes or not bool(block_mask.all())
+    @torch.no_grad()
+    def _run_slots(self, envs: list[gym.Env], seeds: list[int], forced=None) -> Iterator[_Episode]:
+        """Run every seed's episode, one per slot at a time; yields each episode when it ends."""
+        queue = deque(range(len(seeds)))
+        slots: list[_Episode | None] = [None] * len(envs)
+        cache = SlotCache(len(envs), self.model.config.get_text_config().num_hidden_layers)
+        while True:
+            for s, episode in enumerate(slots):
+                if episode is None and queue:
+                    slots[s] = self._start(envs[s], queue.popleft(), seeds, forced)
+                    cache.lengths[s] = 0
+            live = [s for s, e in enumerate(slots) if e is not None]
+            if not live:
+                return
+            if not self.config.use_cache:
+                self._step(slots, live, self._forward_full([slots[s] for s in live]))
+            else:
+                wide = [s for s in live if len(slots[s].pending) > 1 or cache.lengths[s] == 0]
+                if wide:
+                    self._step(slots, wide, self._prefill(cache, slots, wide))
+                narrow = [s for s in live if not slots[s].done and len(slots[s].pending) == 1]
+                if narrow:
+                    self._step(slots, narrow, self._decode(cache, slots, narrow))
+            for s in live:
+                if slots[s].done:
+                    yield slots[s]
+                    slots[s] = None
+            free = [s for s, e in enumerate(slots) if e is None]
+            if not queue and free and len(free) >= len(slots) // 4:  # the queue is empty: shrink the batch
+                keep = [s for s, e in enumerate(slots) if e is not None]
+                slots, envs = [slots[s] for s in keep], [envs[s] for s in keep]
+                cache.select(keep)
+
+    def _step(self, slots: list[_Episode | None], rows: list[int], logits: torch.Tensor) -> None:
+        """Sample a token for each of these slots from its logits and advance its episode."""
+        next_ids, logprobs = self._sample(logits)
+        for row, (token, logprob) in enumerate(zip(next_ids.tolist(), logprobs.tolist())):
+            e = slots[rows[row]]
+            e.pending = []
+            if e.forced is not None and len(e.turns) < len(e.forced):
+                token = e.forced[len(e.turns)][min(len(e.turn_ids), len(e.forced[len(e.turns)]) - 1)]
+                logprob = float(torch.log_softmax(logits[row].float(), dim=-1)[token])
+            self._advance(e, token, logprob)
+
+    def _prefill(self, cache: SlotCache, slots: list[_Episode | None], rows: list[int]) -> torch.Tensor:
+        """Feed these slots' pending tokens, right-aligned in one block; returns their last-position logits.
+
+        When every slot takes part with as many tokens as the others and as many pending (one environment,
+        or the first prompts of a batch), the block is written straight into the cache. Otherwise these
+        slots go through the model on a copy of their rows, and their new keys and values are written back
+        after each slot's own tokens.
+        """
+        episodes = [slots[s] for s in rows]
+        counts = [len(e.pending) for e in episodes]
+        width = max(counts)
+        aligned = len(rows) == len(cache.lengths) and len(set(counts)) == 1 and len(set(cache.lengths)) == 1
+        past_width = cache.lengths[rows[0]] if aligned else max(cache.lengths[s] for s in rows)
+        block = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), past_width + width), dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, (s, e, n) in enumerate(zip(rows, episodes, counts)):
+            block[row, width - n :] = torch.tensor(e.pending)
+            mask[row, : cache.lengths[s]] = 1
+            mask[row, past_width + width - n :] = 1
+            first = len(e.ids) - n  # position of the first pending token
+            positions[row, width - n :] = torch.arange(first, first + n)
+        if aligned:
+            cache.reserve(past_width + width)
+            cache.write_at, cache.offset, cache.width = past_width, past_width, past_width + width
+            past = cache
+        else:
+            index = torch.tensor(rows, dtype=torch.long, device=self.device)
+            past = cache.gather(rows, index, past_width)
         out = self.model(
             input_ids=block.to(self.device),
-            attention_mask=mask if self.holes else None,  # no holes (one episode): plain causal attention
+            attention_mask=None if bool(mask.all()) else mask.to(self.device),  # no padding: plain causal
             position_ids=positions.to(self.device),
+            past_key_values=past,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        if aligned:
+            for s in rows:
+                cache.lengths[s] += width
+        else:
+            cache.scatter(rows, counts, out.past_key_values, index)
+        self.stats["forward_passes"] += 1
+        self.stats["prefills"] += 1
+        return out.logits[:, -1, :].float()
+
+    def _decode(self, cache: SlotCache, slots: list[_Episode | None], rows: list[int]) -> torch.Tensor:
+        """Feed one pending token per slot, each written at its slot's length; returns these rows' logits.
+
+        Every slot of the cache takes part: a slot with nothing to feed (ended, or waiting for a prefill)
+        feeds padding at its length, which its length does not count, so the next write covers it.
+        """
+        lengths = cache.lengths
+        ids = [self.pad_id] * len(lengths)
+        positions = list(lengths)
+        for s in rows:
+            ids[s] = slots[s].pending[0]
+            positions[s] = len(slots[s].ids) - 1
+        cache.width = max(lengths) + 1
+        cache.offset = cache.width - 1
+        cache.reserve(cache.width)
+        if len(lengths) not in self._slot_index:
+            self._slot_index[len(lengths)] = torch.arange(len(lengths), device=self.device)
+        columns = torch.tensor(lengths, device=self.device)
+        cache.write_at = (self._slot_index[len(lengths)], columns)
+        mask = None  # every slot as long as the others: plain causal attention
+        if min(lengths) < cache.width - 1:
+            # each slot attends its own tokens and the one it feeds (padding too: no row attends nothing)
+            mask = (torch.arange(cache.width, device=self.device)[None, :] <= columns[:, None]).long()
+        out = self.model(
+            input_ids=torch.tensor(ids, device=self.device)[:, None],
+            attention_mask=mask,
+            position_ids=torch.tensor(positions, device=self.device)[:, None],
             past_key_values=cache,
             use_cache=True,
+            logits_to_keep=1,
         )
+        for s in rows:
+            lengths[s] += 1
         self.stats["forward_passes"] += 1
-        return out.logits[:, -1, :].float(), out.past_key_values, mask
+        logits = out.logits[:, -1, :]
+        if len(rows) < len(lengths):
+            logits = logits[torch.tensor(rows, device=self.device)]
+        return logits.float()
 
     def _forward_full(self, episodes: list[_Episode]) -> torch.Tensor:
         """Re-encode every sequence from scratch (left-padded); returns last-position logits."""

@@ -2,8 +2,8 @@
 
 import gymnasium as gym
 import pytest
+import torch
 
-from rl_agents import runtime as runtime_module
 from rl_agents.runtime import Runtime, RuntimeConfig
 from rl_agents.trajectory import IM_END
 
@@ -12,24 +12,36 @@ def _tokens(trajectories):
     return [[t.token_ids for t in tr.turns] for tr in trajectories]
 
 
-@pytest.mark.parametrize("batch_size", [1, 4, 8])
-def test_kv_reused_greedy_decoding_equals_reencoding(tiny_policy, batch_size, monkeypatch):
-    """With a batch, finished rows leave the cache and its holes are squeezed out: tokens stay the same."""
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_kv_reused_greedy_decoding_equals_reencoding(tiny_policy, batch_size):
+    """Slots of different lengths, prefills of some slots, slots refilled and the batch shrunk: same tokens."""
     _, model, tokenizer = tiny_policy
-    monkeypatch.setattr(runtime_module, "COMPACT_MIN_WIDTH", 8)  # compact at every hole, even in short episodes
-    monkeypatch.setattr(runtime_module, "COMPACT_HOLE_FRACTION", 0.0)
     seeds = list(range(100, 108))
     config = dict(batch_size=batch_size, max_new_tokens=64, max_turns=4)
     runtime = Runtime(model, tokenizer, RuntimeConfig(**config, use_cache=True))
     cached = runtime.run("Calculator-v0", seeds, {"fail_prob": 0.5})
-    if batch_size == 8:
-        assert runtime.stats["compactions"] > 0
     full = Runtime(model, tokenizer, RuntimeConfig(**config, use_cache=False)).run(
         "Calculator-v0", seeds, {"fail_prob": 0.5}
     )
     assert any(len(tr.turns) >= 2 for tr in cached), "need multi-turn episodes so observations are appended"
     assert _tokens(cached) == _tokens(full)
     assert [tr.success for tr in cached] == [tr.success for tr in full]
+
+
+def test_a_slot_takes_the_next_seed_as_soon_as_its_episode_ends(tiny_policy):
+    """Continuous batching: with two slots, a short episode's slot runs the third seed while a long one goes on."""
+    _, model, tokenizer = tiny_policy
+    runtime = Runtime(model, tokenizer, RuntimeConfig(batch_size=2, max_new_tokens=64, max_turns=1))
+    eot = tokenizer.convert_tokens_to_ids(IM_END)
+    letter = tokenizer.convert_tokens_to_ids("a")
+    lengths = [40, 4, 4]  # tokens of each seed's single (teacher-forced) turn
+    forced = [[[letter] * (n - 1) + [eot]] for n in lengths]
+    envs = [gym.make("Calculator-v0") for _ in range(2)]
+    ended = [e.seed for e in runtime._run_slots(envs, [10, 11, 12], forced)]
+    assert ended == [11, 12, 10]  # batch by batch it would be 11, 10, 12
+    trajectories = runtime.run("Calculator-v0", [10, 11, 12], forced=forced)
+    assert [t.metadata["seed"] for t in trajectories] == [10, 11, 12]  # returned in the seeds' order
+    assert [len(t.turns[0].token_ids) for t in trajectories] == lengths
 
 
 def test_batching_does_not_change_greedy_results(tiny_policy):
@@ -112,3 +124,48 @@ def test_runtime_closes_its_environments(tiny_policy, monkeypatch):
     monkeypatch.setattr(gym.Wrapper, "close", lambda self: closed.append(1) or original(self))
     Runtime(model, tokenizer, RuntimeConfig(batch_size=3, max_new_tokens=8)).run("SQL-v0", [1, 2, 3])
     assert closed
+
+
+def test_another_architecture_with_grouped_query_attention_decodes_the_same_cached_and_re_encoded(tiny_policy):
+    """The slot cache on Qwen2 (one key/value head for two query heads, biases): the same tokens as re-encoding."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    _, _, tokenizer = tiny_policy
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        vocab_size=len(tokenizer),
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    eot, letter = tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids("a")
+    forced = [[[letter] * n + [eot]] for n in (2, 9, 4, 6, 3)]  # a first turn of its own length per seed
+    runs = {}
+    for use_cache in (True, False):
+        config = RuntimeConfig(batch_size=3, max_new_tokens=12, max_turns=2, use_cache=use_cache)
+        runs[use_cache] = Runtime(model, tokenizer, config).run("Calculator-v0", [1, 2, 3, 4, 5], forced=forced)
+    assert all(len(tr.turns) == 2 for tr in runs[True])  # the model's own turn after an observation
+    assert _tokens(runs[True]) == _tokens(runs[False])
+
+
+def test_a_model_with_sliding_window_layers_is_refused_with_a_clear_error(tiny_policy):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    _, _, tokenizer = tiny_policy
+    config = Qwen2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=len(tokenizer),
+        use_sliding_window=True,
+        sliding_window=16,
+        max_window_layers=0,
+    )
+    with pytest.raises(ValueError, match="sliding_attention"):
+        Runtime(Qwen2ForCausalLM(config), tokenizer, RuntimeConfig())
+    Runtime(Qwen2ForCausalLM(config), tokenizer, RuntimeConfig(use_cache=False))  # re-encoding needs no cache

@@ -103,7 +103,7 @@ def test_runtime_rollout_and_sft_formatting_give_identical_ids_and_masks(tiny_po
     _, model, tokenizer = tiny_policy
     runtime = Runtime(model, tokenizer, RuntimeConfig(batch_size=4, max_new_tokens=64, greedy=False), seed=1)
     envs = [gym.make("Calculator-v0", fail_prob=0.5) for _ in range(4)]
-    raw = runtime._run_batch(envs, [7, 8, 9, 10])
+    raw = list(runtime._run_slots(envs, [7, 8, 9, 10]))
     assert any(len(e.turns) >= 2 for e in raw), "need multi-turn episodes to test observation appending"
     for e in raw:
         trajectory = runtime._trajectory(e, "Calculator-v0", "bc")
