@@ -86,7 +86,7 @@ class BenchConfig:
     """held-out episodes per approach and environment (latency and success)"""
     turns: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
     parallel: list[int] = field(default_factory=lambda: [1, 8, 32])
-    throughput_episodes: int = 64
+    throughput_episodes: int = 256
     """episodes per parallel setting (at least the largest setting)"""
     limit_tokens: int = 256
     """tokens decoded by the raw-rate loop"""
@@ -399,7 +399,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         + ", ".join(f"{n}: {ts['compiled'][n]:.0f} vs {ts['orchestrated'][n]:.0f}" for n in ts["compiled"])
         + f" (compiled vs orchestrated); per-turn cost growth {ts['compiled_per_turn_growth']:.2f}x compiled, "
         f"{ts['orchestrated_per_turn_growth']:.2f}x orchestrated (1.0 = linear episode time)",
-        "- throughput (generated tokens/s by parallel environments): "
+        f"- throughput (generated tokens/s by parallel environments, {tp['episodes']} episodes on {tp['env_id']}): "
         + ", ".join(f"{k}: {v:.0f}" for k, v in tp["tokens_per_s"].items())
         + f"; {max(tp['tokens_per_s'], key=int)} vs {min(tp['tokens_per_s'], key=int)}: **{tp['ratio']:.1f}x**",
         f"- peak memory: {', '.join(f'{k} {v:.0f}' for k, v in result['memory'].items())}",

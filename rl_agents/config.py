@@ -366,13 +366,17 @@ def validate_train(cfg: DictConfig, run_dir: Path) -> None:
                 )
 
 
+def _check_checkpoint(checkpoint: str) -> None:
+    path = Path(checkpoint)
+    if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+        raise ConfigError(f"checkpoint={checkpoint!r} is not a saved policy directory (no config.json)")
+
+
 def validate_evaluate(cfg: DictConfig) -> None:
     _check_envs(cfg)
     _check_logger(cfg)
     _check_runtime(cfg)
-    path = Path(cfg.checkpoint)
-    if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
-        raise ConfigError(f"checkpoint={cfg.checkpoint!r} is not a saved policy directory (no config.json)")
+    _check_checkpoint(cfg.checkpoint)
     unknown = [p for p in cfg.eval.policies if p not in ("teacher", "policy")]
     if unknown:
         raise ConfigError(f"unknown eval.policies {unknown}; known: teacher, policy (the checkpoint)")
@@ -385,9 +389,7 @@ def validate_bench(cfg: DictConfig) -> None:
     _check_envs(cfg)
     _check_runtime(cfg)
     if cfg.checkpoint is not None:
-        path = Path(cfg.checkpoint)
-        if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
-            raise ConfigError(f"checkpoint={cfg.checkpoint!r} is not a saved policy directory (no config.json)")
+        _check_checkpoint(cfg.checkpoint)
     for key in ("episodes", "throughput_episodes", "limit_tokens"):
         if cfg[key] <= 0:
             raise ConfigError(f"{key} must be positive, got {cfg[key]}")
