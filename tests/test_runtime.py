@@ -126,21 +126,21 @@ def test_runtime_closes_its_environments(tiny_policy, monkeypatch):
     assert closed
 
 
-def test_another_architecture_with_grouped_query_attention_decodes_the_same_cached_and_re_encoded(tiny_policy):
-    """The slot cache on Qwen2 (one key/value head for two query heads, biases): the same tokens as re-encoding."""
+def _qwen2(tokenizer, **overrides):
+    """A small random Qwen2: another architecture than the tiny Llama (biases, grouped-query attention)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+    return Qwen2ForCausalLM(
+        Qwen2Config(**{**shape, "intermediate_size": 64, "vocab_size": len(tokenizer), **overrides})
+    )
+
+
+def test_another_architecture_with_grouped_query_attention_decodes_the_same_cached_and_re_encoded(tiny_policy):
+    """The slot cache on Qwen2 (one key/value head for two query heads, biases): the same tokens as re-encoding."""
     _, _, tokenizer = tiny_policy
     torch.manual_seed(0)
-    config = Qwen2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        vocab_size=len(tokenizer),
-    )
-    model = Qwen2ForCausalLM(config).eval()
+    model = _qwen2(tokenizer, num_key_value_heads=1).eval()
     eot, letter = tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids("a")
     forced = [[[letter] * n + [eot]] for n in (2, 9, 4, 6, 3)]  # a first turn of its own length per seed
     runs = {}
@@ -152,20 +152,8 @@ def test_another_architecture_with_grouped_query_attention_decodes_the_same_cach
 
 
 def test_a_model_with_sliding_window_layers_is_refused_with_a_clear_error(tiny_policy):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     _, _, tokenizer = tiny_policy
-    config = Qwen2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=len(tokenizer),
-        use_sliding_window=True,
-        sliding_window=16,
-        max_window_layers=0,
-    )
+    sliding = dict(use_sliding_window=True, sliding_window=16, max_window_layers=0)
     with pytest.raises(ValueError, match="sliding_attention"):
-        Runtime(Qwen2ForCausalLM(config), tokenizer, RuntimeConfig())
-    Runtime(Qwen2ForCausalLM(config), tokenizer, RuntimeConfig(use_cache=False))  # re-encoding needs no cache
+        Runtime(_qwen2(tokenizer, **sliding), tokenizer, RuntimeConfig())
+    Runtime(_qwen2(tokenizer, **sliding), tokenizer, RuntimeConfig(use_cache=False))  # re-encoding needs no cache
