@@ -196,7 +196,6 @@ class Runtime:
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.stats = {"generated_tokens": 0, "forward_passes": 0, "prefills": 0, "wall_s": 0.0}
-        self._slot_index: dict[int, torch.Tensor] = {}
         layer_types = getattr(model.config.get_text_config(), "layer_types", None) or ["full_attention"]
         if config.use_cache and set(layer_types) != {"full_attention"}:
             raise ValueError(
@@ -348,10 +347,8 @@ class Runtime:
         cache.width = max(lengths) + 1
         cache.offset = cache.width - 1
         cache.reserve(cache.width)
-        if len(lengths) not in self._slot_index:
-            self._slot_index[len(lengths)] = torch.arange(len(lengths), device=self.device)
         columns = torch.tensor(lengths, device=self.device)
-        cache.write_at = (self._slot_index[len(lengths)], columns)
+        cache.write_at = (torch.arange(len(lengths), device=self.device), columns)
         mask = None  # every slot as long as the others: plain causal attention
         if min(lengths) < cache.width - 1:
             # each slot attends its own tokens and the one it feeds (padding too: no row attends nothing)
