@@ -11,7 +11,8 @@ One iteration (``rl.steps`` of them):
 5. GAE over the action tokens only: observation tokens are skipped, so the value of the first token of turn
    k+1 bootstraps the last token of turn k and credit flows across turns;
 6. ``algo.epochs`` passes of minibatch updates: clipped policy loss, clipped value loss, an optional entropy
-   bonus and, with ``algo.kl_in=loss``, ``beta * KL`` (the k3 estimator) in the loss.
+   bonus and, with ``algo.kl_in=loss``, ``beta * KL`` (the k3 estimator) in the loss; the policy's and the
+   critic's gradients are clipped to ``algo.max_grad_norm`` apart.
 
 Tensors over a sequence are *action-aligned*: index t concerns token t+1 (the logits at t predict it, and the
 critic's value at t is the value of the state before it). The critic is a copy of the policy's transformer
@@ -315,9 +316,9 @@ class PPO:
                     loss = loss + algo.beta * losses["kl_loss"]
                 self.optimizer.zero_grad()
                 acc.backward(loss)
-                losses["grad_norm"] = acc.clip_grad_norm_(
-                    list(self.policy.parameters()) + list(self.critic.parameters()), algo.max_grad_norm
-                )
+                # clipped apart: a young critic's large value gradients must not shrink the policy's step
+                losses["grad_norm"] = acc.clip_grad_norm_(self.policy.parameters(), algo.max_grad_norm)
+                losses["value_grad_norm"] = acc.clip_grad_norm_(self.critic.parameters(), algo.max_grad_norm)
                 self.optimizer.step()
                 for k, v in losses.items():
                     stats.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))

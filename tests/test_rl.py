@@ -140,6 +140,25 @@ def test_ppo_turn_rewards_sit_on_the_last_token_of_each_turn(tmp_path, tiny_poli
     assert isinstance(batch[torch.tensor([0, 1])], Batch)
 
 
+def test_ppo_policy_step_does_not_depend_on_the_value_loss(tmp_path, tiny_policy):
+    """Policy and critic gradients are clipped apart: a huge value loss must not shrink the policy's step."""
+    from rl_agents.ppo import PPO
+
+    policy_dir = tiny_policy[0]
+    after = []
+    for vf_coef in (1.0, 1000.0):
+        cfg = _cfg(policy_dir, tmp_path, "algo=ppo", "rl.steps=1", "algo.learning_rate=1e-3", "algo.warmup_steps=0",
+                   "rl.shaping.per_turn=-0.1", "rl.temperature=1.5", f"algo.vf_coef={vf_coef}")  # fmt: skip
+        ppo = PPO(cfg, policy_dir, policy_dir, tmp_path / f"vf{vf_coef}", tracking.Tracker())
+        metrics = ppo.iteration()
+        after.append({k: v.detach().clone() for k, v in ppo.policy.state_dict().items()})
+        assert metrics["value_grad_norm"] > 0
+    start = _weights(policy_dir)
+    assert any(not torch.equal(after[0][k], start[k]) for k in start), "the step changed the policy"
+    for key in start:
+        assert torch.allclose(after[0][key], after[1][key], atol=1e-6), key
+
+
 def test_grpo_rollouts_return_trl_fields_with_env_mask_and_sampling_logprobs(tmp_path, tiny_policy):
     from rl_agents.grpo import make_trainer
 
