@@ -18,6 +18,10 @@ p90), success, tokens per second, ``speedup`` (orchestrated / compiled median st
 (episode time at 2, 4, 8, 16 turns for both, replaying a teacher's episodes token for token so both
 decode exactly the same tokens and meet the same observations), ``throughput`` (the runtime's tokens per
 second against the number of parallel environments) and peak memory.
+
+With ``scale.sizes`` (e.g. ``[128x4,256x6,512x8]``) the run adds ``model_scale``: the replayed speedup and the
+throughput ratio of randomly initialised models of each size, replaying teacher tokens so that an untrained
+model does a trained one's work.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rl_agents.collect import teacher_episode
 from rl_agents.config import ConfigError, EnvConfig, ModelConfig, env_entries, validate_bench
-from rl_agents.model import load_policy
+from rl_agents.model import build_tiny_model, load_policy
 from rl_agents.runtime import Runtime, RuntimeConfig
 from rl_agents.teachers import SYSTEM_PROMPT
 from rl_agents.trajectory import (
@@ -74,6 +78,15 @@ class TurnScalingConfig:
 
 
 @dataclass
+class ScaleConfig:
+    sizes: list[str] = field(default_factory=list)
+    """model sizes as HIDDENxLAYERS (e.g. 256x6): randomly initialised models of the tiny shape scaled up
+    (heads of 32 dims, MLP 3x hidden), on the checkpoint's tokenizer; empty: no scale section"""
+    episodes: int = 256
+    """teacher episodes replayed at each size for the throughput ratio"""
+
+
+@dataclass
 class BenchConfig:
     checkpoint: str | None = None
     """a saved policy directory; none: train a quick one first (``quick``)"""
@@ -98,6 +111,7 @@ class BenchConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     turn_scaling: TurnScalingConfig = field(default_factory=TurnScalingConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
 
 
 ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
@@ -281,18 +295,70 @@ def turn_scaling(cfg: DictConfig, model, tokenizer, runtime_cfg: RuntimeConfig) 
     return out
 
 
-def throughput(cfg: DictConfig, model, tokenizer, runtime_cfg: RuntimeConfig, env_id: str, kwargs: dict) -> dict:
+def throughput(
+    cfg: DictConfig,
+    model,
+    tokenizer,
+    runtime_cfg: RuntimeConfig,
+    env_id: str,
+    kwargs: dict,
+    seeds: list[int] | None = None,
+    forced: list[list[list[int]]] | None = None,
+) -> dict:
     """The runtime's generated tokens per second against the number of parallel environments."""
     n = max(cfg.throughput_episodes, max(cfg.parallel))
-    seeds = list(range(cfg.env.eval_seed_start, cfg.env.eval_seed_start + n))
+    seeds = seeds or list(range(cfg.env.eval_seed_start, cfg.env.eval_seed_start + n))
+    n = len(seeds)
     rates = {}
     for parallel in cfg.parallel:
         config = RuntimeConfig(**{**vars(runtime_cfg), "batch_size": parallel})
         runtime = Runtime(model, tokenizer, config)
-        runtime.run(env_id, seeds, kwargs)
+        runtime.run(env_id, seeds, kwargs, forced=forced)
         rates[str(parallel)] = runtime.stats["generated_tokens"] / runtime.stats["wall_s"]
     lo, hi = str(min(cfg.parallel)), str(max(cfg.parallel))
     return {"tokens_per_s": rates, "env_id": env_id, "episodes": n, "ratio": rates[hi] / rates[lo]}
+
+
+def model_scale(cfg: DictConfig, tokenizer, runtime_cfg: RuntimeConfig, env_id: str, entry, device) -> dict:
+    """Speedup and throughput ratio of randomly initialised models of each size in ``cfg.scale.sizes``.
+
+    Both figures replay teacher tokens (the turn-scaling episodes; the env's teacher on ``scale.episodes``
+    held-out seeds), so an untrained model does exactly a trained one's work.
+    """
+    env = gym.make(env_id, **entry.kwargs)
+    teacher = hydra.utils.instantiate(entry.teacher)
+    seeds = list(range(cfg.env.eval_seed_start, cfg.env.eval_seed_start + cfg.scale.episodes))
+    try:
+        forced = [
+            [
+                agent_ids(tokenizer, t.agent)
+                for t in teacher_episode(env, teacher, s, env_id, runtime_cfg.max_turns).turns
+            ]
+            for s in seeds
+        ]
+    finally:
+        env.close()
+    config = RuntimeConfig(**vars(runtime_cfg))
+    config.max_new_tokens = max(config.max_new_tokens, max(len(t) for f in forced for t in f))
+    out = {}
+    for size in cfg.scale.sizes:
+        hidden, layers = (int(x) for x in str(size).lower().split("x"))
+        model = build_tiny_model(
+            tokenizer, cfg.seed, hidden, layers, max(1, hidden // 32), 3 * hidden, config.max_context
+        )
+        model.to(device).eval()
+        Runtime(model, tokenizer, config).run(env_id, seeds[:1], entry.kwargs, forced=forced[:1])  # warm-up
+        scaling = turn_scaling(cfg, model, tokenizer, config)
+        tp = throughput(cfg, model, tokenizer, config, env_id, entry.kwargs, seeds, forced)
+        out[str(size)] = {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "speedup": scaling["orchestrated_step_latency_ms"]["median"]
+            / scaling["compiled_step_latency_ms"]["median"],
+            "step_latency_ms": {a: scaling[f"{a}_step_latency_ms"]["median"] for a in ("compiled", "orchestrated")},
+            "throughput": tp,
+        }
+        log.info("bench scale %s: %s", size, out[str(size)])
+    return out
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
@@ -343,7 +409,7 @@ def bench(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
         "success": {a: {e: m["success_rate"] for e, m in approaches[a].items()} for a in approaches},
         "approaches": approaches,
         "limit": {"raw_decode_tokens_per_s": raw, "runtime_decode_tokens_per_s": compiled_rate},
-        "memory": peak_memory_mb(device),
+        "memory": peak_memory_mb(device),  # before the scale section's larger models
         "env_id": first_env,
         "seeds": {"start": cfg.env.eval_seed_start, "count": cfg.episodes},
         "device": torch.cuda.get_device_name(device)
@@ -351,6 +417,8 @@ def bench(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
         else f"cpu ({torch.get_num_threads()} threads)",
         "model_parameters": sum(p.numel() for p in model.parameters()),
     }
+    if cfg.scale.sizes:
+        result["model_scale"] = model_scale(cfg, tokenizer, runtime_cfg, first_env, entries[first_env], device)
     return result
 
 
@@ -402,6 +470,12 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"- throughput (generated tokens/s by parallel environments, {tp['episodes']} episodes on {tp['env_id']}): "
         + ", ".join(f"{k}: {v:.0f}" for k, v in tp["tokens_per_s"].items())
         + f"; {max(tp['tokens_per_s'], key=int)} vs {min(tp['tokens_per_s'], key=int)}: **{tp['ratio']:.1f}x**",
+        *(
+            f"- model scale {size} ({m['parameters']:,} parameters, random init, teacher tokens replayed): "
+            f"speedup {m['speedup']:.2f}x, throughput {m['throughput']['ratio']:.1f}x "
+            f"({', '.join(f'{k}: {v:.0f}' for k, v in m['throughput']['tokens_per_s'].items())} tokens/s)"
+            for size, m in result.get("model_scale", {}).items()
+        ),
         f"- peak memory: {', '.join(f'{k} {v:.0f}' for k, v in result['memory'].items())}",
         f"- device: {result['device']}; model: {result['model_parameters']:,} parameters",
         "",

@@ -396,6 +396,12 @@ def validate_bench(cfg: DictConfig) -> None:
     for key in ("turns", "parallel"):
         if not cfg[key] or any(n <= 0 for n in cfg[key]):
             raise ConfigError(f"{key} must be a non-empty list of positive numbers, got {list(cfg[key])}")
+    for size in cfg.scale.sizes:
+        parts = str(size).lower().split("x")
+        if len(parts) != 2 or not all(x.isdigit() and int(x) > 0 for x in parts):
+            raise ConfigError(f"scale.sizes: {size!r} is not HIDDENxLAYERS (e.g. 256x6)")
+    if cfg.scale.episodes <= 0:
+        raise ConfigError(f"scale.episodes must be positive, got {cfg.scale.episodes}")
     if cfg.turn_scaling.episodes <= 0:
         raise ConfigError(f"turn_scaling.episodes must be positive, got {cfg.turn_scaling.episodes}")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):

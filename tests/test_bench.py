@@ -65,7 +65,7 @@ def test_bench_cli_writes_the_report(smoke_run, tmp_path):
     out = tmp_path / "bench"
     _run("rl_agents.bench", f"checkpoint={smoke_run / 'bc' / 'policy'}", "env=calculator_sql", "episodes=2",
          "turns=[2,4]", "parallel=[1,2]", "throughput_episodes=2", "limit_tokens=8", "turn_scaling.episodes=1",
-         "runtime.max_new_tokens=24", f"hydra.run.dir={out}")  # fmt: skip
+         "runtime.max_new_tokens=24", "scale.sizes=[32x2]", "scale.episodes=2", f"hydra.run.dir={out}")  # fmt: skip
     data = json.loads((out / "bench.json").read_text())
     for key in ("speedup", "limit_fraction", "turn_scaling", "throughput", "success", "memory"):
         assert key in data, key
@@ -73,6 +73,10 @@ def test_bench_cli_writes_the_report(smoke_run, tmp_path):
     assert set(data["success"]["compiled"]) == set(data["success"]["orchestrated"]) == {"Calculator-v0", "SQL-v0"}
     assert set(data["turn_scaling"]["compiled"]) == {"2", "4"} and set(data["throughput"]["tokens_per_s"]) == {"1", "2"}
     assert data["turn_scaling"]["compiled"]["4"] > data["turn_scaling"]["compiled"]["2"]
+    scale = data["model_scale"]["32x2"]  # a random 32-wide, 2-layer model replaying the teacher's tokens
+    assert scale["speedup"] > 0 and scale["parameters"] > 0
+    assert set(scale["throughput"]["tokens_per_s"]) == {"1", "2"} and scale["throughput"]["episodes"] == 2
+    assert "model scale 32x2" in (out / "bench.md").read_text()
     assert "Regenerate: `python -m rl_agents.bench" in (out / "bench.md").read_text()
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -82,6 +86,8 @@ def test_bench_refuses_a_bad_config_before_any_work(tmp_path):
     assert proc.returncode != 0 and "checkpoint='/nonexistent'" in proc.stderr
     proc = _run("rl_agents.bench", "parallel=[0]", f"hydra.run.dir={tmp_path / 'c'}", check=False)
     assert proc.returncode != 0 and "parallel must be" in proc.stderr
+    proc = _run("rl_agents.bench", "scale.sizes=[256]", f"hydra.run.dir={tmp_path / 'd'}", check=False)
+    assert proc.returncode != 0 and "scale.sizes: '256' is not HIDDENxLAYERS" in proc.stderr
 
 
 @pytest.mark.benchmark
