@@ -47,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rl_agents.collect import teacher_episode
-from rl_agents.config import ConfigError, EnvConfig, ModelConfig, env_entries, validate_bench
+from rl_agents.config import ConfigError, EnvConfig, ModelConfig, env_entries, scale_size, validate_bench
 from rl_agents.model import build_tiny_model, load_policy
 from rl_agents.runtime import Runtime, RuntimeConfig
 from rl_agents.teachers import SYSTEM_PROMPT
@@ -306,9 +306,9 @@ def throughput(
     forced: list[list[list[int]]] | None = None,
 ) -> dict:
     """The runtime's generated tokens per second against the number of parallel environments."""
-    n = max(cfg.throughput_episodes, max(cfg.parallel))
-    seeds = seeds or list(range(cfg.env.eval_seed_start, cfg.env.eval_seed_start + n))
-    n = len(seeds)
+    if seeds is None:
+        n = max(cfg.throughput_episodes, max(cfg.parallel))
+        seeds = list(range(cfg.env.eval_seed_start, cfg.env.eval_seed_start + n))
     rates = {}
     for parallel in cfg.parallel:
         config = RuntimeConfig(**{**vars(runtime_cfg), "batch_size": parallel})
@@ -316,7 +316,7 @@ def throughput(
         runtime.run(env_id, seeds, kwargs, forced=forced)
         rates[str(parallel)] = runtime.stats["generated_tokens"] / runtime.stats["wall_s"]
     lo, hi = str(min(cfg.parallel)), str(max(cfg.parallel))
-    return {"tokens_per_s": rates, "env_id": env_id, "episodes": n, "ratio": rates[hi] / rates[lo]}
+    return {"tokens_per_s": rates, "env_id": env_id, "episodes": len(seeds), "ratio": rates[hi] / rates[lo]}
 
 
 def model_scale(cfg: DictConfig, tokenizer, runtime_cfg: RuntimeConfig, env_id: str, entry, device) -> dict:
@@ -342,7 +342,7 @@ def model_scale(cfg: DictConfig, tokenizer, runtime_cfg: RuntimeConfig, env_id: 
     config.max_new_tokens = max(config.max_new_tokens, max(len(t) for f in forced for t in f))
     out = {}
     for size in cfg.scale.sizes:
-        hidden, layers = (int(x) for x in str(size).lower().split("x"))
+        hidden, layers = scale_size(size)
         model = build_tiny_model(
             tokenizer, cfg.seed, hidden, layers, max(1, hidden // 32), 3 * hidden, config.max_context
         )

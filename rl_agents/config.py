@@ -384,6 +384,14 @@ def validate_evaluate(cfg: DictConfig) -> None:
         _check_teacher(cfg)
 
 
+def scale_size(size: str) -> tuple[int, int]:
+    """``HIDDENxLAYERS`` (e.g. ``256x6``) of the bench's ``scale.sizes`` as (hidden size, layers)."""
+    parts = str(size).lower().split("x")
+    if len(parts) != 2 or not all(x.isdigit() and int(x) > 0 for x in parts):
+        raise ConfigError(f"scale.sizes: {size!r} is not HIDDENxLAYERS (e.g. 256x6)")
+    return int(parts[0]), int(parts[1])
+
+
 def validate_bench(cfg: DictConfig) -> None:
     """The checks of ``python -m rl_agents.bench``."""
     _check_envs(cfg)
@@ -397,9 +405,7 @@ def validate_bench(cfg: DictConfig) -> None:
         if not cfg[key] or any(n <= 0 for n in cfg[key]):
             raise ConfigError(f"{key} must be a non-empty list of positive numbers, got {list(cfg[key])}")
     for size in cfg.scale.sizes:
-        parts = str(size).lower().split("x")
-        if len(parts) != 2 or not all(x.isdigit() and int(x) > 0 for x in parts):
-            raise ConfigError(f"scale.sizes: {size!r} is not HIDDENxLAYERS (e.g. 256x6)")
+        scale_size(size)
     if cfg.scale.episodes <= 0:
         raise ConfigError(f"scale.episodes must be positive, got {cfg.scale.episodes}")
     if cfg.turn_scaling.episodes <= 0:
