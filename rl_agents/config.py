@@ -314,6 +314,14 @@ def _check_rl(cfg: DictConfig, run_dir: Path) -> None:
             raise ConfigError(f"algo.kl_in must be 'reward' or 'loss', got {algo.kl_in!r}")
         if algo.epochs <= 0:
             raise ConfigError(f"algo.epochs must be positive, got {algo.epochs}")
+        for key in ("lam", "critic_lam"):
+            if algo[key] is not None and not 0 <= algo[key] <= 1:
+                raise ConfigError(f"algo.{key} must be in [0, 1], got {algo[key]}")
+        if not 0 <= algo.critic_warmup_steps < rl.steps:
+            raise ConfigError(
+                f"algo.critic_warmup_steps={algo.critic_warmup_steps} must be in [0, rl.steps={rl.steps}): "
+                "the policy would never be trained"
+            )
     if cfg.peft.enabled:
         raise ConfigError("the rl stage trains full weights for now: run it with peft=none (LoRA RL is not built yet)")
     for key in ("init_from", "ref_from"):

@@ -9,10 +9,13 @@ One iteration (``rl.steps`` of them):
 4. rewards: each turn's reward (``rl.turn_rewards``) on the turn's last token and, with ``algo.kl_in=reward``,
    ``-beta * (logp - ref_logp)`` on every action token;
 5. GAE over the action tokens only: observation tokens are skipped, so the value of the first token of turn
-   k+1 bootstraps the last token of turn k and credit flows across turns;
+   k+1 bootstraps the last token of turn k and credit flows across turns. The critic's targets may use their
+   own lambda (``algo.critic_lam``; 1.0 regresses on the returns, VC-PPO's decoupled GAE);
 6. ``algo.epochs`` passes of minibatch updates: clipped policy loss, clipped value loss, an optional entropy
    bonus and, with ``algo.kl_in=loss``, ``beta * KL`` (the k3 estimator) in the loss; the policy's and the
-   critic's gradients are clipped to ``algo.max_grad_norm`` apart.
+   critic's gradients are clipped to ``algo.max_grad_norm`` apart. The first ``algo.critic_warmup_steps``
+   iterations update the critic only (value pretraining), so the policy's first advantages come from a
+   critic that has seen its returns.
 
 Tensors over a sequence are *action-aligned*: index t concerns token t+1 (the logits at t predict it, and the
 critic's value at t is the value of the state before it). The critic is a copy of the policy's transformer
@@ -159,6 +162,19 @@ def masked_gae(
     return advantages, (advantages + values) * mask
 
 
+def advantages_and_returns(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, algo: DictConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's advantages (GAE at ``algo.lam``, whitened if asked) and the critic's targets (GAE returns at
+    ``algo.critic_lam``, default ``algo.lam``)."""
+    advantages, returns = masked_gae(rewards, values, mask, algo.gamma, algo.lam)
+    if algo.critic_lam is not None and algo.critic_lam != algo.lam:  # decoupled GAE: the critic's own targets
+        returns = masked_gae(rewards, values, mask, algo.gamma, algo.critic_lam)[1]
+    if algo.normalize_advantages:
+        advantages = whiten(advantages, mask)
+    return advantages, returns
+
+
 def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
     var = masked_mean((target - masked_mean(target, mask)) ** 2, mask)
     residual = target - predicted
@@ -284,15 +300,14 @@ class PPO:
         old = self.score(batch)
         kl = (old["logp"] - old["ref_logp"]) * mask  # sampled log-ratio: its expectation is KL(policy || reference)
         rewards = batch.rewards - algo.beta * kl if algo.kl_in == "reward" else batch.rewards
-        advantages, returns = masked_gae(rewards, old["values"], mask, algo.gamma, algo.lam)
-        if algo.normalize_advantages:
-            advantages = whiten(advantages, mask)
+        advantages, returns = advantages_and_returns(rewards, old["values"], mask, algo)
 
         self.policy.train()
         self.critic.train()
         generator = torch.Generator().manual_seed(
             int(np.random.default_rng([self.cfg.seed, self.step, 3]).integers(2**31))
         )
+        warmup = self.step < algo.critic_warmup_steps  # value pretraining: the policy is not updated
         stats: dict[str, list[float]] = {}
         n = len(episodes)
         for _ in range(algo.epochs):
@@ -301,7 +316,8 @@ class PPO:
                 mb = batch[rows]
                 width = mb.input_ids.shape[1] - 1
                 m = mb.action_mask
-                logp, entropy = token_logprobs(self.policy, mb, rl.temperature)
+                with torch.set_grad_enabled(not warmup):
+                    logp, entropy = token_logprobs(self.policy, mb, rl.temperature)
                 values = self.critic(mb.input_ids, mb.attention_mask)[:, :-1]
                 losses = ppo_losses(
                     logp, old["logp"][rows, :width], advantages[rows, :width], values, old["values"][rows, :width],
@@ -314,6 +330,8 @@ class PPO:
                 )
                 if algo.kl_in == "loss":
                     loss = loss + algo.beta * losses["kl_loss"]
+                if warmup:
+                    loss = algo.vf_coef * losses["value_loss"]
                 self.optimizer.zero_grad()
                 acc.backward(loss)
                 # clipped apart: a young critic's large value gradients must not shrink the policy's step

@@ -110,6 +110,12 @@ class PPOAlgoConfig(AlgoConfig):
     entropy_coef: float = 0.0
     gamma: float = 1.0
     lam: float = 0.95
+    """GAE lambda of the policy's advantages"""
+    critic_lam: float | None = None
+    """GAE lambda of the critic's value targets (None: lam); 1.0 regresses on the returns themselves, so the
+    critic does not learn its own bias back (decoupled GAE, VC-PPO: Yuan et al. 2025)"""
+    critic_warmup_steps: int = 0
+    """the first iterations train the critic only, the policy frozen (value pretraining, as verl's critic_warmup)"""
     normalize_advantages: bool = True
 
 

@@ -159,6 +159,45 @@ def test_ppo_policy_step_does_not_depend_on_the_value_loss(tmp_path, tiny_policy
         assert torch.allclose(after[0][key], after[1][key], atol=1e-6), key
 
 
+def test_ppo_critic_warmup_trains_the_critic_only_then_the_policy(tmp_path, tiny_policy):
+    """Value pretraining: iterations before algo.critic_warmup_steps leave the policy exactly as it was."""
+    from rl_agents.ppo import PPO
+
+    policy_dir = tiny_policy[0]
+    cfg = _cfg(policy_dir, tmp_path, "algo=ppo", "rl.steps=2", "algo.learning_rate=1e-3", "algo.warmup_steps=0",
+               "rl.shaping.per_turn=-0.1", "rl.temperature=1.5", "algo.critic_warmup_steps=1", "algo.critic_lam=1.0")  # fmt: skip
+    ppo = PPO(cfg, policy_dir, policy_dir, tmp_path / "rl", tracking.Tracker())
+    start = _weights(policy_dir)
+    critic_start = {k: v.detach().clone() for k, v in ppo.critic.state_dict().items()}
+    ppo.iteration()
+    policy = ppo.policy.state_dict()
+    assert all(torch.equal(policy[k], start[k]) for k in start), "the warm-up step changed the policy"
+    assert any(not torch.equal(v, critic_start[k]) for k, v in ppo.critic.state_dict().items())
+    ppo.iteration()
+    policy = ppo.policy.state_dict()
+    assert any(not torch.equal(policy[k], start[k]) for k in start), "the step after the warm-up left the policy"
+
+
+def test_ppo_decoupled_lambda_gives_the_critic_monte_carlo_returns():
+    """critic_lam=1: the value targets are the returns-to-go whatever the values; the advantages keep lam."""
+    from omegaconf import OmegaConf
+
+    from rl_agents.ppo import advantages_and_returns
+    from rl_agents.rl import PPOAlgoConfig
+
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]])
+    rewards = torch.tensor([[0.0, 0.5, 0.0, 1.0]])
+    values = torch.tensor([[0.3, 0.9, 5.0, 0.1]])  # 5.0 sits on an observation token and is never read
+    algo = OmegaConf.structured(PPOAlgoConfig(lam=0.0, critic_lam=1.0, normalize_advantages=False))
+    advantages, returns = advantages_and_returns(rewards, values, mask, algo)
+    assert torch.allclose(returns, torch.tensor([[1.5, 1.5, 0.0, 1.0]]))
+    # lam=0: one-step advantages r + V(next) - V: 0 + .9 - .3, .5 + .1 - .9, 1 - .1
+    assert torch.allclose(advantages, torch.tensor([[0.6, -0.3, 0.0, 0.9]]))
+    algo.critic_lam = None  # coupled: the targets are the one-step ones, which carry the critic's own values
+    _, coupled = advantages_and_returns(rewards, values, mask, algo)
+    assert torch.allclose(coupled, torch.tensor([[0.9, 0.6, 0.0, 1.0]]))
+
+
 def test_grpo_rollouts_return_trl_fields_with_env_mask_and_sampling_logprobs(tmp_path, tiny_policy):
     from rl_agents.grpo import make_trainer
 
