@@ -81,7 +81,7 @@ def make_trainer(
         packing=config.packing,
         packing_strategy="bfd",
         train_sampling_strategy="group_by_length" if config.group_by_length and not config.packing else "random",
-        gradient_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=config.gradient_checkpointing,
         logging_steps=config.logging_steps,
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,

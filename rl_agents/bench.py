@@ -151,7 +151,7 @@ class Orchestrated:
             if token == self.eot_id:
                 break
             step = torch.tensor([[token]], device=self.device)
-            out = self.model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+            out = self.model(input_ids=step, cache=out.cache, use_cache=True)
         self.stats["generated_tokens"] += len(generated)
         body = generated[:-1] if generated[-1] == self.eot_id else generated
         return self.tokenizer.decode(body, skip_special_tokens=False)
@@ -231,7 +231,7 @@ def raw_decode_rate(model: PreTrainedModel, n_tokens: int, prompt_len: int = 32)
     _sync(device)
     start = time.perf_counter()
     for _ in range(n_tokens):
-        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=token, cache=out.cache, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     return n_tokens / (time.perf_counter() - start)

@@ -133,7 +133,7 @@ def make_trainer(cfg: DictConfig, init: Path, ref: Path, out_dir: Path, tracker)
         temperature=rl.temperature,
         max_completion_length=cfg.runtime.max_turns * cfg.runtime.max_new_tokens,
         disable_dropout=True,
-        gradient_checkpointing=cfg.bc.gradient_checkpointing,  # the same memory trade-off as BC (off by default)
+        activation_checkpointing=cfg.bc.gradient_checkpointing,  # the same memory trade-off as BC (off by default)
         logging_steps=rl.logging_steps,
         save_steps=rl.save_steps,
         save_total_limit=rl.save_total_limit,

@@ -38,6 +38,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModel, PreTrainedTokenizerBase, get_scheduler
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
 
@@ -235,9 +236,16 @@ class PPO:
             ],
             weight_decay=algo.weight_decay,
         )
-        scheduler = get_scheduler(
-            algo.lr_scheduler_type, optimizer, num_warmup_steps=algo.warmup_steps, num_training_steps=self.rl.steps
+        # one schedule per group: the critic's from the first iteration, the policy's from its first update (after
+        # the critic's warm-up), so the policy too warms its learning rate up from 0
+        warm = algo.critic_warmup_steps
+        policy_factor, critic_factor = (
+            get_scheduler(
+                algo.lr_scheduler_type, optimizer, num_warmup_steps=algo.warmup_steps, num_training_steps=steps
+            ).lr_lambdas[0]
+            for steps in (self.rl.steps - warm, self.rl.steps)
         )
+        scheduler = LambdaLR(optimizer, [lambda s: 0.0 if s < warm else policy_factor(s - warm), critic_factor])
         self.policy, self.critic, self.optimizer, self.scheduler = self.accelerator.prepare(
             policy, critic, optimizer, scheduler
         )
@@ -340,6 +348,7 @@ class PPO:
                 self.optimizer.step()
                 for k, v in losses.items():
                     stats.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
+        learning_rates = self.scheduler.get_last_lr()  # the rates this iteration's updates used
         self.scheduler.step()
         self.step += 1
 
@@ -350,7 +359,8 @@ class PPO:
             kl_episode=float(kl.sum() / len(episodes)),  # the sampled log-ratio, summed over an episode's actions
             explained_variance=explained_variance(old["values"], returns, mask),
             value_mean=float(masked_mean(old["values"], mask)),
-            learning_rate=self.scheduler.get_last_lr()[0],
+            learning_rate=learning_rates[0],
+            critic_learning_rate=learning_rates[1],
             rollout_s=rollout_s,
             step_s=time.perf_counter() - start,
         )

@@ -319,7 +319,7 @@ class Runtime:
             input_ids=block.to(self.device),
             attention_mask=None if bool(mask.all()) else mask.to(self.device),  # no padding: plain causal
             position_ids=positions.to(self.device),
-            past_key_values=past,
+            cache=past,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -327,7 +327,7 @@ class Runtime:
             for s in rows:
                 cache.lengths[s] += width
         else:
-            cache.scatter(rows, counts, out.past_key_values, index)
+            cache.scatter(rows, counts, out.cache, index)
         self.stats["forward_passes"] += 1
         self.stats["prefills"] += 1
         return out.logits[:, -1, :].float()
@@ -357,7 +357,7 @@ class Runtime:
             input_ids=torch.tensor(ids, device=self.device)[:, None],
             attention_mask=mask,
             position_ids=torch.tensor(positions, device=self.device)[:, None],
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )

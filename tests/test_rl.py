@@ -169,7 +169,8 @@ def test_ppo_critic_warmup_trains_the_critic_only_then_the_policy(tmp_path, tiny
     ppo = PPO(cfg, policy_dir, policy_dir, tmp_path / "rl", tracking.Tracker())
     start = _weights(policy_dir)
     critic_start = {k: v.detach().clone() for k, v in ppo.critic.state_dict().items()}
-    ppo.iteration()
+    warm = ppo.iteration()
+    assert warm["learning_rate"] == 0.0 < warm["critic_learning_rate"]  # the policy's schedule has not started
     policy = ppo.policy.state_dict()
     assert all(torch.equal(policy[k], start[k]) for k in start), "the warm-up step changed the policy"
     assert any(not torch.equal(v, critic_start[k]) for k, v in ppo.critic.state_dict().items())
