@@ -314,6 +314,8 @@ def _check_rl(cfg: DictConfig, run_dir: Path) -> None:
             raise ConfigError(f"algo.kl_in must be 'reward' or 'loss', got {algo.kl_in!r}")
         if algo.epochs <= 0:
             raise ConfigError(f"algo.epochs must be positive, got {algo.epochs}")
+        if algo.gae_level not in ("token", "turn"):
+            raise ConfigError(f"algo.gae_level must be 'token' or 'turn', got {algo.gae_level!r}")
         for key in ("lam", "critic_lam"):
             if algo[key] is not None and not 0 <= algo[key] <= 1:
                 raise ConfigError(f"algo.{key} must be in [0, 1], got {algo[key]}")

@@ -10,7 +10,8 @@ One iteration (``rl.steps`` of them):
    ``-beta * (logp - ref_logp)`` on every action token;
 5. GAE over the action tokens only: observation tokens are skipped, so the value of the first token of turn
    k+1 bootstraps the last token of turn k and credit flows across turns. The critic's targets may use their
-   own lambda (``algo.critic_lam``; 1.0 regresses on the returns, VC-PPO's decoupled GAE);
+   own lambda (``algo.critic_lam``; 1.0 regresses on the returns, VC-PPO's decoupled GAE), and with
+   ``algo.gae_level=turn`` gamma and lambda apply once per turn instead of once per token;
 6. ``algo.epochs`` passes of minibatch updates: clipped policy loss, clipped value loss, an optional entropy
    bonus and, with ``algo.kl_in=loss``, ``beta * KL`` (the k3 estimator) in the loss; the policy's and the
    critic's gradients are clipped to ``algo.max_grad_norm`` apart. The first ``algo.critic_warmup_steps``
@@ -142,21 +143,29 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
 
 
 def masked_gae(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float, per_turn: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over the masked steps of each row; unmasked steps are skipped.
 
     A row's masked steps form one episode: the step after a masked step is the next masked step (across any
     unmasked gap: an observation between two turns), and the episode ends after the last one (value 0).
-    Rewards must sit on masked steps. Returns (advantages, returns), both 0 where the mask is 0.
+    Rewards must sit on masked steps. ``per_turn``: ``gamma`` and ``lam`` apply once per turn (a turn is a run
+    of masked steps), between its last step and the next turn's first, and not between the tokens of a turn,
+    so credit decays with the turns an action is from its reward, not with the tokens. Returns (advantages,
+    returns), both 0 where the mask is 0.
     """
     advantages = torch.zeros_like(values)
     next_value = torch.zeros_like(values[:, 0])
     running = torch.zeros_like(values[:, 0])
+    ends = mask.bool() & ~torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1).bool()  # a turn's last step
     for t in reversed(range(values.shape[1])):
         step = mask[:, t].bool()
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        gae = delta + gamma * lam * running
+        g, gl = gamma, gamma * lam
+        if per_turn:
+            g = torch.where(ends[:, t], gamma, 1.0)
+            gl = torch.where(ends[:, t], gamma * lam, 1.0)
+        delta = rewards[:, t] + g * next_value - values[:, t]
+        gae = delta + gl * running
         advantages[:, t] = torch.where(step, gae, 0.0)
         running = torch.where(step, gae, running)
         next_value = torch.where(step, values[:, t], next_value)
@@ -168,9 +177,10 @@ def advantages_and_returns(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The policy's advantages (GAE at ``algo.lam``, whitened if asked) and the critic's targets (GAE returns at
     ``algo.critic_lam``, default ``algo.lam``)."""
-    advantages, returns = masked_gae(rewards, values, mask, algo.gamma, algo.lam)
+    per_turn = algo.gae_level == "turn"
+    advantages, returns = masked_gae(rewards, values, mask, algo.gamma, algo.lam, per_turn)
     if algo.critic_lam is not None and algo.critic_lam != algo.lam:  # decoupled GAE: the critic's own targets
-        returns = masked_gae(rewards, values, mask, algo.gamma, algo.critic_lam)[1]
+        returns = masked_gae(rewards, values, mask, algo.gamma, algo.critic_lam, per_turn)[1]
     if algo.normalize_advantages:
         advantages = whiten(advantages, mask)
     return advantages, returns

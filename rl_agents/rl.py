@@ -111,6 +111,8 @@ class PPOAlgoConfig(AlgoConfig):
     gamma: float = 1.0
     lam: float = 0.95
     """GAE lambda of the policy's advantages"""
+    gae_level: str = "token"
+    """what gamma and lambda discount: token (every agent token) or turn (once per turn, between turns only)"""
     critic_lam: float | None = None
     """GAE lambda of the critic's value targets (None: lam); 1.0 regresses on the returns themselves, so the
     critic does not learn its own bias back (decoupled GAE, VC-PPO: Yuan et al. 2025)"""

@@ -47,6 +47,19 @@ def test_masked_gae_matches_hand_computation_and_skips_observations():
     assert torch.allclose(advantages[0, [0, 1, 4]], torch.tensor([1.26 - 0.5, 0.5 + 0.9 - 0.6, 0.2]))
 
 
+def test_masked_gae_per_turn_discounts_between_turns_only():
+    mask = torch.tensor([[1, 1, 0, 0, 1]], dtype=torch.float)  # two turns: steps 0-1 and step 4
+    rewards = torch.tensor([[0.0, 0.5, 0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.6, 9.0, 9.0, 0.8]])
+    advantages, returns = masked_gae(rewards, values, mask, gamma=0.9, lam=0.5, per_turn=True)
+    # A4 = 1 - .8 = .2; A1 (a turn's end) = .5 + .9 * .8 - .6 + .9 * .5 * .2 = .71; A0 (inside the turn,
+    # no discount) = .6 - .5 + .71 = .81. Per token, A0 would be .9 * .6 - .5 + .45 * .71 = .3595.
+    assert torch.allclose(advantages, torch.tensor([[0.81, 0.71, 0.0, 0.0, 0.2]]))
+    assert torch.allclose(returns, torch.tensor([[1.31, 1.31, 0.0, 0.0, 1.0]]))
+    per_token, _ = masked_gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    assert per_token[0, 0].item() == pytest.approx(0.3595)
+
+
 def test_ppo_losses_clip_as_in_the_paper():
     old = torch.zeros(1, 4)
     logp = torch.tensor([[math.log(1.5), math.log(0.5), math.log(1.5), 5.0]])  # the last token is masked out
@@ -165,7 +178,8 @@ def test_ppo_critic_warmup_trains_the_critic_only_then_the_policy(tmp_path, tiny
 
     policy_dir = tiny_policy[0]
     cfg = _cfg(policy_dir, tmp_path, "algo=ppo", "rl.steps=2", "algo.learning_rate=1e-3", "algo.warmup_steps=0",
-               "rl.shaping.per_turn=-0.1", "rl.temperature=1.5", "algo.critic_warmup_steps=1", "algo.critic_lam=1.0")  # fmt: skip
+               "rl.shaping.per_turn=-0.1", "rl.temperature=1.5", "algo.critic_warmup_steps=1",
+               "algo.critic_lam=1.0")  # fmt: skip
     ppo = PPO(cfg, policy_dir, policy_dir, tmp_path / "rl", tracking.Tracker())
     start = _weights(policy_dir)
     critic_start = {k: v.detach().clone() for k, v in ppo.critic.state_dict().items()}
