@@ -16,7 +16,8 @@ One iteration (``rl.steps`` of them):
    bonus and, with ``algo.kl_in=loss``, ``beta * KL`` (the k3 estimator) in the loss; the policy's and the
    critic's gradients are clipped to ``algo.max_grad_norm`` apart. The first ``algo.critic_warmup_steps``
    iterations update the critic only (value pretraining), so the policy's first advantages come from a
-   critic that has seen its returns.
+   critic that has seen its returns. With ``algo.target_kl``, an iteration's updates stop at the first
+   minibatch whose approximate KL to the rollout policy exceeds 1.5 x target_kl.
 
 Tensors over a sequence are *action-aligned*: index t concerns token t+1 (the logits at t predict it, and the
 critic's value at t is the value of the state before it). The critic is a copy of the policy's transformer
@@ -328,36 +329,43 @@ class PPO:
         warmup = self.step < algo.critic_warmup_steps  # value pretraining: the policy is not updated
         stats: dict[str, list[float]] = {}
         n = len(episodes)
-        for _ in range(algo.epochs):
-            for rows in torch.randperm(n, generator=generator).split(rl.minibatch_size):
-                rows = rows.to(acc.device)
-                mb = batch[rows]
-                width = mb.input_ids.shape[1] - 1
-                m = mb.action_mask
-                with torch.set_grad_enabled(not warmup):
-                    logp, entropy = token_logprobs(self.policy, mb, rl.temperature)
-                values = self.critic(mb.input_ids, mb.attention_mask)[:, :-1]
-                losses = ppo_losses(
-                    logp, old["logp"][rows, :width], advantages[rows, :width], values, old["values"][rows, :width],
-                    returns[rows, :width], m, algo.clip, algo.value_clip,
-                )  # fmt: skip
-                losses["entropy"] = masked_mean(entropy, m)
-                losses["kl_loss"] = masked_mean(kl_k3(logp, old["ref_logp"][rows, :width]), m)
-                loss = (
-                    losses["policy_loss"] + algo.vf_coef * losses["value_loss"] - algo.entropy_coef * losses["entropy"]
-                )
-                if algo.kl_in == "loss":
-                    loss = loss + algo.beta * losses["kl_loss"]
-                if warmup:
-                    loss = algo.vf_coef * losses["value_loss"]
-                self.optimizer.zero_grad()
-                acc.backward(loss)
-                # clipped apart: a young critic's large value gradients must not shrink the policy's step
-                losses["grad_norm"] = acc.clip_grad_norm_(self.policy.parameters(), algo.max_grad_norm)
-                losses["value_grad_norm"] = acc.clip_grad_norm_(self.critic.parameters(), algo.max_grad_norm)
-                self.optimizer.step()
-                for k, v in losses.items():
-                    stats.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
+        minibatches = [
+            rows for _ in range(algo.epochs) for rows in torch.randperm(n, generator=generator).split(rl.minibatch_size)
+        ]
+        updates = 0
+        for rows in minibatches:
+            rows = rows.to(acc.device)
+            mb = batch[rows]
+            width = mb.input_ids.shape[1] - 1
+            m = mb.action_mask
+            with torch.set_grad_enabled(not warmup):
+                logp, entropy = token_logprobs(self.policy, mb, rl.temperature)
+            values = self.critic(mb.input_ids, mb.attention_mask)[:, :-1]
+            losses = ppo_losses(
+                logp, old["logp"][rows, :width], advantages[rows, :width], values, old["values"][rows, :width],
+                returns[rows, :width], m, algo.clip, algo.value_clip,
+            )  # fmt: skip
+            losses["entropy"] = masked_mean(entropy, m)
+            losses["kl_loss"] = masked_mean(kl_k3(logp, old["ref_logp"][rows, :width]), m)
+            loss = losses["policy_loss"] + algo.vf_coef * losses["value_loss"] - algo.entropy_coef * losses["entropy"]
+            if algo.kl_in == "loss":
+                loss = loss + algo.beta * losses["kl_loss"]
+            if warmup:
+                loss = algo.vf_coef * losses["value_loss"]
+            elif updates and algo.target_kl is not None and losses["approx_kl"] > 1.5 * algo.target_kl:
+                # early stopping (the critic's updates stop with the policy's, as in Stable-Baselines3)
+                log.info("rl step %d: approx KL %.4f > 1.5 x target_kl after %d updates: stopping the updates",
+                         self.step, float(losses["approx_kl"]), updates)  # fmt: skip
+                break
+            self.optimizer.zero_grad()
+            acc.backward(loss)
+            # clipped apart: a young critic's large value gradients must not shrink the policy's step
+            losses["grad_norm"] = acc.clip_grad_norm_(self.policy.parameters(), algo.max_grad_norm)
+            losses["value_grad_norm"] = acc.clip_grad_norm_(self.critic.parameters(), algo.max_grad_norm)
+            self.optimizer.step()
+            updates += 1
+            for k, v in losses.items():
+                stats.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
         learning_rates = self.scheduler.get_last_lr()  # the rates this iteration's updates used
         self.scheduler.step()
         self.step += 1
@@ -371,6 +379,7 @@ class PPO:
             value_mean=float(masked_mean(old["values"], mask)),
             learning_rate=learning_rates[0],
             critic_learning_rate=learning_rates[1],
+            updates=updates,  # optimizer steps taken (fewer than epochs x minibatches after an early stop)
             rollout_s=rollout_s,
             step_s=time.perf_counter() - start,
         )

@@ -119,6 +119,9 @@ class PPOAlgoConfig(AlgoConfig):
     critic_warmup_steps: int = 0
     """the first iterations train the critic only, the policy frozen (value pretraining, as verl's critic_warmup)"""
     normalize_advantages: bool = True
+    target_kl: float | None = None
+    """early stopping: an iteration's updates stop at the first minibatch whose approximate KL to the rollout
+    policy exceeds 1.5 x target_kl (Stable-Baselines3's rule); None: every epoch runs"""
 
 
 # --- rewards ------------------------------------------------------------------------------------

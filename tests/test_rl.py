@@ -193,6 +193,26 @@ def test_ppo_critic_warmup_trains_the_critic_only_then_the_policy(tmp_path, tiny
     assert any(not torch.equal(policy[k], start[k]) for k in start), "the step after the warm-up left the policy"
 
 
+def test_ppo_target_kl_stops_the_updates_once_the_policy_has_moved(tmp_path, tiny_policy):
+    """algo.target_kl: the first update always runs; once the approximate KL to the rollout policy exceeds
+    1.5 x target_kl the iteration's remaining minibatches are skipped. Without it every minibatch runs."""
+    from rl_agents.ppo import PPO
+
+    policy_dir = tiny_policy[0]
+    common = ("algo=ppo", "rl.steps=1", "algo.learning_rate=1e-3", "algo.warmup_steps=0", "rl.episodes_per_step=4",
+              "rl.minibatch_size=2", "algo.epochs=2", "rl.shaping.per_turn=-0.1", "rl.temperature=1.5")  # fmt: skip
+    full = PPO(_cfg(policy_dir, tmp_path, *common), policy_dir, policy_dir, tmp_path / "full", tracking.Tracker())
+    assert full.iteration()["updates"] == 4  # 2 epochs x 2 minibatches
+    cfg = _cfg(policy_dir, tmp_path, *common, "algo.target_kl=1e-9")
+    stopped = PPO(cfg, policy_dir, policy_dir, tmp_path / "stopped", tracking.Tracker())
+    start = _weights(policy_dir)
+    metrics = stopped.iteration()
+    assert metrics["updates"] == 1
+    assert abs(metrics["approx_kl"]) < 1e-5  # measured before the one update, on the unchanged policy
+    policy = stopped.policy.state_dict()
+    assert any(not torch.equal(policy[k], start[k]) for k in start), "the first update must run"
+
+
 def test_ppo_decoupled_lambda_gives_the_critic_monte_carlo_returns():
     """critic_lam=1: the value targets are the returns-to-go whatever the values; the advantages keep lam."""
     from omegaconf import OmegaConf
