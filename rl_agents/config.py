@@ -319,6 +319,10 @@ def _check_rl(cfg: DictConfig, run_dir: Path) -> None:
         for key in ("lam", "critic_lam"):
             if algo[key] is not None and not 0 <= algo[key] <= 1:
                 raise ConfigError(f"algo.{key} must be in [0, 1], got {algo[key]}")
+        if algo.clip_high is not None and algo.clip_high <= 0:
+            raise ConfigError(f"algo.clip_high must be positive (or null: algo.clip), got {algo.clip_high}")
+        if algo.positive_lm_coef < 0:
+            raise ConfigError(f"algo.positive_lm_coef must be >= 0, got {algo.positive_lm_coef}")
         if algo.target_kl is not None and algo.target_kl <= 0:
             raise ConfigError(f"algo.target_kl must be positive (or null: no early stopping), got {algo.target_kl}")
         if not 0 <= algo.critic_warmup_steps < rl.steps:

@@ -17,7 +17,9 @@ One iteration (``rl.steps`` of them):
    critic's gradients are clipped to ``algo.max_grad_norm`` apart. The first ``algo.critic_warmup_steps``
    iterations update the critic only (value pretraining), so the policy's first advantages come from a
    critic that has seen its returns. With ``algo.target_kl``, an iteration's updates stop at the first
-   minibatch whose approximate KL to the rollout policy exceeds 1.5 x target_kl.
+   minibatch whose approximate KL to the rollout policy exceeds 1.5 x target_kl. Two options of VAPO
+   (Yue et al. 2025), PPO's recipe for long reasoning: ``algo.clip_high`` (DAPO's clip-higher) and
+   ``algo.positive_lm_coef`` (an LM loss on the successful episodes' actions).
 
 Tensors over a sequence are *action-aligned*: index t concerns token t+1 (the logits at t predict it, and the
 critic's value at t is the value of the state before it). The critic is a copy of the policy's transformer
@@ -203,16 +205,21 @@ def ppo_losses(
     mask: torch.Tensor,
     clip: float,
     value_clip: float,
+    clip_high: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The clipped policy loss, the clipped value loss and their diagnostics, averaged over the masked tokens."""
+    """The clipped policy loss, the clipped value loss and their diagnostics, averaged over the masked tokens.
+
+    The ratio is clipped to [1 - clip, 1 + clip_high] (``clip_high`` None: ``clip``; a larger one is DAPO's
+    clip-higher, which leaves rare tokens with a positive advantage room to grow)."""
+    high = clip if clip_high is None else clip_high
     ratio = torch.exp(logp - old_logp)
-    pg = torch.max(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip, 1.0 + clip))
+    pg = torch.max(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip, 1.0 + high))
     clipped_values = old_values + (values - old_values).clamp(-value_clip, value_clip)
     vf = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
     return {
         "policy_loss": masked_mean(pg, mask),
         "value_loss": masked_mean(vf, mask),
-        "clip_fraction": masked_mean(((ratio - 1.0).abs() > clip).float(), mask),
+        "clip_fraction": masked_mean(((ratio < 1.0 - clip) | (ratio > 1.0 + high)).float(), mask),
         "value_clip_fraction": masked_mean(((values - old_values).abs() > value_clip).float(), mask),
         "approx_kl": masked_mean((ratio - 1.0) - (logp - old_logp), mask),  # k3 estimate of KL(old || new)
     }
@@ -320,6 +327,7 @@ class PPO:
         kl = (old["logp"] - old["ref_logp"]) * mask  # sampled log-ratio: its expectation is KL(policy || reference)
         rewards = batch.rewards - algo.beta * kl if algo.kl_in == "reward" else batch.rewards
         advantages, returns = advantages_and_returns(rewards, old["values"], mask, algo)
+        positive = torch.tensor([float(e.success) for e in episodes], device=acc.device)
 
         self.policy.train()
         self.critic.train()
@@ -343,13 +351,16 @@ class PPO:
             values = self.critic(mb.input_ids, mb.attention_mask)[:, :-1]
             losses = ppo_losses(
                 logp, old["logp"][rows, :width], advantages[rows, :width], values, old["values"][rows, :width],
-                returns[rows, :width], m, algo.clip, algo.value_clip,
+                returns[rows, :width], m, algo.clip, algo.value_clip, algo.clip_high,
             )  # fmt: skip
             losses["entropy"] = masked_mean(entropy, m)
             losses["kl_loss"] = masked_mean(kl_k3(logp, old["ref_logp"][rows, :width]), m)
             loss = losses["policy_loss"] + algo.vf_coef * losses["value_loss"] - algo.entropy_coef * losses["entropy"]
             if algo.kl_in == "loss":
                 loss = loss + algo.beta * losses["kl_loss"]
+            losses["positive_nll"] = masked_mean(-logp, m * positive[rows, None])  # 0 without a success
+            if algo.positive_lm_coef:
+                loss = loss + algo.positive_lm_coef * losses["positive_nll"]
             if warmup:
                 loss = algo.vf_coef * losses["value_loss"]
             elif updates and algo.target_kl is not None and losses["approx_kl"] > 1.5 * algo.target_kl:

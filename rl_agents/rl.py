@@ -105,6 +105,8 @@ class PPOAlgoConfig(AlgoConfig):
     epochs: int = 2
     """passes over each step's episodes (in minibatches of rl.minibatch_size)"""
     clip: float = 0.2
+    clip_high: float | None = None
+    """upper clip of the ratio, 1 + clip_high (None: clip); DAPO's clip-higher uses 0.28 with clip 0.2"""
     value_clip: float = 0.2
     vf_coef: float = 1.0
     entropy_coef: float = 0.0
@@ -119,6 +121,9 @@ class PPOAlgoConfig(AlgoConfig):
     critic_warmup_steps: int = 0
     """the first iterations train the critic only, the policy frozen (value pretraining, as verl's critic_warmup)"""
     normalize_advantages: bool = True
+    positive_lm_coef: float = 0.0
+    """weight of a language-model loss (mean NLL of the action tokens) on the batch's successful episodes,
+    VAPO's positive-example LM loss (Yue et al. 2025, 0.1 there): self-imitation of what worked"""
     target_kl: float | None = None
     """early stopping: an iteration's updates stop at the first minibatch whose approximate KL to the rollout
     policy exceeds 1.5 x target_kl (Stable-Baselines3's rule); None: every epoch runs"""

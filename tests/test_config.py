@@ -84,6 +84,8 @@ def test_schema_rejects_unknown_keys_and_bad_types(override):
         (["stages=[collect,bc,rl]", "algo=ppo", "algo.gae_level=step"], "algo.gae_level"),
         (["stages=[collect,bc,rl]", "algo=ppo", "algo.critic_lam=1.5"], "algo.critic_lam"),
         (["stages=[collect,bc,rl]", "algo=ppo", "algo.target_kl=0"], "algo.target_kl"),
+        (["stages=[collect,bc,rl]", "algo=ppo", "algo.clip_high=-0.1"], "algo.clip_high"),
+        (["stages=[collect,bc,rl]", "algo=ppo", "algo.positive_lm_coef=-1"], "algo.positive_lm_coef"),
         (["stages=[collect,bc,rl]", "algo=ppo", "rl.steps=5", "algo.critic_warmup_steps=5"], "critic_warmup_steps=5"),
         (["stages=[collect,bc,rl]", "rl.on_malformed=ignore"], "rl.on_malformed"),
         (["stages=[collect,bc,rl]", "rl.init_from=/nope"], "rl.init_from='/nope'"),

@@ -73,6 +73,10 @@ def test_ppo_losses_clip_as_in_the_paper():
     # value: max((1 - 0)^2, (0.5 + 0.2 - 0)^2) / 2
     assert out["value_loss"].item() == pytest.approx(0.5)
     assert out["value_clip_fraction"].item() == pytest.approx(1.0)
+    # clip-higher: the upper bound 1.6 no longer clips r=1.5 with A=1 (-1.5); the lower bound 0.8 still clips 0.5
+    out = ppo_losses(logp, old, advantages, values, old_values, returns, mask, 0.2, 0.2, clip_high=0.6)
+    assert out["policy_loss"].item() == pytest.approx((-1.5 - 0.5 + 1.5) / 3, abs=1e-6)
+    assert out["clip_fraction"].item() == pytest.approx(1 / 3)
 
 
 def test_whiten_normalises_only_the_masked_entries():
@@ -211,6 +215,39 @@ def test_ppo_target_kl_stops_the_updates_once_the_policy_has_moved(tmp_path, tin
     assert abs(metrics["approx_kl"]) < 1e-5  # measured before the one update, on the unchanged policy
     policy = stopped.policy.state_dict()
     assert any(not torch.equal(policy[k], start[k]) for k in start), "the first update must run"
+
+
+def test_ppo_positive_lm_loss_imitates_the_successful_episodes_only(tmp_path, tiny_policy, monkeypatch):
+    """algo.positive_lm_coef adds the mean NLL of the successful episodes' action tokens (VAPO): the logged term
+    is that NLL under the rollout policy, and one update with it lowers it further than the PPO loss alone."""
+    import rl_agents.ppo as ppo_module
+    from rl_agents.ppo import PPO, masked_mean, token_logprobs
+
+    sample = ppo_module.sample_episodes
+
+    def half_successful(*args, **kwargs):  # the tiny policy rarely succeeds: mark every other episode
+        episodes = sample(*args, **kwargs)
+        for i, episode in enumerate(episodes):
+            episode.success = i % 2 == 0
+        return episodes
+
+    monkeypatch.setattr(ppo_module, "sample_episodes", half_successful)
+    policy_dir = tiny_policy[0]
+    nll = {}
+    for coef in (0.0, 10.0):
+        cfg = _cfg(policy_dir, tmp_path, "algo=ppo", "rl.steps=1", "algo.learning_rate=1e-4", "algo.warmup_steps=0",
+                   "algo.epochs=1", "rl.minibatch_size=8", "rl.temperature=1.5",
+                   f"algo.positive_lm_coef={coef}")  # fmt: skip
+        ppo = PPO(cfg, policy_dir, policy_dir, tmp_path / f"coef{coef}", tracking.Tracker())
+        metrics = ppo.iteration()
+        batch = build_batch(ppo.last_episodes, ppo.tokenizer, cfg.rl)
+        positive = torch.tensor([float(e.success) for e in ppo.last_episodes])[:, None] * batch.action_mask
+        assert 0 < positive.sum() < batch.action_mask.sum()
+        with torch.no_grad():
+            before = masked_mean(-token_logprobs(tiny_policy[1].eval(), batch, 1.5)[0], positive)
+            nll[coef] = masked_mean(-token_logprobs(ppo.policy, batch, 1.5)[0], positive)
+        assert metrics["positive_nll"] == pytest.approx(float(before), rel=1e-4)
+    assert nll[10.0] < nll[0.0]
 
 
 def test_ppo_decoupled_lambda_gives_the_critic_monte_carlo_returns():
