@@ -99,7 +99,7 @@ class GRPOAlgoConfig(AlgoConfig):
 @dataclass
 class PPOAlgoConfig(AlgoConfig):
     name: str = "ppo"
-    kl_in: str = "reward"
+    kl_in: str = "loss"
     """where the KL penalty goes: reward (per-token -beta*KL in the reward) or loss (beta*KL added to the loss)"""
     critic_learning_rate: float = 1e-3
     epochs: int = 2
@@ -113,9 +113,9 @@ class PPOAlgoConfig(AlgoConfig):
     gamma: float = 1.0
     lam: float = 0.95
     """GAE lambda of the policy's advantages"""
-    gae_level: str = "token"
+    gae_level: str = "turn"
     """what gamma and lambda discount: token (every agent token) or turn (once per turn, between turns only)"""
-    critic_lam: float | None = None
+    critic_lam: float | None = 1.0
     """GAE lambda of the critic's value targets (None: lam); 1.0 regresses on the returns themselves, so the
     critic does not learn its own bias back (decoupled GAE, VC-PPO: Yuan et al. 2025)"""
     critic_warmup_steps: int = 0
@@ -124,7 +124,7 @@ class PPOAlgoConfig(AlgoConfig):
     positive_lm_coef: float = 0.0
     """weight of a language-model loss (mean NLL of the action tokens) on the batch's successful episodes,
     VAPO's positive-example LM loss (Yue et al. 2025, 0.1 there): self-imitation of what worked"""
-    target_kl: float | None = None
+    target_kl: float | None = 0.02
     """early stopping: an iteration's updates stop at the first minibatch whose approximate KL to the rollout
     policy exceeds 1.5 x target_kl (Stable-Baselines3's rule); None: every epoch runs"""
 

@@ -205,7 +205,8 @@ def test_ppo_target_kl_stops_the_updates_once_the_policy_has_moved(tmp_path, tin
     policy_dir = tiny_policy[0]
     common = ("algo=ppo", "rl.steps=1", "algo.learning_rate=1e-3", "algo.warmup_steps=0", "rl.episodes_per_step=4",
               "rl.minibatch_size=2", "algo.epochs=2", "rl.shaping.per_turn=-0.1", "rl.temperature=1.5")  # fmt: skip
-    full = PPO(_cfg(policy_dir, tmp_path, *common), policy_dir, policy_dir, tmp_path / "full", tracking.Tracker())
+    cfg = _cfg(policy_dir, tmp_path, *common, "algo.target_kl=null")
+    full = PPO(cfg, policy_dir, policy_dir, tmp_path / "full", tracking.Tracker())
     assert full.iteration()["updates"] == 4  # 2 epochs x 2 minibatches
     cfg = _cfg(policy_dir, tmp_path, *common, "algo.target_kl=1e-9")
     stopped = PPO(cfg, policy_dir, policy_dir, tmp_path / "stopped", tracking.Tracker())
@@ -260,7 +261,7 @@ def test_ppo_decoupled_lambda_gives_the_critic_monte_carlo_returns():
     mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]])
     rewards = torch.tensor([[0.0, 0.5, 0.0, 1.0]])
     values = torch.tensor([[0.3, 0.9, 5.0, 0.1]])  # 5.0 sits on an observation token and is never read
-    algo = OmegaConf.structured(PPOAlgoConfig(lam=0.0, critic_lam=1.0, normalize_advantages=False))
+    algo = OmegaConf.structured(PPOAlgoConfig(lam=0.0, critic_lam=1.0, gae_level="token", normalize_advantages=False))
     advantages, returns = advantages_and_returns(rewards, values, mask, algo)
     assert torch.allclose(returns, torch.tensor([[1.5, 1.5, 0.0, 1.0]]))
     # lam=0: one-step advantages r + V(next) - V: 0 + .9 - .3, .5 + .1 - .9, 1 - .1
