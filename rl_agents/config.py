@@ -272,6 +272,11 @@ def _check_runtime(cfg: DictConfig) -> None:
             raise ConfigError(f"runtime.{key} must be positive, got {rt[key]}")
     if not rt.greedy and rt.temperature <= 0:
         raise ConfigError(f"runtime.temperature must be positive when sampling, got {rt.temperature}")
+    if rt.draft_tokens < 0 or rt.draft_ngram < 1:
+        raise ConfigError(
+            f"runtime.draft_tokens must be >= 0 (0: no drafting) and runtime.draft_ngram >= 1, "
+            f"got {rt.draft_tokens} and {rt.draft_ngram}"
+        )
     if "eval" in cfg and cfg.eval.get("temperature") is not None and cfg.eval.temperature <= 0:
         raise ConfigError(f"eval.temperature must be positive (or null for greedy), got {cfg.eval.temperature}")
 

@@ -57,9 +57,85 @@ class RuntimeConfig:
     top_p: float = 1.0
     use_cache: bool = True
     """reuse the KV cache across tokens and turns (False re-encodes every sequence at every token)"""
+    draft_tokens: int = 0
+    """speculative decoding: draft up to this many tokens per step by n-gram lookup (``NgramDrafter``) and
+    verify them in the same forward pass; exact: greedy episodes are unchanged and sampled tokens keep their
+    distribution. 0: off"""
+    draft_ngram: int = 3
+    """longest n-gram the drafter matches (it tries n = draft_ngram down to 1)"""
     end_on_malformed: bool = False
     """end the episode at the first malformed turn (truncation reason ``malformed``) instead of feeding the
     error back (``envs.base.MALFORMED_KINDS``: no action, bad JSON, unknown tool, bad arguments, too long)"""
+
+
+def speculative_token(probs: torch.Tensor, proposed: int | None, generator: torch.Generator) -> int:
+    """A token distributed as ``probs`` given a drafted ``proposed`` one (speculative sampling, point draft).
+
+    The draft is kept with probability ``probs[proposed]``; otherwise the token is drawn from ``probs``
+    without it (the residual ``max(0, p - q)`` of a one-token draft distribution ``q``), renormalised. Over
+    both branches every token ``t`` comes out with probability ``probs[t]``.
+    """
+    if proposed is None:
+        return int(torch.multinomial(probs, 1, generator=generator))
+    if float(torch.rand((), generator=generator, device=probs.device)) < float(probs[proposed]):
+        return proposed
+    residual = probs.clone()
+    residual[proposed] = 0.0
+    return int(torch.multinomial(residual, 1, generator=generator))
+
+
+class NgramIndex:
+    """Where each n-gram (n = 1..``ngram``) of a growing token sequence last occurred: the position after it."""
+
+    def __init__(self, ngram: int):
+        self.ngram, self.table, self.seen = ngram, {}, 0
+
+    def extend(self, ids: list[int]) -> None:
+        """Index the positions added since the last call (each one follows the n-grams ending before it)."""
+        for j in range(max(1, self.seen), len(ids)):
+            for n in range(1, min(self.ngram, j) + 1):
+                self.table[tuple(ids[j - n : j])] = j
+        self.seen = len(ids)
+
+
+class NgramDrafter:
+    """Drafts a sequence's next tokens by n-gram lookup (prompt-lookup and suffix decoding).
+
+    The sequence's last ``n`` tokens (n = ``ngram`` down to 1: the longest match wins) are looked up in the
+    sequence itself (an agent copies numbers, names and rows from its task and observations) and in the
+    agent turns this drafter has seen end (a compiled agent writes the same tool-call frames turn after
+    turn); the tokens that followed the latest occurrence are the draft. Drafting needs no second model,
+    and a wrong draft costs only the extra columns of one forward pass.
+    """
+
+    def __init__(self, ngram: int = 3):
+        if ngram < 1:
+            raise ValueError(f"draft_ngram must be at least 1, got {ngram}")
+        self.ngram = ngram
+        self.turns: dict[tuple[int, ...], tuple[list[int], int]] = {}
+
+    def add_turn(self, context: list[int], turn: list[int]) -> None:
+        """Remember an ended turn (its tokens after ``context``, the sequence before it)."""
+        prefix = list(context[-self.ngram :])
+        tokens = prefix + list(turn)
+        for j in range(max(1, len(prefix)), len(tokens)):
+            for n in range(1, min(self.ngram, j) + 1):
+                self.turns[tuple(tokens[j - n : j])] = (tokens, j)
+
+    def propose(self, ids: list[int], index: NgramIndex, k: int) -> list[int]:
+        """Up to ``k`` tokens to follow ``ids`` (``index`` indexes ``ids``; it is brought up to date)."""
+        if k <= 0:
+            return []
+        index.extend(ids)
+        for n in range(min(self.ngram, len(ids)), 0, -1):
+            key = tuple(ids[-n:])
+            j = index.table.get(key)
+            if j is not None:
+                return ids[j : j + k]
+            if key in self.turns:
+                tokens, j = self.turns[key]
+                return tokens[j : j + k]
+        return []
 
 
 @dataclass
@@ -81,6 +157,8 @@ class _Episode:
     truncation: str | None = None
     forced: list[list[int]] | None = None  # teacher forcing: each turn's token ids (end-of-turn included)
     index: int = 0  # the episode's place in the seeds of ``Runtime.run``
+    turn_begin: int = 0  # where the current turn starts in ``ids``
+    ngrams: NgramIndex | None = None  # the drafter's index of ``ids`` (speculative decoding)
 
 
 class _SlotLayer(DynamicLayer):
@@ -98,10 +176,10 @@ class _SlotLayer(DynamicLayer):
             end = cache.write_at + key_states.shape[2]
             keys[:, :, cache.write_at : end] = key_states
             values[:, :, cache.write_at : end] = value_states
-        else:  # one token per slot, each at its slot's length
+        else:  # a few tokens per slot, from each slot's length on
             rows, columns = cache.write_at
-            keys[rows, :, columns] = key_states[:, :, 0]
-            values[rows, :, columns] = value_states[:, :, 0]
+            keys[rows, :, columns] = key_states.transpose(1, 2).flatten(0, 1)
+            values[rows, :, columns] = value_states.transpose(1, 2).flatten(0, 1)
         self.keys, self.values = keys[:, :, : cache.width], values[:, :, : cache.width]
         return self.keys, self.values
 
@@ -196,6 +274,9 @@ class Runtime:
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.stats = {"generated_tokens": 0, "forward_passes": 0, "prefills": 0, "wall_s": 0.0}
+        self.drafter = NgramDrafter(config.draft_ngram) if config.draft_tokens > 0 else None
+        if self.drafter is not None:
+            self.stats |= {"drafted_tokens": 0, "accepted_tokens": 0}
         layer_types = getattr(model.config.get_text_config(), "layer_types", None) or ["full_attention"]
         if config.use_cache and set(layer_types) != {"full_attention"}:
             raise ValueError(
@@ -239,6 +320,9 @@ class Runtime:
         ids = prompt_ids(self.tokenizer, task)
         episode = _Episode(env, int(seeds[index]), task, ids=list(ids), pending=list(ids))
         episode.index, episode.turn_start = index, time.perf_counter()
+        episode.turn_begin = len(ids)
+        if self.drafter is not None:
+            episode.ngrams = NgramIndex(self.drafter.ngram)
         episode.forced = forced[index] if forced is not None else None
         return episode
 
@@ -263,8 +347,13 @@ class Runtime:
                 if wide:
                     self._step(slots, wide, self._prefill(cache, slots, wide))
                 narrow = [s for s in live if not slots[s].done and len(slots[s].pending) == 1]
-                if narrow:
+                if narrow and self.drafter is None:
                     self._step(slots, narrow, self._decode(cache, slots, narrow))
+                elif narrow:
+                    drafts = [self._draft(slots[s]) for s in narrow]
+                    self._verify(slots, narrow, drafts, self._decode(cache, slots, narrow, drafts))
+                    for s in narrow:  # each slot keeps its fed tokens up to the last accepted draft token
+                        cache.lengths[s] = len(slots[s].ids) - len(slots[s].pending)
             for s in live:
                 if slots[s].done:
                     yield slots[s]
@@ -332,42 +421,106 @@ class Runtime:
         self.stats["prefills"] += 1
         return out.logits[:, -1, :].float()
 
-    def _decode(self, cache: SlotCache, slots: list[_Episode | None], rows: list[int]) -> torch.Tensor:
+    def _decode(
+        self, cache: SlotCache, slots: list[_Episode | None], rows: list[int], drafts: list[list[int]] | None = None
+    ) -> torch.Tensor:
         """Feed one pending token per slot, each written at its slot's length; returns these rows' logits.
 
         Every slot of the cache takes part: a slot with nothing to feed (ended, or waiting for a prefill)
         feeds padding at its length, which its length does not count, so the next write covers it.
+        With ``drafts`` (one per row), each row also feeds its draft after its pending token (rows padded to
+        the longest); the logits of every fed position come back, (rows, 1 + longest draft, vocab), and the
+        caller sets the lengths once it knows how many draft tokens each row keeps.
         """
         lengths = cache.lengths
-        ids = [self.pad_id] * len(lengths)
-        positions = list(lengths)
-        for s in rows:
-            ids[s] = slots[s].pending[0]
-            positions[s] = len(slots[s].ids) - 1
-        cache.width = max(lengths) + 1
-        cache.offset = cache.width - 1
+        width = 1 + max((len(d) for d in drafts), default=0) if drafts is not None else 1
+        ids = [[self.pad_id] * width for _ in lengths]
+        positions = [list(range(n, n + width)) for n in lengths]
+        for row, s in enumerate(rows):
+            fed = slots[s].pending + (drafts[row] if drafts is not None else [])
+            ids[s][: len(fed)] = fed
+            positions[s] = list(range(len(slots[s].ids) - 1, len(slots[s].ids) - 1 + width))
+        cache.width = max(lengths) + width
+        cache.offset = cache.width - width
         cache.reserve(cache.width)
-        columns = torch.tensor(lengths, device=self.device)
-        cache.write_at = (torch.arange(len(lengths), device=self.device), columns)
+        columns = torch.tensor(lengths, device=self.device)[:, None] + torch.arange(width, device=self.device)
+        cache.write_at = (torch.arange(len(lengths), device=self.device).repeat_interleave(width), columns.flatten())
         mask = None  # every slot as long as the others: plain causal attention
-        if min(lengths) < cache.width - 1:
-            # each slot attends its own tokens and the one it feeds (padding too: no row attends nothing)
-            mask = (torch.arange(cache.width, device=self.device)[None, :] <= columns[:, None]).long()
+        if min(lengths) < cache.offset:
+            # each slot attends its own tokens and those it feeds, up to its own query's column (padding too:
+            # no row attends nothing)
+            allowed = torch.arange(cache.width, device=self.device)[None, None, :] <= columns[:, :, None]
+            if width == 1:
+                mask = allowed[:, 0].long()
+            else:  # a query's own columns differ by slot: a ready-made 4D mask, (slots, 1, queries, columns)
+                mask = torch.zeros(allowed.shape, dtype=self.model.dtype, device=self.device)
+                mask = mask.masked_fill(~allowed, torch.finfo(self.model.dtype).min)[:, None]
         out = self.model(
-            input_ids=torch.tensor(ids, device=self.device)[:, None],
+            input_ids=torch.tensor(ids, device=self.device),
             attention_mask=mask,
-            position_ids=torch.tensor(positions, device=self.device)[:, None],
+            position_ids=torch.tensor(positions, device=self.device),
             cache=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=width,
         )
-        for s in rows:
-            lengths[s] += 1
         self.stats["forward_passes"] += 1
-        logits = out.logits[:, -1, :]
+        logits = out.logits
         if len(rows) < len(lengths):
             logits = logits[torch.tensor(rows, device=self.device)]
-        return logits.float()
+        if drafts is not None:
+            return logits.float()
+        for s in rows:
+            lengths[s] += 1
+        return logits[:, -1, :].float()
+
+    def _draft(self, e: _Episode) -> list[int]:
+        """The drafter's guess at this episode's next tokens, no longer than its turn has room for."""
+        k = min(self.config.draft_tokens, self.config.max_new_tokens - len(e.turn_ids) - 1)
+        draft = self.drafter.propose(e.ids, e.ngrams, k)
+        self.stats["drafted_tokens"] += len(draft)
+        return draft
+
+    def _verify(
+        self, slots: list[_Episode | None], rows: list[int], drafts: list[list[int]], logits: torch.Tensor
+    ) -> None:
+        """Keep each row's draft tokens up to the first the policy would not have chosen, then one more.
+
+        Position ``j`` of a row holds the policy's distribution after its pending token and ``j`` draft
+        tokens. Greedy (and teacher forcing): the chosen token there is the argmax (the forced token); the
+        draft token is kept when it is that token. Sampling (speculative sampling with a one-token draft
+        distribution): the draft token ``d`` is kept with probability ``p(d)``, else the token is drawn from
+        ``p`` without ``d``; every emitted token is then distributed exactly as ``p``. Each row emits its kept
+        draft tokens and the token chosen at the first rejected position (or after the whole draft).
+        """
+        cfg = self.config
+        logp = torch.log_softmax(logits if cfg.greedy else logits / cfg.temperature, dim=-1)
+        choice = logp.argmax(dim=-1).tolist() if cfg.greedy else None
+        probs = None
+        if not cfg.greedy:
+            probs = self._top_p(logp.exp())
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+        for row, s in enumerate(rows):
+            e, draft = slots[s], drafts[row]
+            e.pending = []
+            for j in range(len(draft) + 1):
+                proposed = draft[j] if j < len(draft) else None
+                if e.forced is not None and len(e.turns) < len(e.forced):
+                    turn = e.forced[len(e.turns)]
+                    token = turn[min(len(e.turn_ids), len(turn) - 1)]
+                    logprob = float(torch.log_softmax(logits[row, j], dim=-1)[token])
+                else:
+                    if cfg.greedy:
+                        token = choice[row][j]
+                    else:
+                        token = speculative_token(probs[row, j], proposed, self.generator)
+                    logprob = float(logp[row, j, token])
+                turns = len(e.turns)
+                self._advance(e, token, logprob)
+                if token != proposed:
+                    break
+                self.stats["accepted_tokens"] += 1
+                if e.done or len(e.turns) > turns:
+                    break
 
     def _forward_full(self, episodes: list[_Episode]) -> torch.Tensor:
         """Re-encode every sequence from scratch (left-padded); returns last-position logits."""
@@ -395,14 +548,17 @@ class Runtime:
             next_ids = logp.argmax(dim=-1)
         else:
             logp = torch.log_softmax(logits / cfg.temperature, dim=-1)
-            probs = logp.exp()
-            if cfg.top_p < 1.0:
-                sorted_p, order = probs.sort(dim=-1, descending=True)
-                drop = sorted_p.cumsum(-1) - sorted_p > cfg.top_p
-                sorted_p = sorted_p.masked_fill(drop, 0.0)
-                probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+            probs = self._top_p(logp.exp())
             next_ids = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
         return next_ids, logp.gather(-1, next_ids[:, None]).squeeze(-1)
+
+    def _top_p(self, probs: torch.Tensor) -> torch.Tensor:
+        """Nucleus truncation: zero the tail beyond ``top_p`` of the mass (not renormalised)."""
+        if self.config.top_p >= 1.0:
+            return probs
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > self.config.top_p
+        return torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
 
     def _advance(self, e: _Episode, token: int, logprob: float) -> None:
         """Append a sampled token; at the end of a turn, step the environment and queue its reply."""
@@ -426,6 +582,8 @@ class Runtime:
         text = self.tokenizer.decode(ids[:-1] if ids[-1] == self.eot_id else ids, skip_special_tokens=False)
         turn = Turn(agent=text, token_ids=list(ids), logprobs=list(e.turn_logprobs))
         e.turns.append(turn)
+        if self.drafter is not None:
+            self.drafter.add_turn(e.ids[: e.turn_begin], ids)
         e.turn_ids, e.turn_logprobs = [], []
         if truncation is None:
             observation, reward, terminated, truncated, info = e.env.step(text)
@@ -450,6 +608,7 @@ class Runtime:
                 else:
                     e.ids.extend(extra)
                     e.pending = extra
+                    e.turn_begin = len(e.ids)
             e.done = terminated or truncated or truncation is not None
         else:
             e.done = True

@@ -4,7 +4,7 @@ import gymnasium as gym
 import pytest
 import torch
 
-from rl_agents.runtime import Runtime, RuntimeConfig
+from rl_agents.runtime import NgramDrafter, NgramIndex, Runtime, RuntimeConfig, speculative_token
 from rl_agents.trajectory import IM_END
 
 
@@ -157,3 +157,76 @@ def test_a_model_with_sliding_window_layers_is_refused_with_a_clear_error(tiny_p
     with pytest.raises(ValueError, match="sliding_attention"):
         Runtime(_qwen2(tokenizer, **sliding), tokenizer, RuntimeConfig())
     Runtime(_qwen2(tokenizer, **sliding), tokenizer, RuntimeConfig(use_cache=False))  # re-encoding needs no cache
+
+
+# --- speculative decoding (n-gram drafts) -------------------------------------------------------
+def test_the_drafter_continues_the_longest_match_in_the_sequence_or_in_earlier_turns():
+    drafter = NgramDrafter(ngram=3)
+    ids = [1, 2, 3, 4, 5, 9, 2, 3]
+    assert drafter.propose(ids, NgramIndex(3), k=2) == [4, 5]  # "2 3" occurred before, followed by 4 5
+    drafter.add_turn(context=[7, 2, 3], turn=[6, 6, 0])  # an earlier turn: "7 2 3" was followed by 6 6 0
+    assert drafter.propose(ids, NgramIndex(3), k=5) == [4, 5, 9, 2, 3]  # "2 3" at equal length: its own first
+    assert drafter.propose([8, 7, 2, 3], NgramIndex(3), k=5) == [6, 6, 0]  # "7 2 3": the longer match wins
+    assert drafter.propose([8, 8], NgramIndex(3), k=5) == [8]  # its own last token, once before
+    assert drafter.propose([5], NgramIndex(3), k=5) == [] and drafter.propose(ids, NgramIndex(3), k=0) == []
+
+
+def test_speculative_sampling_keeps_the_distribution_whatever_the_draft():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    generator = torch.Generator().manual_seed(0)
+    for proposed in (None, 0, 1, 3):
+        draws = torch.tensor([speculative_token(probs, proposed, generator) for _ in range(20_000)])
+        frequencies = torch.bincount(draws, minlength=4) / len(draws)
+        assert torch.allclose(frequencies, probs, atol=0.015), (proposed, frequencies)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_drafted_greedy_decoding_gives_the_same_episodes_in_fewer_forward_passes(tiny_policy, batch_size):
+    """Drafts verified in the forward pass: rows of different lengths and drafts, refills, retries."""
+    _, model, tokenizer = tiny_policy
+    seeds, kwargs = list(range(100, 110)), {"fail_prob": 0.5}
+    config = dict(batch_size=batch_size, max_new_tokens=64, max_turns=4)
+    plain = Runtime(model, tokenizer, RuntimeConfig(**config))
+    drafted = Runtime(model, tokenizer, RuntimeConfig(**config, draft_tokens=8))
+    a, b = plain.run("Calculator-v0", seeds, kwargs), drafted.run("Calculator-v0", seeds, kwargs)
+    assert any(len(tr.turns) >= 2 for tr in a)
+    assert _tokens(a) == _tokens(b) and [tr.success for tr in a] == [tr.success for tr in b]
+    for x, y in zip(a, b):
+        for s, t in zip(x.turns, y.turns):
+            assert s.logprobs == pytest.approx(t.logprobs, abs=1e-4)
+    assert drafted.stats["accepted_tokens"] > drafted.stats["generated_tokens"] / 3
+    assert drafted.stats["forward_passes"] < plain.stats["forward_passes"] / 2
+
+
+def test_drafted_sampling_records_the_policys_log_probabilities_and_is_reproducible(tiny_policy):
+    _, model, tokenizer = tiny_policy
+    config = RuntimeConfig(batch_size=4, max_new_tokens=32, max_turns=3, greedy=False, draft_tokens=8)
+    seeds = [1, 2, 3, 4, 5, 6]
+    a = Runtime(model, tokenizer, config, seed=1).run("Calculator-v0", seeds)
+    assert _tokens(a) == _tokens(Runtime(model, tokenizer, config, seed=1).run("Calculator-v0", seeds))
+    forced = [[t.token_ids for t in tr.turns] for tr in a]  # the sampled tokens, scored one at a time
+    scored = Runtime(model, tokenizer, RuntimeConfig(batch_size=1, max_new_tokens=32, max_turns=3)).run(
+        "Calculator-v0", seeds, forced=forced
+    )
+    assert _tokens(scored) == _tokens(a)
+    for x, y in zip(a, scored):
+        for s, t in zip(x.turns, y.turns):
+            assert s.logprobs == pytest.approx(t.logprobs, abs=1e-4)
+
+
+def test_drafts_on_grouped_query_attention_decode_the_same_as_re_encoding(tiny_policy):
+    """Qwen2 with one key/value head, forced turns of different lengths: each row's own 4D mask."""
+    _, _, tokenizer = tiny_policy
+    torch.manual_seed(0)
+    model = _qwen2(tokenizer, num_key_value_heads=1).eval()
+    eot, letter = tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids("a")
+    forced = [[[letter] * n + [eot]] for n in (2, 9, 4, 6, 3)]
+    runs = {}
+    for draft_tokens, use_cache in ((4, True), (0, False)):
+        config = RuntimeConfig(batch_size=3, max_new_tokens=12, max_turns=2, draft_tokens=draft_tokens)
+        config.use_cache = use_cache
+        runs[use_cache] = Runtime(model, tokenizer, config).run("Calculator-v0", [1, 2, 3, 4, 5], forced=forced)
+    assert _tokens(runs[True]) == _tokens(runs[False])
+    for x, y in zip(runs[True], runs[False]):
+        for s, t in zip(x.turns, y.turns):
+            assert s.logprobs == pytest.approx(t.logprobs, abs=1e-4)
