@@ -12,6 +12,11 @@ One run measures, with the same model on the same held-out seeds:
   orchestration pattern, not a slower generate();
 - **limit**: the model's raw decode rate, cached forward passes of one token in a tight loop.
 
+Both agents decode with ``runtime.draft_tokens`` n-gram drafting (``conf/bench.yaml``: 32), each from what
+it has seen (the runtime: the episode and its earlier turns; the orchestrated agent: its prompt and earlier
+replies); ``speedup_no_drafts``, ``turn_scaling_no_drafts``, ``limit_fraction`` and ``throughput`` are
+measured with one token per forward pass, ``throughput_drafted`` with drafts.
+
 Reported in ``bench.json`` (and ``bench.md``, ``bench.png``): per-step and per-episode latency (median and
 p90), success, tokens per second, ``speedup`` (orchestrated / compiled median step latency),
 ``limit_fraction`` (the runtime's decode rate at one environment / the raw rate), ``turn_scaling``
@@ -33,7 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +54,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rl_agents.collect import teacher_episode
 from rl_agents.config import ConfigError, EnvConfig, ModelConfig, env_entries, scale_size, validate_bench
 from rl_agents.model import build_tiny_model, load_policy
-from rl_agents.runtime import Runtime, RuntimeConfig
+from rl_agents.runtime import NgramDrafter, NgramIndex, Runtime, RuntimeConfig
 from rl_agents.teachers import SYSTEM_PROMPT
 from rl_agents.trajectory import (
     END_OF_TURN,
@@ -126,6 +131,7 @@ class Orchestrated:
         self.eot_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
         self.device = next(model.parameters()).device
         self.stats = {"generated_tokens": 0, "prompt_tokens": 0, "wall_s": 0.0}
+        self.drafter = NgramDrafter(config.draft_ngram) if config.draft_tokens > 0 else None
 
     def prompt(self, tools: list[dict], task: str, history: list[tuple[str, str]]) -> str:
         """The chat prompt an orchestrator sends: system prompt with the tools, the task, the whole history."""
@@ -140,18 +146,37 @@ class Orchestrated:
 
     @torch.no_grad()
     def call(self, text: str, forced: list[int] | None = None) -> str:
-        """One stateless model call: tokenise, prefill, greedy-decode (or replay ``forced``) one reply."""
-        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(self.device)
-        out = self.model(input_ids=ids, use_cache=True)
-        self.stats["prompt_tokens"] += ids.shape[1]
+        """One stateless model call: tokenise, prefill, greedy-decode (or replay ``forced``) one reply.
+
+        With ``draft_tokens`` the call drafts as the runtime does (``NgramDrafter``: the prompt, and the
+        replies of earlier calls, as a serving engine's n-gram speculation would) and verifies each draft
+        in one forward pass, dropping the rejected tokens' keys and values from the cache.
+        """
+        prompt = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        out = self.model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True, logits_to_keep=1)
+        self.stats["prompt_tokens"] += len(prompt)
+        index = NgramIndex(self.drafter.ngram) if self.drafter is not None else None
         generated: list[int] = []
-        for i in range(self.config.max_new_tokens):
-            token = int(out.logits[0, -1].argmax()) if forced is None else forced[min(i, len(forced) - 1)]
-            generated.append(token)
-            if token == self.eot_id:
+        draft: list[int] = []
+        while True:
+            choices = out.logits[0, -1 - len(draft) :].argmax(-1).tolist()
+            for j, choice in enumerate(choices):
+                token = choice if forced is None else forced[min(len(generated), len(forced) - 1)]
+                generated.append(token)
+                if token == self.eot_id or len(generated) >= self.config.max_new_tokens:
+                    break
+                if j == len(draft) or token != draft[j]:
+                    break
+            if generated[-1] == self.eot_id or len(generated) >= self.config.max_new_tokens:
                 break
-            step = torch.tensor([[token]], device=self.device)
-            out = self.model(input_ids=step, cache=out.cache, use_cache=True)
+            out.cache.crop(len(prompt) + len(generated) - 1 - out.cache.get_seq_length())  # the rejected drafts
+            if self.drafter is not None:
+                k = min(self.config.draft_tokens, self.config.max_new_tokens - len(generated) - 1)
+                draft = self.drafter.propose(prompt + generated, index, k)
+            step = torch.tensor([generated[-1:] + draft], device=self.device)
+            out = self.model(input_ids=step, cache=out.cache, use_cache=True, logits_to_keep=step.shape[1])
+        if self.drafter is not None:
+            self.drafter.add_turn(prompt, generated)
         self.stats["generated_tokens"] += len(generated)
         body = generated[:-1] if generated[-1] == self.eot_id else generated
         return self.tokenizer.decode(body, skip_special_tokens=False)
@@ -242,15 +267,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def long_teacher_episodes(cfg: DictConfig, tokenizer, n_turns: int) -> tuple[list[int], list[list[list[int]]]]:
-    """Held-out seeds whose teacher episode lasts at least ``n_turns`` turns, and each turn's token ids."""
+def long_teacher_episodes(
+    cfg: DictConfig, tokenizer, n_turns: int, count: int | None = None
+) -> tuple[list[int], list[list[list[int]]]]:
+    """``count`` held-out seeds (default ``turn_scaling.episodes``) whose teacher episode lasts at least
+    ``n_turns`` turns, and each turn's token ids."""
     ts = cfg.turn_scaling
+    count = count or ts.episodes
     env = gym.make(ts.env_id, **OmegaConf.to_container(ts.env_kwargs))
     teacher = hydra.utils.instantiate(ts.teacher)
     seeds, forced = [], []
     seed = cfg.env.eval_seed_start
     try:
-        while len(seeds) < ts.episodes and seed < cfg.env.eval_seed_start + 10_000:
+        while len(seeds) < count and seed < cfg.env.eval_seed_start + 10_000:
             trajectory = teacher_episode(env, teacher, seed, ts.env_id, max_turns=n_turns)
             if len(trajectory.turns) >= n_turns:
                 seeds.append(seed)
@@ -258,32 +287,38 @@ def long_teacher_episodes(cfg: DictConfig, tokenizer, n_turns: int) -> tuple[lis
             seed += 1
     finally:
         env.close()
-    if len(seeds) < ts.episodes:
-        raise ConfigError(f"turn_scaling: fewer than {ts.episodes} teacher episodes of {n_turns} turns on {ts.env_id}")
+    if len(seeds) < count:
+        raise ConfigError(f"turn_scaling: fewer than {count} teacher episodes of {n_turns} turns on {ts.env_id}")
     return seeds, forced
 
 
 def turn_scaling(cfg: DictConfig, model, tokenizer, runtime_cfg: RuntimeConfig) -> dict[str, Any]:
-    """Episode time at each length, both approaches replaying the same teacher episodes token for token."""
+    """Episode time at each length, both approaches replaying the same teacher episodes token for token.
+
+    Each approach is one long-lived agent (a deployed one's drafter has seen earlier episodes), warmed up on
+    one more teacher episode that is not measured.
+    """
     ts = cfg.turn_scaling
     kwargs = OmegaConf.to_container(ts.env_kwargs)
-    seeds, forced = long_teacher_episodes(cfg, tokenizer, max(cfg.turns))
+    seeds, forced = long_teacher_episodes(cfg, tokenizer, max(cfg.turns), ts.episodes + 1)
     longest = max(len(t) for f in forced for t in f)
+    config = replace(runtime_cfg, batch_size=1, max_new_tokens=max(runtime_cfg.max_new_tokens, longest))
+    agents = {"compiled": Runtime(model, tokenizer, config), "orchestrated": Orchestrated(model, tokenizer, config)}
+    for agent in agents.values():
+        agent.config = replace(config, max_turns=max(cfg.turns))
+        agent.run(ts.env_id, seeds[-1:], kwargs, forced=forced[-1:])  # the warm-up episode
+    seeds, forced = seeds[:-1], forced[:-1]
     out: dict[str, Any] = {"compiled": {}, "orchestrated": {}, "env_id": ts.env_id, "episodes": len(seeds)}
     steps: dict[str, list[float]] = {"compiled": [], "orchestrated": []}
     for n in cfg.turns:
-        config = RuntimeConfig(**{**vars(runtime_cfg), "max_turns": n, "batch_size": 1})
-        config.max_new_tokens = max(config.max_new_tokens, longest)
         times = {"compiled": [], "orchestrated": []}
         for seed, replay in zip(seeds, forced):
-            runtime = Runtime(model, tokenizer, config)
-            episode = runtime.run(ts.env_id, [seed], kwargs, forced=[replay])[0]
-            times["compiled"].append(runtime.stats["wall_s"])
-            steps["compiled"] += [t.latency_ms for t in episode.turns]
-            orchestrated = Orchestrated(model, tokenizer, config)
-            episode = orchestrated.run(ts.env_id, [seed], kwargs, forced=[replay])[0]
-            times["orchestrated"].append(orchestrated.stats["wall_s"])
-            steps["orchestrated"] += [t.latency_ms for t in episode.turns]
+            for approach, agent in agents.items():
+                agent.config = replace(config, max_turns=n)
+                before = agent.stats["wall_s"]
+                episode = agent.run(ts.env_id, [seed], kwargs, forced=[replay])[0]
+                times[approach].append(agent.stats["wall_s"] - before)
+                steps[approach] += [t.latency_ms for t in episode.turns]
         for approach, values in times.items():
             out[approach][str(n)] = 1000.0 * statistics.median(values)
     first, last = min(cfg.turns), max(cfg.turns)
@@ -348,12 +383,14 @@ def model_scale(cfg: DictConfig, tokenizer, runtime_cfg: RuntimeConfig, env_id: 
         )
         model.to(device).eval()
         Runtime(model, tokenizer, config).run(env_id, seeds[:1], entry.kwargs, forced=forced[:1])  # warm-up
+        plain = replace(config, draft_tokens=0)
         scaling = turn_scaling(cfg, model, tokenizer, config)
-        tp = throughput(cfg, model, tokenizer, config, env_id, entry.kwargs, seeds, forced)
+        scaling_plain = turn_scaling(cfg, model, tokenizer, plain) if config.draft_tokens else scaling
+        tp = throughput(cfg, model, tokenizer, plain, env_id, entry.kwargs, seeds, forced)
         out[str(size)] = {
             "parameters": sum(p.numel() for p in model.parameters()),
-            "speedup": scaling["orchestrated_step_latency_ms"]["median"]
-            / scaling["compiled_step_latency_ms"]["median"],
+            "speedup": _speedup(scaling),
+            "speedup_no_drafts": _speedup(scaling_plain),
             "step_latency_ms": {a: scaling[f"{a}_step_latency_ms"]["median"] for a in ("compiled", "orchestrated")},
             "throughput": tp,
         }
@@ -373,6 +410,7 @@ def bench(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
     device = next(model.parameters()).device
     runtime_cfg = RuntimeConfig(**OmegaConf.to_container(cfg.runtime))
     runtime_cfg.greedy, runtime_cfg.batch_size = True, 1
+    plain_cfg = replace(runtime_cfg, draft_tokens=0)  # one token per forward pass
     seeds = list(range(cfg.env.eval_seed_start, cfg.env.eval_seed_start + cfg.episodes))
     entries = env_entries(cfg)
     first_env = next(iter(entries))
@@ -395,17 +433,30 @@ def bench(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
         approaches["orchestrated"][env_id] = summary
         log.info("bench %s: compiled %s / orchestrated %s", env_id, approaches["compiled"][env_id], summary)
     raw = raw_decode_rate(model, cfg.limit_tokens)
-    compiled_rate = approaches["compiled"][first_env]["tokens_per_s"]
+    # the raw rate decodes one token per forward pass: the runtime's overhead is measured doing the same
+    plain = Runtime(model, tokenizer, plain_cfg)
+    plain.run(first_env, seeds, entries[first_env].kwargs)
+    compiled_rate = plain.stats["generated_tokens"] / plain.stats["wall_s"]
     scaling = turn_scaling(cfg, model, tokenizer, runtime_cfg)
+    scaling_plain = turn_scaling(cfg, model, tokenizer, plain_cfg) if runtime_cfg.draft_tokens else scaling
     free = {a: approaches[a][first_env]["step_latency_ms"]["median"] for a in approaches}
+    kwargs = entries[first_env].kwargs
     result = {
-        # per-step latency with both approaches decoding the same tokens (the teacher replay)
-        "speedup": scaling["orchestrated_step_latency_ms"]["median"] / scaling["compiled_step_latency_ms"]["median"],
+        # per-step latency with both approaches decoding the same tokens (the teacher replay), both drafting
+        # with runtime.draft_tokens
+        "speedup": _speedup(scaling),
+        "speedup_no_drafts": _speedup(scaling_plain),  # both decoding one token per forward pass
         # per-step latency of free-running greedy episodes: each approach generates what the model writes
         "speedup_free_running": free["orchestrated"] / free["compiled"],
         "limit_fraction": compiled_rate / raw,
         "turn_scaling": scaling,
-        "throughput": throughput(cfg, model, tokenizer, runtime_cfg, first_env, entries[first_env].kwargs),
+        "turn_scaling_no_drafts": scaling_plain,
+        # rollouts decode without drafts unless runtime.draft_tokens is set
+        "throughput": throughput(cfg, model, tokenizer, plain_cfg, first_env, kwargs),
+        "throughput_drafted": throughput(cfg, model, tokenizer, runtime_cfg, first_env, kwargs)
+        if runtime_cfg.draft_tokens
+        else None,
+        "draft_tokens": runtime_cfg.draft_tokens,
         "success": {a: {e: m["success_rate"] for e, m in approaches[a].items()} for a in approaches},
         "approaches": approaches,
         "limit": {"raw_decode_tokens_per_s": raw, "runtime_decode_tokens_per_s": compiled_rate},
@@ -420,6 +471,10 @@ def bench(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
     if cfg.scale.sizes:
         result["model_scale"] = model_scale(cfg, tokenizer, runtime_cfg, first_env, entries[first_env], device)
     return result
+
+
+def _speedup(scaling: dict[str, Any]) -> float:
+    return scaling["orchestrated_step_latency_ms"]["median"] / scaling["compiled_step_latency_ms"]["median"]
 
 
 # --- reports ------------------------------------------------------------------------------------
@@ -455,11 +510,13 @@ def markdown(result: dict[str, Any], command: str) -> str:
         + " | ".join("" for _ in envs)
         + " | raw cached decoding in a tight loop |"
     )
-    ts, tp = result["turn_scaling"], result["throughput"]
+    ts, tp, drafted = result["turn_scaling"], result["throughput"], result.get("throughput_drafted")
+    drafting = f"both drafting up to {result['draft_tokens']} tokens a step" if result["draft_tokens"] else "no drafts"
     lines += [
         "",
         f"- speedup (orchestrated / compiled median step latency, both replaying the same teacher tokens on "
-        f"{result['turn_scaling']['env_id']}): **{result['speedup']:.2f}x**; free-running greedy episodes on {env}: "
+        f"{result['turn_scaling']['env_id']}, {drafting}): **{result['speedup']:.2f}x**; one token per forward "
+        f"pass: {result['speedup_no_drafts']:.2f}x; free-running greedy episodes on {env}: "
         f"{result['speedup_free_running']:.2f}x (each approach generates its own tokens)",
         f"- limit_fraction (runtime decode rate at 1 env / raw decode rate): **{result['limit_fraction']:.2f}**",
         "- episode time by turns (ms, teacher episodes replayed token for token on "
@@ -471,8 +528,18 @@ def markdown(result: dict[str, Any], command: str) -> str:
         + ", ".join(f"{k}: {v:.0f}" for k, v in tp["tokens_per_s"].items())
         + f"; {max(tp['tokens_per_s'], key=int)} vs {min(tp['tokens_per_s'], key=int)}: **{tp['ratio']:.1f}x**",
         *(
+            [
+                "- throughput with drafts (tokens/s): "
+                + ", ".join(f"{k}: {v:.0f}" for k, v in drafted["tokens_per_s"].items())
+                + f"; {drafted['ratio']:.1f}x"
+            ]
+            if drafted
+            else []
+        ),
+        *(
             f"- model scale {size} ({m['parameters']:,} parameters, random init, teacher tokens replayed): "
-            f"speedup {m['speedup']:.2f}x, throughput {m['throughput']['ratio']:.1f}x "
+            f"speedup {m['speedup']:.2f}x ({m['speedup_no_drafts']:.2f}x without drafts), "
+            f"throughput {m['throughput']['ratio']:.1f}x "
             f"({', '.join(f'{k}: {v:.0f}' for k, v in m['throughput']['tokens_per_s'].items())} tokens/s)"
             for size, m in result.get("model_scale", {}).items()
         ),

@@ -55,6 +55,28 @@ def test_orchestrated_calls_are_stateless_and_carry_tool_docs_and_history(tiny_p
     assert agent.stats["prompt_tokens"] - first > first  # the whole history is encoded again
 
 
+def test_drafting_orchestrated_calls_reply_the_same_in_fewer_forward_passes(tiny_policy, monkeypatch):
+    """The orchestrated agent drafts too (its prompt, its earlier replies); rejected drafts leave the cache."""
+    _, model, tokenizer = tiny_policy
+    seed = next(s for s in range(1_000_000, 1_000_100) if len(_teacher_episode(s).turns) >= 3)
+    forced = [[agent_ids(tokenizer, turn.agent) for turn in _teacher_episode(seed).turns]]
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    episodes, passes = {}, {}
+    for draft_tokens in (0, 8):
+        config = RuntimeConfig(max_new_tokens=96, max_turns=len(forced[0]), draft_tokens=draft_tokens)
+        calls.clear()
+        for replay in (forced, None):  # the teacher's tokens, then the model's own greedy ones
+            episodes[draft_tokens, replay is None] = Orchestrated(model, tokenizer, config).run(
+                "Calculator-v0", [seed], KWARGS, forced=replay
+            )[0]
+        passes[draft_tokens] = len(calls)
+    for free in (False, True):
+        assert [t.agent for t in episodes[0, free].turns] == [t.agent for t in episodes[8, free].turns]
+    assert passes[8] < passes[0] / 2
+
+
 def test_raw_decode_rate_is_positive_and_finite(tiny_policy):
     _, model, _ = tiny_policy
     rate = raw_decode_rate(model, 16)
@@ -67,9 +89,10 @@ def test_bench_cli_writes_the_report(smoke_run, tmp_path):
          "turns=[2,4]", "parallel=[1,2]", "throughput_episodes=2", "limit_tokens=8", "turn_scaling.episodes=1",
          "runtime.max_new_tokens=24", "scale.sizes=[32x2]", "scale.episodes=2", f"hydra.run.dir={out}")  # fmt: skip
     data = json.loads((out / "bench.json").read_text())
-    for key in ("speedup", "limit_fraction", "turn_scaling", "throughput", "success", "memory"):
+    for key in ("speedup", "speedup_no_drafts", "limit_fraction", "turn_scaling", "throughput", "success", "memory"):
         assert key in data, key
-    assert data["speedup"] > 0 and data["limit_fraction"] > 0
+    assert data["speedup"] > 0 and data["speedup_no_drafts"] > 0 and data["limit_fraction"] > 0
+    assert data["draft_tokens"] == 16 and set(data["throughput_drafted"]["tokens_per_s"]) == {"1", "2"}
     assert set(data["success"]["compiled"]) == set(data["success"]["orchestrated"]) == {"Calculator-v0", "SQL-v0"}
     assert set(data["turn_scaling"]["compiled"]) == {"2", "4"} and set(data["throughput"]["tokens_per_s"]) == {"1", "2"}
     assert data["turn_scaling"]["compiled"]["4"] > data["turn_scaling"]["compiled"]["2"]
