@@ -131,7 +131,7 @@ class Orchestrated:
         self.eot_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
         self.device = next(model.parameters()).device
         self.stats = {"generated_tokens": 0, "prompt_tokens": 0, "wall_s": 0.0}
-        self.drafter = NgramDrafter(config.draft_ngram) if config.draft_tokens > 0 else None
+        self.drafter = NgramDrafter(config.draft_ngram, stop=self.eot_id) if config.draft_tokens > 0 else None
 
     def prompt(self, tools: list[dict], task: str, history: list[tuple[str, str]]) -> str:
         """The chat prompt an orchestrator sends: system prompt with the tools, the task, the whole history."""
@@ -153,11 +153,14 @@ class Orchestrated:
         in one forward pass, dropping the rejected tokens' keys and values from the cache.
         """
         prompt = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        out = self.model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True, logits_to_keep=1)
         self.stats["prompt_tokens"] += len(prompt)
-        index = NgramIndex(self.drafter.ngram) if self.drafter is not None else None
+        index, draft = None, []
+        if self.drafter is not None:  # the reply's first tokens are drafted and verified with the prompt
+            index = NgramIndex(self.drafter.ngram)
+            draft = self.drafter.propose(prompt, index, min(self.config.draft_tokens, self.config.max_new_tokens - 1))
+        step = torch.tensor([prompt + draft], device=self.device)
+        out = self.model(input_ids=step, use_cache=True, logits_to_keep=1 + len(draft))
         generated: list[int] = []
-        draft: list[int] = []
         while True:
             choices = out.logits[0, -1 - len(draft) :].argmax(-1).tolist()
             for j, choice in enumerate(choices):

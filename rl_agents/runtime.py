@@ -108,10 +108,10 @@ class NgramDrafter:
     and a wrong draft costs only the extra columns of one forward pass.
     """
 
-    def __init__(self, ngram: int = 3):
+    def __init__(self, ngram: int = 3, stop: int | None = None):
         if ngram < 1:
             raise ValueError(f"draft_ngram must be at least 1, got {ngram}")
-        self.ngram = ngram
+        self.ngram, self.stop = ngram, stop  # a draft ends at ``stop`` (the end of a turn): nothing after it counts
         self.turns: dict[tuple[int, ...], tuple[list[int], int]] = {}
 
     def add_turn(self, context: list[int], turn: list[int]) -> None:
@@ -131,11 +131,14 @@ class NgramDrafter:
             key = tuple(ids[-n:])
             j = index.table.get(key)
             if j is not None:
-                return ids[j : j + k]
+                return self._cut(ids[j : j + k])
             if key in self.turns:
                 tokens, j = self.turns[key]
-                return tokens[j : j + k]
+                return self._cut(tokens[j : j + k])
         return []
+
+    def _cut(self, draft: list[int]) -> list[int]:
+        return draft[: draft.index(self.stop) + 1] if self.stop in draft else draft
 
 
 @dataclass
@@ -274,7 +277,7 @@ class Runtime:
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.stats = {"generated_tokens": 0, "forward_passes": 0, "prefills": 0, "wall_s": 0.0}
-        self.drafter = NgramDrafter(config.draft_ngram) if config.draft_tokens > 0 else None
+        self.drafter = NgramDrafter(config.draft_ngram, stop=self.eot_id) if config.draft_tokens > 0 else None
         if self.drafter is not None:
             self.stats |= {"drafted_tokens": 0, "accepted_tokens": 0}
         layer_types = getattr(model.config.get_text_config(), "layer_types", None) or ["full_attention"]
@@ -344,16 +347,15 @@ class Runtime:
                 self._step(slots, live, self._forward_full([slots[s] for s in live]))
             else:
                 wide = [s for s in live if len(slots[s].pending) > 1 or cache.lengths[s] == 0]
-                if wide:
+                if wide and self.drafter is None:
                     self._step(slots, wide, self._prefill(cache, slots, wide))
+                elif wide:  # the new turn's first tokens are drafted and verified with the observation
+                    self._speculate(cache, slots, wide, self._prefill)
                 narrow = [s for s in live if not slots[s].done and len(slots[s].pending) == 1]
                 if narrow and self.drafter is None:
                     self._step(slots, narrow, self._decode(cache, slots, narrow))
                 elif narrow:
-                    drafts = [self._draft(slots[s]) for s in narrow]
-                    self._verify(slots, narrow, drafts, self._decode(cache, slots, narrow, drafts))
-                    for s in narrow:  # each slot keeps its fed tokens up to the last accepted draft token
-                        cache.lengths[s] = len(slots[s].ids) - len(slots[s].pending)
+                    self._speculate(cache, slots, narrow, self._decode)
             for s in live:
                 if slots[s].done:
                     yield slots[s]
@@ -375,16 +377,21 @@ class Runtime:
                 logprob = float(torch.log_softmax(logits[row].float(), dim=-1)[token])
             self._advance(e, token, logprob)
 
-    def _prefill(self, cache: SlotCache, slots: list[_Episode | None], rows: list[int]) -> torch.Tensor:
+    def _prefill(
+        self, cache: SlotCache, slots: list[_Episode | None], rows: list[int], drafts: list[list[int]] | None = None
+    ) -> torch.Tensor:
         """Feed these slots' pending tokens, right-aligned in one block; returns their last-position logits.
 
         When every slot takes part with as many tokens as the others and as many pending (one environment,
         or the first prompts of a batch), the block is written straight into the cache. Otherwise these
         slots go through the model on a copy of their rows, and their new keys and values are written back
-        after each slot's own tokens.
+        after each slot's own tokens. With ``drafts``, each row feeds its draft after its pending tokens and
+        the logits of its last pending token and its draft come back, (rows, 1 + longest draft, vocab),
+        row ``r``'s from index 0 on (as ``_decode`` returns them); the caller sets the lengths.
         """
         episodes = [slots[s] for s in rows]
-        counts = [len(e.pending) for e in episodes]
+        fed = [e.pending + (drafts[row] if drafts is not None else []) for row, e in enumerate(episodes)]
+        counts = [len(f) for f in fed]
         width = max(counts)
         aligned = len(rows) == len(cache.lengths) and len(set(counts)) == 1 and len(set(cache.lengths)) == 1
         past_width = cache.lengths[rows[0]] if aligned else max(cache.lengths[s] for s in rows)
@@ -392,10 +399,10 @@ class Runtime:
         mask = torch.zeros((len(rows), past_width + width), dtype=torch.long)
         positions = torch.zeros((len(rows), width), dtype=torch.long)
         for row, (s, e, n) in enumerate(zip(rows, episodes, counts)):
-            block[row, width - n :] = torch.tensor(e.pending)
+            block[row, width - n :] = torch.tensor(fed[row])
             mask[row, : cache.lengths[s]] = 1
             mask[row, past_width + width - n :] = 1
-            first = len(e.ids) - n  # position of the first pending token
+            first = len(e.ids) - len(e.pending)  # position of the first pending token
             positions[row, width - n :] = torch.arange(first, first + n)
         if aligned:
             cache.reserve(past_width + width)
@@ -410,7 +417,7 @@ class Runtime:
             position_ids=positions.to(self.device),
             cache=past,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=1 if drafts is None else 1 + max(len(d) for d in drafts),
         )
         if aligned:
             for s in rows:
@@ -419,7 +426,12 @@ class Runtime:
             cache.scatter(rows, counts, out.cache, index)
         self.stats["forward_passes"] += 1
         self.stats["prefills"] += 1
-        return out.logits[:, -1, :].float()
+        if drafts is None:
+            return out.logits[:, -1, :].float()
+        logits = torch.zeros_like(out.logits, dtype=torch.float)  # each row's own positions first
+        for row, draft in enumerate(drafts):
+            logits[row, : len(draft) + 1] = out.logits[row, -1 - len(draft) :]
+        return logits
 
     def _decode(
         self, cache: SlotCache, slots: list[_Episode | None], rows: list[int], drafts: list[list[int]] | None = None
@@ -472,6 +484,13 @@ class Runtime:
         for s in rows:
             lengths[s] += 1
         return logits[:, -1, :].float()
+
+    def _speculate(self, cache: SlotCache, slots: list[_Episode | None], rows: list[int], forward) -> None:
+        """Draft for these slots, feed their tokens and drafts through ``forward``, keep what verifies."""
+        drafts = [self._draft(slots[s]) for s in rows]
+        self._verify(slots, rows, drafts, forward(cache, slots, rows, drafts))
+        for s in rows:  # each slot keeps its fed tokens up to the last accepted draft token
+            cache.lengths[s] = len(slots[s].ids) - len(slots[s].pending)
 
     def _draft(self, e: _Episode) -> list[int]:
         """The drafter's guess at this episode's next tokens, no longer than its turn has room for."""
