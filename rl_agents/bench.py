@@ -54,7 +54,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rl_agents.collect import teacher_episode
 from rl_agents.config import ConfigError, EnvConfig, ModelConfig, env_entries, scale_size, validate_bench
 from rl_agents.model import build_tiny_model, load_policy
-from rl_agents.runtime import NgramDrafter, NgramIndex, Runtime, RuntimeConfig
+from rl_agents.runtime import NgramDrafter, Runtime, RuntimeConfig
 from rl_agents.teachers import SYSTEM_PROMPT
 from rl_agents.trajectory import (
     END_OF_TURN,
@@ -154,10 +154,9 @@ class Orchestrated:
         """
         prompt = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         self.stats["prompt_tokens"] += len(prompt)
-        index, draft = None, []
+        draft = []
         if self.drafter is not None:  # the reply's first tokens are drafted and verified with the prompt
-            index = NgramIndex(self.drafter.ngram)
-            draft = self.drafter.propose(prompt, index, min(self.config.draft_tokens, self.config.max_new_tokens - 1))
+            draft = self.drafter.propose(prompt, None, min(self.config.draft_tokens, self.config.max_new_tokens - 1))
         step = torch.tensor([prompt + draft], device=self.device)
         out = self.model(input_ids=step, use_cache=True, logits_to_keep=1 + len(draft))
         generated: list[int] = []
@@ -175,7 +174,7 @@ class Orchestrated:
             out.cache.crop(len(prompt) + len(generated) - 1 - out.cache.get_seq_length())  # the rejected drafts
             if self.drafter is not None:
                 k = min(self.config.draft_tokens, self.config.max_new_tokens - len(generated) - 1)
-                draft = self.drafter.propose(prompt + generated, index, k)
+                draft = self.drafter.propose(prompt + generated, None, k)
             step = torch.tensor([generated[-1:] + draft], device=self.device)
             out = self.model(input_ids=step, cache=out.cache, use_cache=True, logits_to_keep=step.shape[1])
         if self.drafter is not None:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import gymnasium as gym
+import numpy as np
 import torch
 from transformers import Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
@@ -98,6 +99,15 @@ class NgramIndex:
         self.seen = len(ids)
 
 
+def _last_match(ids: np.ndarray, n: int) -> int | None:
+    """The position after the latest earlier occurrence of the last ``n`` tokens (None: there is none)."""
+    if len(ids) <= n:
+        return None
+    windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], n)
+    hits = np.flatnonzero((windows == ids[-n:]).all(axis=1))
+    return int(hits[-1]) + n if len(hits) else None
+
+
 class NgramDrafter:
     """Drafts a sequence's next tokens by n-gram lookup (prompt-lookup and suffix decoding).
 
@@ -122,14 +132,20 @@ class NgramDrafter:
             for n in range(1, min(self.ngram, j) + 1):
                 self.turns[tuple(tokens[j - n : j])] = (tokens, j)
 
-    def propose(self, ids: list[int], index: NgramIndex, k: int) -> list[int]:
-        """Up to ``k`` tokens to follow ``ids`` (``index`` indexes ``ids``; it is brought up to date)."""
+    def propose(self, ids: list[int], index: NgramIndex | None, k: int) -> list[int]:
+        """Up to ``k`` tokens to follow ``ids``.
+
+        ``index`` indexes ``ids`` and is brought up to date (a sequence that grows token by token); without
+        one, ``ids`` is searched (a prompt seen once, as a stateless call sees it).
+        """
         if k <= 0:
             return []
-        index.extend(ids)
+        if index is not None:
+            index.extend(ids)
+        array = np.asarray(ids) if index is None else None
         for n in range(min(self.ngram, len(ids)), 0, -1):
             key = tuple(ids[-n:])
-            j = index.table.get(key)
+            j = index.table.get(key) if index is not None else _last_match(array, n)
             if j is not None:
                 return self._cut(ids[j : j + k])
             if key in self.turns:

@@ -170,6 +170,8 @@ def test_the_drafter_continues_the_longest_match_in_the_sequence_or_in_earlier_t
     assert drafter.propose([8, 8], NgramIndex(3), k=5) == [8]  # its own last token, once before
     assert drafter.propose([5], NgramIndex(3), k=5) == [] and drafter.propose(ids, NgramIndex(3), k=0) == []
     assert NgramDrafter(ngram=3, stop=9).propose(ids, NgramIndex(3), k=5) == [4, 5, 9]  # a turn ends at its stop
+    for sequence in (ids, [8, 7, 2, 3], [8, 8], [5], [1, 2, 1, 2, 1]):  # searching, as a stateless call does
+        assert drafter.propose(sequence, None, k=5) == drafter.propose(sequence, NgramIndex(3), k=5)
 
 
 def test_speculative_sampling_keeps_the_distribution_whatever_the_draft():
