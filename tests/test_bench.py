@@ -92,7 +92,7 @@ def test_bench_cli_writes_the_report(smoke_run, tmp_path):
     for key in ("speedup", "speedup_no_drafts", "limit_fraction", "turn_scaling", "throughput", "success", "memory"):
         assert key in data, key
     assert data["speedup"] > 0 and data["speedup_no_drafts"] > 0 and data["limit_fraction"] > 0
-    assert data["draft_tokens"] == 32 and set(data["throughput_drafted"]["tokens_per_s"]) == {"1", "2"}
+    assert data["draft_tokens"] == 64 and set(data["throughput_drafted"]["tokens_per_s"]) == {"1", "2"}
     assert set(data["success"]["compiled"]) == set(data["success"]["orchestrated"]) == {"Calculator-v0", "SQL-v0"}
     assert set(data["turn_scaling"]["compiled"]) == {"2", "4"} and set(data["throughput"]["tokens_per_s"]) == {"1", "2"}
     assert data["turn_scaling"]["compiled"]["4"] > data["turn_scaling"]["compiled"]["2"]
