@@ -510,7 +510,8 @@ class Runtime:
 
     def _draft(self, e: _Episode) -> list[int]:
         """The drafter's guess at this episode's next tokens, no longer than its turn has room for."""
-        k = min(self.config.draft_tokens, self.config.max_new_tokens - len(e.turn_ids) - 1)
+        cfg = self.config
+        k = min(cfg.draft_tokens, cfg.max_new_tokens - len(e.turn_ids) - 1, cfg.max_context - len(e.ids) - 1)
         draft = self.drafter.propose(e.ids, e.ngrams, k)
         self.stats["drafted_tokens"] += len(draft)
         return draft
