@@ -12,7 +12,7 @@ One run measures, with the same model on the same held-out seeds:
   orchestration pattern, not a slower generate();
 - **limit**: the model's raw decode rate, cached forward passes of one token in a tight loop.
 
-Both agents decode with ``runtime.draft_tokens`` n-gram drafting (``conf/bench.yaml``: 32), each from what
+Both agents decode with ``runtime.draft_tokens`` n-gram drafting (``conf/bench.yaml``: 64), each from what
 it has seen (the runtime: the episode and its earlier turns; the orchestrated agent: its prompt and earlier
 replies); ``speedup_no_drafts``, ``turn_scaling_no_drafts``, ``limit_fraction`` and ``throughput`` are
 measured with one token per forward pass, ``throughput_drafted`` with drafts.
