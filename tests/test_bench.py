@@ -95,7 +95,9 @@ def test_bench_cli_writes_the_report(smoke_run, tmp_path):
     assert data["draft_tokens"] == 64 and set(data["throughput_drafted"]["tokens_per_s"]) == {"1", "2"}
     assert set(data["success"]["compiled"]) == set(data["success"]["orchestrated"]) == {"Calculator-v0", "SQL-v0"}
     assert set(data["turn_scaling"]["compiled"]) == {"2", "4"} and set(data["throughput"]["tokens_per_s"]) == {"1", "2"}
-    assert data["turn_scaling"]["compiled"]["4"] > data["turn_scaling"]["compiled"]["2"]
+    # one token per forward pass, a 4-turn episode costs about twice a 2-turn one (drafted, later turns can be
+    # cheaper than earlier ones, so no order is asserted there)
+    assert data["turn_scaling_no_drafts"]["compiled"]["4"] > data["turn_scaling_no_drafts"]["compiled"]["2"]
     scale = data["model_scale"]["32x2"]  # a random 32-wide, 2-layer model replaying the teacher's tokens
     assert scale["speedup"] > 0 and scale["parameters"] > 0
     assert set(scale["throughput"]["tokens_per_s"]) == {"1", "2"} and scale["throughput"]["episodes"] == 2
