@@ -116,10 +116,14 @@ def test_bench_refuses_a_bad_config_before_any_work(tmp_path):
 
 
 @pytest.mark.benchmark
-def test_micro_runtime_decoding_one_episode(benchmark, tiny_policy):
-    """Micro-benchmark (``pytest -m benchmark``): one greedy Calculator episode through the runtime."""
+@pytest.mark.parametrize("draft_tokens", [0, 64])
+def test_micro_runtime_decoding_one_episode(benchmark, tiny_policy, draft_tokens):
+    """Micro-benchmark (``pytest -m benchmark``): one greedy Calculator episode through the runtime.
+
+    With drafts it is drafting's best case: every round repeats the episode the drafter has already seen.
+    """
     _, model, tokenizer = tiny_policy
-    runtime = Runtime(model, tokenizer, RuntimeConfig(batch_size=1, max_new_tokens=64))
+    runtime = Runtime(model, tokenizer, RuntimeConfig(batch_size=1, max_new_tokens=64, draft_tokens=draft_tokens))
     benchmark(runtime.run, "Calculator-v0", [1_000_000])
 
 
