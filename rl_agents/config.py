@@ -272,6 +272,8 @@ def _check_runtime(cfg: DictConfig) -> None:
             raise ConfigError(f"runtime.{key} must be positive, got {rt[key]}")
     if not rt.greedy and rt.temperature <= 0:
         raise ConfigError(f"runtime.temperature must be positive when sampling, got {rt.temperature}")
+    if rt.draft_budget is not None and rt.draft_budget < 1:
+        raise ConfigError(f"runtime.draft_budget must be >= 1 (or null: no cap), got {rt.draft_budget}")
     if rt.draft_tokens < 0 or rt.draft_ngram < 1:
         raise ConfigError(
             f"runtime.draft_tokens must be >= 0 (0: no drafting) and runtime.draft_ngram >= 1, "

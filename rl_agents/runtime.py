@@ -64,6 +64,9 @@ class RuntimeConfig:
     distribution. 0: off"""
     draft_ngram: int = 3
     """longest n-gram the drafter matches (it tries n = draft_ngram down to 1)"""
+    draft_budget: int | None = 64
+    """most draft tokens a forward pass carries, shared by the slots (each drafts at most draft_budget //
+    batch_size): with many slots a pass is compute-bound and long drafts cost more than they save. None: no cap"""
     end_on_malformed: bool = False
     """end the episode at the first malformed turn (truncation reason ``malformed``) instead of feeding the
     error back (``envs.base.MALFORMED_KINDS``: no action, bad JSON, unknown tool, bad arguments, too long)"""
@@ -503,15 +506,18 @@ class Runtime:
 
     def _speculate(self, cache: SlotCache, slots: list[_Episode | None], rows: list[int], forward) -> None:
         """Draft for these slots, feed their tokens and drafts through ``forward``, keep what verifies."""
-        drafts = [self._draft(slots[s]) for s in rows]
+        cap = self.config.draft_tokens
+        if self.config.draft_budget is not None:
+            cap = min(cap, self.config.draft_budget // len(cache.lengths))
+        drafts = [self._draft(slots[s], cap) for s in rows]
         self._verify(slots, rows, drafts, forward(cache, slots, rows, drafts))
         for s in rows:  # each slot keeps its fed tokens up to the last accepted draft token
             cache.lengths[s] = len(slots[s].ids) - len(slots[s].pending)
 
-    def _draft(self, e: _Episode) -> list[int]:
-        """The drafter's guess at this episode's next tokens, no longer than its turn has room for."""
+    def _draft(self, e: _Episode, cap: int) -> list[int]:
+        """The drafter's guess at this episode's next tokens: at most ``cap``, and what its turn has room for."""
         cfg = self.config
-        k = min(cfg.draft_tokens, cfg.max_new_tokens - len(e.turn_ids) - 1, cfg.max_context - len(e.ids) - 1)
+        k = min(cap, cfg.max_new_tokens - len(e.turn_ids) - 1, cfg.max_context - len(e.ids) - 1)
         draft = self.drafter.propose(e.ids, e.ngrams, k)
         self.stats["drafted_tokens"] += len(draft)
         return draft

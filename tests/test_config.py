@@ -70,6 +70,7 @@ def test_schema_rejects_unknown_keys_and_bad_types(override):
         (["runtime.max_turns=0"], "runtime.max_turns"),
         (["runtime.draft_tokens=-1"], "runtime.draft_tokens"),
         (["runtime.draft_tokens=4", "runtime.draft_ngram=0"], "runtime.draft_ngram"),
+        (["runtime.draft_budget=0"], "runtime.draft_budget"),
         (["+env.envs.Calculator-v0.bogus=1"], "unknown key"),
         (["env.envs.Calculator-v0.weight=0"], "weight must be positive"),
         (["logger.kind=tensorboard"], "logger.kind"),

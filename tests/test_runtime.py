@@ -201,6 +201,23 @@ def test_drafted_greedy_decoding_gives_the_same_episodes_in_fewer_forward_passes
     assert drafted.stats["forward_passes"] < plain.stats["forward_passes"] / 2
 
 
+@pytest.mark.parametrize("budget, per_slot", [(16, 2), (4, 0)])
+def test_the_draft_budget_is_shared_by_the_slots(tiny_policy, budget, per_slot):
+    """8 slots: a budget of 16 lets each slot draft 2 tokens a pass, one of 4 none (more once the batch
+    shrinks at the end of the queue); the episodes stay the same."""
+    _, model, tokenizer = tiny_policy
+    seeds, kwargs = list(range(100, 110)), {"fail_prob": 0.5}
+    config = dict(batch_size=8, max_new_tokens=64, max_turns=4)
+    plain = Runtime(model, tokenizer, RuntimeConfig(**config)).run("Calculator-v0", seeds, kwargs)
+    runtime = Runtime(model, tokenizer, RuntimeConfig(**config, draft_tokens=8, draft_budget=budget))
+    calls = []
+    draft = runtime._draft
+    runtime._draft = lambda e, cap: calls.append((cap, len(out := draft(e, cap)))) or out
+    assert _tokens(runtime.run("Calculator-v0", seeds, kwargs)) == _tokens(plain)
+    assert calls[0][0] == per_slot and all(n <= cap for cap, n in calls)
+    assert max(n for cap, n in calls if cap == per_slot) == per_slot
+
+
 def test_drafted_sampling_records_the_policys_log_probabilities_and_is_reproducible(tiny_policy):
     _, model, tokenizer = tiny_policy
     config = RuntimeConfig(batch_size=4, max_new_tokens=32, max_turns=3, greedy=False, draft_tokens=8)
