@@ -366,15 +366,11 @@ class Runtime:
                 self._step(slots, live, self._forward_full([slots[s] for s in live]))
             else:
                 wide = [s for s in live if len(slots[s].pending) > 1 or cache.lengths[s] == 0]
-                if wide and self.drafter is None:
-                    self._step(slots, wide, self._prefill(cache, slots, wide))
-                elif wide:  # the new turn's first tokens are drafted and verified with the observation
-                    self._speculate(cache, slots, wide, self._prefill)
+                if wide:  # with drafts, a new turn's first tokens are verified with its observation
+                    self._feed(cache, slots, wide, self._prefill)
                 narrow = [s for s in live if not slots[s].done and len(slots[s].pending) == 1]
-                if narrow and self.drafter is None:
-                    self._step(slots, narrow, self._decode(cache, slots, narrow))
-                elif narrow:
-                    self._speculate(cache, slots, narrow, self._decode)
+                if narrow:
+                    self._feed(cache, slots, narrow, self._decode)
             for s in live:
                 if slots[s].done:
                     yield slots[s]
@@ -391,10 +387,16 @@ class Runtime:
         for row, (token, logprob) in enumerate(zip(next_ids.tolist(), logprobs.tolist())):
             e = slots[rows[row]]
             e.pending = []
-            if e.forced is not None and len(e.turns) < len(e.forced):
-                token = e.forced[len(e.turns)][min(len(e.turn_ids), len(e.forced[len(e.turns)]) - 1)]
-                logprob = float(torch.log_softmax(logits[row].float(), dim=-1)[token])
-            self._advance(e, token, logprob)
+            forced = self._forced(e, logits[row])
+            self._advance(e, *(forced or (token, logprob)))
+
+    def _forced(self, e: _Episode, logits: torch.Tensor) -> tuple[int, float] | None:
+        """Teacher forcing: the forced token where this episode has one, and its log-probability under ``logits``."""
+        if e.forced is None or len(e.turns) >= len(e.forced):
+            return None
+        turn = e.forced[len(e.turns)]
+        token = turn[min(len(e.turn_ids), len(turn) - 1)]
+        return token, float(torch.log_softmax(logits.float(), dim=-1)[token])
 
     def _prefill(
         self, cache: SlotCache, slots: list[_Episode | None], rows: list[int], drafts: list[list[int]] | None = None
@@ -504,8 +506,12 @@ class Runtime:
             lengths[s] += 1
         return logits[:, -1, :].float()
 
-    def _speculate(self, cache: SlotCache, slots: list[_Episode | None], rows: list[int], forward) -> None:
-        """Draft for these slots, feed their tokens and drafts through ``forward``, keep what verifies."""
+    def _feed(self, cache: SlotCache, slots: list[_Episode | None], rows: list[int], forward) -> None:
+        """Feed these slots' pending tokens through ``forward`` (``_prefill`` or ``_decode``) and advance them;
+        with a drafter, each slot's draft too, keeping what verifies."""
+        if self.drafter is None:
+            self._step(slots, rows, forward(cache, slots, rows))
+            return
         cap = self.config.draft_tokens
         if self.config.draft_budget is not None:
             cap = min(cap, self.config.draft_budget // len(cache.lengths))
@@ -546,10 +552,9 @@ class Runtime:
             e.pending = []
             for j in range(len(draft) + 1):
                 proposed = draft[j] if j < len(draft) else None
-                if e.forced is not None and len(e.turns) < len(e.forced):
-                    turn = e.forced[len(e.turns)]
-                    token = turn[min(len(e.turn_ids), len(turn) - 1)]
-                    logprob = float(torch.log_softmax(logits[row, j], dim=-1)[token])
+                forced = self._forced(e, logits[row, j])
+                if forced is not None:
+                    token, logprob = forced
                 else:
                     if cfg.greedy:
                         token = choice[row][j]
