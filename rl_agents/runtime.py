@@ -88,6 +88,11 @@ def speculative_token(probs: torch.Tensor, proposed: int | None, generator: torc
     return int(torch.multinomial(residual, 1, generator=generator))
 
 
+def _ngrams_before(tokens: list[int], j: int, ngram: int) -> Iterator[tuple[int, ...]]:
+    """The n-grams (n = 1..``ngram``) that end just before position ``j``: the keys that ``j`` follows."""
+    return (tuple(tokens[j - n : j]) for n in range(1, min(ngram, j) + 1))
+
+
 class NgramIndex:
     """Where each n-gram (n = 1..``ngram``) of a growing token sequence last occurred: the position after it."""
 
@@ -97,8 +102,8 @@ class NgramIndex:
     def extend(self, ids: list[int]) -> None:
         """Index the positions added since the last call (each one follows the n-grams ending before it)."""
         for j in range(max(1, self.seen), len(ids)):
-            for n in range(1, min(self.ngram, j) + 1):
-                self.table[tuple(ids[j - n : j])] = j
+            for key in _ngrams_before(ids, j, self.ngram):
+                self.table[key] = j
         self.seen = len(ids)
 
 
@@ -132,8 +137,8 @@ class NgramDrafter:
         prefix = list(context[-self.ngram :])
         tokens = prefix + list(turn)
         for j in range(max(1, len(prefix)), len(tokens)):
-            for n in range(1, min(self.ngram, j) + 1):
-                self.turns[tuple(tokens[j - n : j])] = (tokens, j)
+            for key in _ngrams_before(tokens, j, self.ngram):
+                self.turns[key] = (tokens, j)
 
     def propose(self, ids: list[int], index: NgramIndex | None, k: int) -> list[int]:
         """Up to ``k`` tokens to follow ``ids``.
@@ -179,7 +184,6 @@ class _Episode:
     truncation: str | None = None
     forced: list[list[int]] | None = None  # teacher forcing: each turn's token ids (end-of-turn included)
     index: int = 0  # the episode's place in the seeds of ``Runtime.run``
-    turn_begin: int = 0  # where the current turn starts in ``ids``
     ngrams: NgramIndex | None = None  # the drafter's index of ``ids`` (speculative decoding)
 
 
@@ -342,7 +346,6 @@ class Runtime:
         ids = prompt_ids(self.tokenizer, task)
         episode = _Episode(env, int(seeds[index]), task, ids=list(ids), pending=list(ids))
         episode.index, episode.turn_start = index, time.perf_counter()
-        episode.turn_begin = len(ids)
         if self.drafter is not None:
             episode.ngrams = NgramIndex(self.drafter.ngram)
         episode.forced = forced[index] if forced is not None else None
@@ -629,8 +632,8 @@ class Runtime:
         text = self.tokenizer.decode(ids[:-1] if ids[-1] == self.eot_id else ids, skip_special_tokens=False)
         turn = Turn(agent=text, token_ids=list(ids), logprobs=list(e.turn_logprobs))
         e.turns.append(turn)
-        if self.drafter is not None:
-            self.drafter.add_turn(e.ids[: e.turn_begin], ids)
+        if self.drafter is not None:  # ``e.ids`` holds every token of the turn but its last
+            self.drafter.add_turn(e.ids[: len(e.ids) - len(ids) + 1], ids)
         e.turn_ids, e.turn_logprobs = [], []
         if truncation is None:
             observation, reward, terminated, truncated, info = e.env.step(text)
@@ -655,7 +658,6 @@ class Runtime:
                 else:
                     e.ids.extend(extra)
                     e.pending = extra
-                    e.turn_begin = len(e.ids)
             e.done = terminated or truncated or truncation is not None
         else:
             e.done = True
