@@ -27,8 +27,11 @@ from dataclasses import dataclass, field
 import gymnasium as gym
 import numpy as np
 import torch
-from transformers import Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+import torch.nn.functional as F
+from transformers import AttentionInterface, Cache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from envs.base import MALFORMED_KINDS
 from rl_agents.trajectory import (
@@ -188,7 +191,9 @@ class _Episode:
 
 
 class _SlotLayer(DynamicLayer):
-    """One layer of a ``SlotCache``: the model's ``update`` writes the new keys and values in place."""
+    """One layer of a ``SlotCache``: the model's ``update`` writes each new token's keys and values at its
+    slot's next free column and hands the attention the whole buffers (``_Pass.attend`` reads each slot's own
+    columns)."""
 
     def __init__(self, cache: SlotCache, index: int):
         super().__init__()
@@ -196,33 +201,27 @@ class _SlotLayer(DynamicLayer):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        cache = self.cache
-        keys, values = cache.buffers(self.index, key_states)
-        if isinstance(cache.write_at, int):  # a block, the same columns for every slot
-            end = cache.write_at + key_states.shape[2]
-            keys[:, :, cache.write_at : end] = key_states
-            values[:, :, cache.write_at : end] = value_states
-        else:  # a few tokens per slot, from each slot's length on
-            rows, columns = cache.write_at
-            keys[rows, :, columns] = key_states.transpose(1, 2).flatten(0, 1)
-            values[rows, :, columns] = value_states.transpose(1, 2).flatten(0, 1)
-        self.keys, self.values = keys[:, :, : cache.width], values[:, :, : cache.width]
-        return self.keys, self.values
+        keys, values = self.cache.buffers(self.index, key_states)
+        rows, columns = self.cache.write_at  # one entry per packed token
+        keys[rows, :, columns] = key_states[0].transpose(0, 1)
+        values[rows, :, columns] = value_states[0].transpose(0, 1)
+        return keys, values
 
     def get_seq_length(self) -> int:
-        return self.cache.offset
+        return max(self.cache.lengths, default=0)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cache.width, 0
+        return self.cache.capacity, 0
 
 
 class SlotCache(Cache):
-    """Keys and values of a batch of slots, one buffer per layer of shape (slots, heads, capacity, head_dim).
+    """Keys and values of a batch of slots, one buffer per layer of shape (slots, kv heads, capacity, head_dim).
 
     Slot ``s`` holds its episode's ``lengths[s]`` tokens in columns ``[0, lengths[s])``; what lies beyond is
-    spare room, never attended. A decode step writes one token per slot in place (``_SlotLayer``), so its
-    cost does not grow with the cache; the capacity doubles when a slot needs more. Keys carry their rotary
-    positions (``position_ids`` are explicit), so where a slot's tokens sit in its row changes nothing.
+    spare room, never attended. A forward pass writes each fed token in place at its slot's next column
+    (``_SlotLayer``), so its cost does not grow with the cache; the capacity doubles when a slot needs more.
+    Keys carry their rotary positions (``position_ids`` are explicit), so where a slot's tokens sit in its row
+    changes nothing.
     """
 
     def __init__(self, slots: int, num_layers: int):
@@ -231,9 +230,7 @@ class SlotCache(Cache):
         self.keys: list[torch.Tensor] = []  # allocated by the first forward pass, layer by layer
         self.values: list[torch.Tensor] = []
         self.capacity = 64
-        self.width = 0  # columns the next forward pass attends
-        self.offset = 0  # the column of its first query (its causal mask lets a query see columns up to its own)
-        self.write_at: int | tuple[torch.Tensor, torch.Tensor] = 0  # where it writes (see ``_SlotLayer``)
+        self.write_at: tuple[torch.Tensor, torch.Tensor] | None = None  # (slot, column) of each packed token
 
     def buffers(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer == len(self.keys):
@@ -253,30 +250,6 @@ class SlotCache(Cache):
                 buffers[i][:, :, : self.capacity] = old
         self.capacity = capacity
 
-    def gather(self, slots: list[int], index: torch.Tensor, width: int) -> DynamicCache | None:
-        """A dense cache of some slots' first ``width`` columns (their tokens, right-padded), for a prefill."""
-        if width == 0:
-            return None
-        data = [(keys[index, :, :width], values[index, :, :width]) for keys, values in zip(self.keys, self.values)]
-        return DynamicCache(ddp_cache_data=data)
-
-    def scatter(self, slots: list[int], counts: list[int], prefilled: Cache, index: torch.Tensor) -> None:
-        """Append each slot's last ``counts`` tokens of a prefill's cache after the slot's own tokens."""
-        block_end = prefilled.layers[0].keys.shape[2]
-        self.reserve(max(self.lengths[s] + n for s, n in zip(slots, counts)))
-        repeats = torch.tensor(counts, device=index.device)
-        rows = torch.repeat_interleave(index, repeats)  # one entry per token written: its slot,
-        source_rows = torch.repeat_interleave(torch.arange(len(slots), device=index.device), repeats)  # prefill row,
-        source = torch.cat([torch.arange(block_end - n, block_end) for n in counts]).to(index.device)  # column there
-        dest = torch.cat([torch.arange(self.lengths[s], self.lengths[s] + n) for s, n in zip(slots, counts)])
-        dest = dest.to(index.device)  # and column in the slot's row
-        for i, layer in enumerate(prefilled.layers):
-            keys, values = self.buffers(i, layer.keys)
-            keys[rows, :, dest] = layer.keys[source_rows, :, source]
-            values[rows, :, dest] = layer.values[source_rows, :, source]
-        for s, n in zip(slots, counts):
-            self.lengths[s] += n
-
     def select(self, keep: list[int]) -> None:
         """Keep only these slots (in this order)."""
         if self.keys:
@@ -284,6 +257,112 @@ class SlotCache(Cache):
             self.keys = [k[index] for k in self.keys]
             self.values = [v[index] for v in self.values]
         self.lengths = [self.lengths[s] for s in keep]
+
+
+_NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+SLOT_ATTENTION = "rl_agents_slots"
+"""The attention implementation the runtime sets while it runs (``slot_attention``)."""
+
+
+class _Pass:
+    """The layout of one packed forward pass: the fed tokens of every slot that takes part, in one row.
+
+    Linear layers see only real tokens, whatever mix of prompts, observations, single decoded tokens and drafts
+    the slots feed, so a step costs one forward pass. The attention (``attend``) reads each slot's own
+    columns of the ``SlotCache``:
+
+    * **batched** rows, which feed at most ``batch_limit`` tokens (a decoded token and its draft), are attended
+      together: one attention call over every slot of the cache, queries padded to the longest such row and
+      keys to the longest such slot, under a mask that lets each query see its slot's columns up to its own;
+    * longer rows (a prompt, an observation) are attended one by one, each over its own slot's columns,
+      causal within the row.
+    """
+
+    def __init__(self, rows: list[int], counts: list[int], lengths: list[int], batch_limit: int, device):
+        starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        self.tokens = starts[-1]
+        token_rows = np.repeat(rows, counts)
+        token_columns = np.concatenate([np.arange(lengths[s], lengths[s] + n) for s, n in zip(rows, counts)])
+        self.write_at = (torch.from_numpy(token_rows).to(device), torch.from_numpy(token_columns).to(device))
+        self.columns = max(lengths[s] + n for s, n in zip(rows, counts))
+        batched = [(r, s, n) for r, (s, n) in enumerate(zip(rows, counts)) if n <= batch_limit]
+        self.singles = []  # (first packed token, count, slot, columns before, mask or None: causal)
+        for r, (s, n) in enumerate(zip(rows, counts)):
+            if n > batch_limit:
+                c = lengths[s]
+                mask = None
+                if c:  # query i sees the slot's c earlier columns and the row's tokens up to its own
+                    mask = torch.arange(c + n, device=device)[None, :] <= torch.arange(c, c + n, device=device)[:, None]
+                self.singles.append((starts[r], n, s, c, mask))
+        self.batched = None
+        if batched:
+            slots, width = len(lengths), max(lengths[s] + n for _, s, n in batched)
+            queries = max(n for _, _, n in batched)
+            dense = queries == 1 and len(batched) == slots and rows == list(range(slots))
+            self.batched = {"width": width, "queries": queries, "dense": dense, "mask": None}
+            if not dense:  # where each batched token sits: packed index, slot, and query index in its slot
+                self.batched |= {
+                    "token": torch.tensor([starts[r] + j for r, _, n in batched for j in range(n)], device=device),
+                    "slot": torch.tensor([s for _, s, n in batched for _ in range(n)], device=device),
+                    "query": torch.tensor([j for _, _, n in batched for j in range(n)], device=device),
+                }
+            same = len(batched) == slots and len({lengths[s] for _, s, _ in batched}) == 1
+            if not (same and queries == 1):
+                # query j of slot s sees columns up to lengths[s] + j (slots without a batched row: column 0
+                # only, a finite result that is discarded)
+                base = torch.zeros(slots, dtype=torch.long)
+                for _, s, _ in batched:
+                    base[s] = lengths[s]
+                last = base[:, None] + torch.arange(queries)[None, :]
+                allowed = torch.arange(width)[None, None, :] <= last[:, :, None]
+                self.batched["mask"] = allowed[:, None].to(device)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None):
+        """Attention output (1, tokens, heads, head_dim) of the packed queries (1, heads, tokens, head_dim)
+        over the cache's whole buffers (slots, kv heads, capacity, head_dim)."""
+        gqa = key.shape[1] != query.shape[1]
+        rows = query[0].transpose(0, 1)  # (tokens, heads, head_dim)
+        out = torch.empty_like(rows)
+        b = self.batched
+        if b is not None:
+            keys, values = key[:, :, : b["width"]], value[:, :, : b["width"]]
+            if b["dense"]:  # one token for every slot, in slot order
+                q = rows[:, :, None]
+            else:
+                q = rows.new_zeros(key.shape[0], b["queries"], *rows.shape[1:])
+                q[b["slot"], b["query"]] = rows[b["token"]]
+                q = q.transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=b["mask"], scale=scale, enable_gqa=gqa)
+            if b["dense"]:
+                out = o[:, :, 0]
+            else:
+                out[b["token"]] = o.transpose(1, 2)[b["slot"], b["query"]]
+        for first, n, s, c, mask in self.singles:
+            o = F.scaled_dot_product_attention(
+                query[:, :, first : first + n],
+                key[s : s + 1, :, : c + n],
+                value[s : s + 1, :, : c + n],
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=scale,
+                enable_gqa=gqa,
+            )
+            out[first : first + n] = o[0].transpose(0, 1)
+        return out[None]
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, slot_pass=None, **kwargs):
+    """The runtime's attention (``SLOT_ATTENTION``): a packed pass's layout (``_Pass``) where the runtime gives
+    one, and SDPA otherwise (a model the runtime has switched may still be called by others)."""
+    if slot_pass is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    return slot_pass.attend(query, key, value, scaling), None
+
+
+AttentionInterface.register(SLOT_ATTENTION, slot_attention)
+AttentionMaskInterface.register(SLOT_ATTENTION, sdpa_mask)
 
 
 class Runtime:
@@ -354,9 +433,18 @@ class Runtime:
     @torch.no_grad()
     def _run_slots(self, envs: list[gym.Env], seeds: list[int], forced=None) -> Iterator[_Episode]:
         """Run every seed's episode, one per slot at a time; yields each episode when it ends."""
+        cache = SlotCache(len(envs), self.model.config.get_text_config().num_hidden_layers)
+        attention = self.model.config._attn_implementation
+        if self.config.use_cache:  # and back when the episodes end: others may call the model between runs
+            self.model.set_attn_implementation(SLOT_ATTENTION)
+        try:
+            yield from self._loop(envs, seeds, forced, cache)
+        finally:
+            self.model.set_attn_implementation(attention)
+
+    def _loop(self, envs: list[gym.Env], seeds: list[int], forced, cache: SlotCache) -> Iterator[_Episode]:
         queue = deque(range(len(seeds)))
         slots: list[_Episode | None] = [None] * len(envs)
-        cache = SlotCache(len(envs), self.model.config.get_text_config().num_hidden_layers)
         while True:
             for s, episode in enumerate(slots):
                 if episode is None and queue:
@@ -367,13 +455,8 @@ class Runtime:
                 return
             if not self.config.use_cache:
                 self._step(slots, live, self._forward_full([slots[s] for s in live]))
-            else:
-                wide = [s for s in live if len(slots[s].pending) > 1 or cache.lengths[s] == 0]
-                if wide:  # with drafts, a new turn's first tokens are verified with its observation
-                    self._feed(cache, slots, wide, self._prefill)
-                narrow = [s for s in live if not slots[s].done and len(slots[s].pending) == 1]
-                if narrow:
-                    self._feed(cache, slots, narrow, self._decode)
+            else:  # with drafts, a new turn's first tokens are verified with its observation
+                self._feed(cache, slots, live)
             for s in live:
                 if slots[s].done:
                     yield slots[s]
@@ -401,127 +484,63 @@ class Runtime:
         token = turn[min(len(e.turn_ids), len(turn) - 1)]
         return token, float(torch.log_softmax(logits.float(), dim=-1)[token])
 
-    def _prefill(
-        self, cache: SlotCache, slots: list[_Episode | None], rows: list[int], drafts: list[list[int]] | None = None
-    ) -> torch.Tensor:
-        """Feed these slots' pending tokens, right-aligned in one block; returns their last-position logits.
-
-        When every slot takes part with as many tokens as the others and as many pending (one environment,
-        or the first prompts of a batch), the block is written straight into the cache. Otherwise these
-        slots go through the model on a copy of their rows, and their new keys and values are written back
-        after each slot's own tokens. With ``drafts``, each row feeds its draft after its pending tokens and
-        the logits of its last pending token and its draft come back, (rows, 1 + longest draft, vocab),
-        row ``r``'s from index 0 on (as ``_decode`` returns them); the caller sets the lengths.
-        """
-        episodes = [slots[s] for s in rows]
-        fed = [e.pending + (drafts[row] if drafts is not None else []) for row, e in enumerate(episodes)]
-        counts = [len(f) for f in fed]
-        width = max(counts)
-        aligned = len(rows) == len(cache.lengths) and len(set(counts)) == 1 and len(set(cache.lengths)) == 1
-        past_width = cache.lengths[rows[0]] if aligned else max(cache.lengths[s] for s in rows)
-        block = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), past_width + width), dtype=torch.long)
-        positions = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, (s, e, n) in enumerate(zip(rows, episodes, counts)):
-            block[row, width - n :] = torch.tensor(fed[row])
-            mask[row, : cache.lengths[s]] = 1
-            mask[row, past_width + width - n :] = 1
-            first = len(e.ids) - len(e.pending)  # position of the first pending token
-            positions[row, width - n :] = torch.arange(first, first + n)
-        if aligned:
-            cache.reserve(past_width + width)
-            cache.write_at, cache.offset, cache.width = past_width, past_width, past_width + width
-            past = cache
-        else:
-            index = torch.tensor(rows, dtype=torch.long, device=self.device)
-            past = cache.gather(rows, index, past_width)
-        out = self.model(
-            input_ids=block.to(self.device),
-            attention_mask=None if bool(mask.all()) else mask.to(self.device),  # no padding: plain causal
-            position_ids=positions.to(self.device),
-            cache=past,
-            use_cache=True,
-            logits_to_keep=1 if drafts is None else 1 + max(len(d) for d in drafts),
-        )
-        if aligned:
-            for s in rows:
-                cache.lengths[s] += width
-        else:
-            cache.scatter(rows, counts, out.cache, index)
-        self.stats["forward_passes"] += 1
-        self.stats["prefills"] += 1
+    def _feed(self, cache: SlotCache, slots: list[_Episode | None], rows: list[int]) -> None:
+        """Feed these slots' pending tokens (with a drafter, each slot's draft after them) in one packed forward
+        pass and advance their episodes, keeping the draft tokens that verify."""
+        drafts = None
+        if self.drafter is not None:
+            cap = self.config.draft_tokens
+            if self.config.draft_budget is not None:
+                cap = min(cap, self.config.draft_budget // len(cache.lengths))
+            drafts = [self._draft(slots[s], cap) for s in rows]
+        logits = self._forward(cache, slots, rows, drafts)
         if drafts is None:
-            return out.logits[:, -1, :].float()
-        logits = torch.zeros_like(out.logits, dtype=torch.float)  # each row's own positions first
-        for row, draft in enumerate(drafts):
-            logits[row, : len(draft) + 1] = out.logits[row, -1 - len(draft) :]
-        return logits
+            self._step(slots, rows, logits)
+        else:
+            self._verify(slots, rows, drafts, logits)
+        for s in rows:  # each slot keeps its fed tokens (up to the last accepted draft token)
+            cache.lengths[s] = len(slots[s].ids) - len(slots[s].pending)
 
-    def _decode(
-        self, cache: SlotCache, slots: list[_Episode | None], rows: list[int], drafts: list[list[int]] | None = None
+    def _forward(
+        self, cache: SlotCache, slots: list[_Episode | None], rows: list[int], drafts: list[list[int]] | None
     ) -> torch.Tensor:
-        """Feed one pending token per slot, each written at its slot's length; returns these rows' logits.
-
-        Every slot of the cache takes part: a slot with nothing to feed (ended, or waiting for a prefill)
-        feeds padding at its length, which its length does not count, so the next write covers it.
-        With ``drafts`` (one per row), each row also feeds its draft after its pending token (rows padded to
-        the longest); the logits of every fed position come back, (rows, 1 + longest draft, vocab), and the
-        caller sets the lengths once it knows how many draft tokens each row keeps.
-        """
-        lengths = cache.lengths
-        width = 1 + max((len(d) for d in drafts), default=0) if drafts is not None else 1
-        ids = [[self.pad_id] * width for _ in lengths]
-        positions = [list(range(n, n + width)) for n in lengths]
-        for row, s in enumerate(rows):
-            fed = slots[s].pending + (drafts[row] if drafts is not None else [])
-            ids[s][: len(fed)] = fed
-            positions[s] = list(range(len(slots[s].ids) - 1, len(slots[s].ids) - 1 + width))
-        cache.width = max(lengths) + width
-        cache.offset = cache.width - width
-        cache.reserve(cache.width)
-        columns = torch.tensor(lengths, device=self.device)[:, None] + torch.arange(width, device=self.device)
-        cache.write_at = (torch.arange(len(lengths), device=self.device).repeat_interleave(width), columns.flatten())
-        mask = None  # every slot as long as the others: plain causal attention
-        if min(lengths) < cache.offset:
-            # each slot attends its own tokens and those it feeds, up to its own query's column (padding too:
-            # no row attends nothing)
-            allowed = torch.arange(cache.width, device=self.device)[None, None, :] <= columns[:, :, None]
-            if width == 1:
-                mask = allowed[:, 0].long()
-            else:  # a query's own columns differ by slot: a ready-made 4D mask, (slots, 1, queries, columns)
-                mask = torch.zeros(allowed.shape, dtype=self.model.dtype, device=self.device)
-                mask = mask.masked_fill(~allowed, torch.finfo(self.model.dtype).min)[:, None]
+        """One packed forward pass (``_Pass``) of these slots' pending tokens and drafts; each is written after
+        its slot's tokens in the cache. Returns the logits of each row's last pending token, (rows, vocab), or
+        with ``drafts`` those of its last pending token and its draft, (rows, 1 + longest draft, vocab), row
+        ``r``'s from index 0 on; the caller sets the lengths."""
+        fed = [slots[s].pending + (drafts[r] if drafts is not None else []) for r, s in enumerate(rows)]
+        counts = [len(f) for f in fed]
+        longest = max((len(d) for d in drafts), default=0) if drafts is not None else 0
+        plan = _Pass(rows, counts, cache.lengths, 1 + longest if drafts is not None else 1, self.device)
+        cache.reserve(plan.columns)
+        cache.write_at = plan.write_at
+        positions, keep = [], []
+        for r, s in enumerate(rows):
+            e, n = slots[s], counts[r]
+            first = len(e.ids) - len(e.pending)  # position of the first pending token
+            positions.extend(range(first, first + n))
+            last = len(positions) - n + len(e.pending) - 1  # packed index of the last pending token
+            keep.extend(range(last, len(positions)))
         out = self.model(
-            input_ids=torch.tensor(ids, device=self.device),
-            attention_mask=mask,
-            position_ids=torch.tensor(positions, device=self.device),
+            input_ids=torch.tensor([sum(fed, [])], device=self.device),
+            attention_mask=_NO_MASK.to(self.device),  # a ready 4D mask: transformers builds none (``_Pass`` masks)
+            position_ids=torch.tensor([positions], device=self.device),
             cache=cache,
             use_cache=True,
-            logits_to_keep=width,
+            logits_to_keep=torch.tensor(keep, device=self.device),
+            slot_pass=plan,
         )
         self.stats["forward_passes"] += 1
-        logits = out.logits
-        if len(rows) < len(lengths):
-            logits = logits[torch.tensor(rows, device=self.device)]
-        if drafts is not None:
-            return logits.float()
-        for s in rows:
-            lengths[s] += 1
-        return logits[:, -1, :].float()
-
-    def _feed(self, cache: SlotCache, slots: list[_Episode | None], rows: list[int], forward) -> None:
-        """Feed these slots' pending tokens through ``forward`` (``_prefill`` or ``_decode``) and advance them;
-        with a drafter, each slot's draft too, keeping what verifies."""
-        if self.drafter is None:
-            self._step(slots, rows, forward(cache, slots, rows))
-            return
-        cap = self.config.draft_tokens
-        if self.config.draft_budget is not None:
-            cap = min(cap, self.config.draft_budget // len(cache.lengths))
-        drafts = [self._draft(slots[s], cap) for s in rows]
-        self._verify(slots, rows, drafts, forward(cache, slots, rows, drafts))
-        for s in rows:  # each slot keeps its fed tokens up to the last accepted draft token
-            cache.lengths[s] = len(slots[s].ids) - len(slots[s].pending)
+        self.stats["prefills"] += any(len(slots[s].pending) > 1 for s in rows)
+        logits = out.logits[0].float()
+        if drafts is None:
+            return logits
+        padded = logits.new_zeros(len(rows), 1 + longest, logits.shape[-1])  # each row's own positions first
+        at = 0
+        for r, draft in enumerate(drafts):
+            padded[r, : len(draft) + 1] = logits[at : at + len(draft) + 1]
+            at += len(draft) + 1
+        return padded
 
     def _draft(self, e: _Episode, cap: int) -> list[int]:
         """The drafter's guess at this episode's next tokens: at most ``cap``, and what its turn has room for."""
