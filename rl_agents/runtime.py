@@ -279,69 +279,70 @@ class _Pass:
     """
 
     def __init__(self, rows: list[int], counts: list[int], lengths: list[int], batch_limit: int, device):
-        starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
-        self.tokens = starts[-1]
-        token_rows = np.repeat(rows, counts)
-        token_columns = np.concatenate([np.arange(lengths[s], lengths[s] + n) for s, n in zip(rows, counts)])
-        self.write_at = (torch.from_numpy(token_rows).to(device), torch.from_numpy(token_columns).to(device))
-        self.columns = max(lengths[s] + n for s, n in zip(rows, counts))
-        batched = [(r, s, n) for r, (s, n) in enumerate(zip(rows, counts)) if n <= batch_limit]
-        self.singles = []  # (first packed token, count, slot, columns before, mask or None: causal)
-        for r, (s, n) in enumerate(zip(rows, counts)):
-            if n > batch_limit:
-                c = lengths[s]
-                mask = None
-                if c:  # query i sees the slot's c earlier columns and the row's tokens up to its own
-                    mask = torch.arange(c + n, device=device)[None, :] <= torch.arange(c, c + n, device=device)[:, None]
-                self.singles.append((starts[r], n, s, c, mask))
+        token_rows, token_columns, batched = [], [], []
+        self.singles = []  # (first packed token, count, slot, columns, mask or None: causal) of rows attended alone
+        first = 0
+        for s, n in zip(rows, counts):
+            c = lengths[s]
+            token_rows += [s] * n
+            token_columns += range(c, c + n)
+            if n <= batch_limit:
+                batched.append((first, s, n))
+            else:  # query i sees the slot's c earlier columns and the row's tokens up to its own
+                mask = torch.arange(c + n)[None, :] <= torch.arange(c, c + n)[:, None] if c else None
+                self.singles.append((first, n, s, c + n, None if mask is None else mask.to(device)))
+            first += n
+        self.write_at = (torch.tensor(token_rows, device=device), torch.tensor(token_columns, device=device))
+        self.columns = max(token_columns) + 1  # the cache columns this pass needs
         self.batched = None
-        if batched:
-            slots, width = len(lengths), max(lengths[s] + n for _, s, n in batched)
-            queries = max(n for _, _, n in batched)
-            dense = queries == 1 and len(batched) == slots and rows == list(range(slots))
-            self.batched = {"width": width, "queries": queries, "dense": dense, "mask": None}
-            if not dense:  # where each batched token sits: packed index, slot, and query index in its slot
-                self.batched |= {
-                    "token": torch.tensor([starts[r] + j for r, _, n in batched for j in range(n)], device=device),
-                    "slot": torch.tensor([s for _, s, n in batched for _ in range(n)], device=device),
-                    "query": torch.tensor([j for _, _, n in batched for j in range(n)], device=device),
-                }
-            same = len(batched) == slots and len({lengths[s] for _, s, _ in batched}) == 1
-            if not (same and queries == 1):
-                # query j of slot s sees columns up to lengths[s] + j (slots without a batched row: column 0
-                # only, a finite result that is discarded)
-                base = torch.zeros(slots, dtype=torch.long)
-                for _, s, _ in batched:
-                    base[s] = lengths[s]
-                last = base[:, None] + torch.arange(queries)[None, :]
-                allowed = torch.arange(width)[None, None, :] <= last[:, :, None]
-                self.batched["mask"] = allowed[:, None].to(device)
+        if not batched:
+            return
+        slots, queries = len(lengths), max(n for _, _, n in batched)
+        width = max(lengths[s] + n for _, s, n in batched)
+        dense = queries == 1 and len(batched) == slots  # one token for every slot, in slot order
+        self.batched = {"width": width, "queries": queries, "dense": dense, "mask": None}
+        if not dense:  # where each batched token sits: packed index, slot, and query index in its slot
+            self.batched |= {
+                "token": torch.tensor([f + j for f, _, n in batched for j in range(n)], device=device),
+                "slot": torch.tensor([s for _, s, n in batched for _ in range(n)], device=device),
+                "query": torch.tensor([j for _, _, n in batched for j in range(n)], device=device),
+            }
+        if not (dense and len(set(lengths)) == 1):
+            # query j of slot s sees columns up to lengths[s] + j (slots without a batched row: column 0 only,
+            # a finite result that is discarded)
+            base = [0] * slots
+            for _, s, _ in batched:
+                base[s] = lengths[s]
+            last = torch.tensor(base)[:, None] + torch.arange(queries)[None, :]
+            allowed = torch.arange(width)[None, None, :] <= last[:, :, None]
+            self.batched["mask"] = allowed[:, None].to(device)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None):
         """Attention output (1, tokens, heads, head_dim) of the packed queries (1, heads, tokens, head_dim)
         over the cache's whole buffers (slots, kv heads, capacity, head_dim)."""
         gqa = key.shape[1] != query.shape[1]
         rows = query[0].transpose(0, 1)  # (tokens, heads, head_dim)
-        out = torch.empty_like(rows)
         b = self.batched
         if b is not None:
             keys, values = key[:, :, : b["width"]], value[:, :, : b["width"]]
-            if b["dense"]:  # one token for every slot, in slot order
-                q = rows[:, :, None]
-            else:
-                q = rows.new_zeros(key.shape[0], b["queries"], *rows.shape[1:])
-                q[b["slot"], b["query"]] = rows[b["token"]]
-                q = q.transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=b["mask"], scale=scale, enable_gqa=gqa)
             if b["dense"]:
-                out = o[:, :, 0]
-            else:
-                out[b["token"]] = o.transpose(1, 2)[b["slot"], b["query"]]
+                o = F.scaled_dot_product_attention(
+                    rows[:, :, None], keys, values, attn_mask=b["mask"], scale=scale, enable_gqa=gqa
+                )
+                return o.transpose(1, 2).transpose(0, 1)  # (1, slots, heads, head_dim)
+            q = rows.new_zeros(key.shape[0], b["queries"], *rows.shape[1:])
+            q[b["slot"], b["query"]] = rows[b["token"]]
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, attn_mask=b["mask"], scale=scale, enable_gqa=gqa
+            )
+        out = torch.empty_like(rows)
+        if b is not None:
+            out[b["token"]] = o.transpose(1, 2)[b["slot"], b["query"]]
         for first, n, s, c, mask in self.singles:
             o = F.scaled_dot_product_attention(
                 query[:, :, first : first + n],
-                key[s : s + 1, :, : c + n],
-                value[s : s + 1, :, : c + n],
+                key[s : s + 1, :, :c],
+                value[s : s + 1, :, :c],
                 attn_mask=mask,
                 is_causal=mask is None,
                 scale=scale,
