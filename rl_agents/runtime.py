@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 
 import gymnasium as gym
 import numpy as np
@@ -379,6 +380,7 @@ class Runtime:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot_id
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._no_mask = _NO_MASK.to(self.device)
         self.stats = {"generated_tokens": 0, "forward_passes": 0, "prefills": 0, "wall_s": 0.0}
         self.drafter = NgramDrafter(config.draft_ngram, stop=self.eot_id) if config.draft_tokens > 0 else None
         if self.drafter is not None:
@@ -474,16 +476,17 @@ class Runtime:
         for row, (token, logprob) in enumerate(zip(next_ids.tolist(), logprobs.tolist())):
             e = slots[rows[row]]
             e.pending = []
-            forced = self._forced(e, logits[row])
+            forced = self._forced(e, logits, row)
             self._advance(e, *(forced or (token, logprob)))
 
-    def _forced(self, e: _Episode, logits: torch.Tensor) -> tuple[int, float] | None:
-        """Teacher forcing: the forced token where this episode has one, and its log-probability under ``logits``."""
+    def _forced(self, e: _Episode, logits: torch.Tensor, *at: int) -> tuple[int, float] | None:
+        """Teacher forcing: the forced token where this episode has one, and its log-probability under
+        ``logits[at]``."""
         if e.forced is None or len(e.turns) >= len(e.forced):
             return None
         turn = e.forced[len(e.turns)]
         token = turn[min(len(e.turn_ids), len(turn) - 1)]
-        return token, float(torch.log_softmax(logits.float(), dim=-1)[token])
+        return token, float(torch.log_softmax(logits[at].float(), dim=-1)[token])
 
     def _feed(self, cache: SlotCache, slots: list[_Episode | None], rows: list[int]) -> None:
         """Feed these slots' pending tokens (with a drafter, each slot's draft after them) in one packed forward
@@ -523,12 +526,12 @@ class Runtime:
             last = len(positions) - n + len(e.pending) - 1  # packed index of the last pending token
             keep.extend(range(last, len(positions)))
         out = self.model(
-            input_ids=torch.tensor([sum(fed, [])], device=self.device),
-            attention_mask=_NO_MASK.to(self.device),  # a ready 4D mask: transformers builds none (``_Pass`` masks)
+            input_ids=torch.tensor([list(chain.from_iterable(fed))], device=self.device),
+            attention_mask=self._no_mask,  # a ready 4D mask: transformers builds none (``_Pass`` masks)
             position_ids=torch.tensor([positions], device=self.device),
             cache=cache,
             use_cache=True,
-            logits_to_keep=torch.tensor(keep, device=self.device),
+            logits_to_keep=0 if len(keep) == len(positions) else torch.tensor(keep, device=self.device),  # 0: all
             slot_pass=plan,
         )
         self.stats["forward_passes"] += 1
@@ -575,7 +578,7 @@ class Runtime:
             e.pending = []
             for j in range(len(draft) + 1):
                 proposed = draft[j] if j < len(draft) else None
-                forced = self._forced(e, logits[row, j])
+                forced = self._forced(e, logits, row, j)
                 if forced is not None:
                     token, logprob = forced
                 else:
