@@ -3,13 +3,13 @@
 The environments are slots: each runs one episode at a time and takes the next seed from the queue as
 soon as its episode ends (continuous batching), so a batch never waits for its slowest episode. Every
 slot keeps its episode's keys and values at the start of its row of one buffer per layer (``SlotCache``),
-and a step costs:
-
-* a **prefill**, only when some slots have several tokens to feed (a new episode's prompt, the end-of-turn
-  token and an observation): those slots alone go through the model, on a copy of their rows, and their
-  new keys and values are written after each slot's own tokens;
-* a **decode** of one token for every slot, written in place at each slot's own length. The attention
-  mask covers each slot's tokens, so rows of different lengths never pad one another with holes.
+and a step costs one **packed forward pass** (``_Pass``): every slot feeds its pending tokens (a new
+episode's prompt, the end-of-turn token and an observation, or the one token it decoded, with its draft
+when drafting) and the model sees them side by side in one row, so its linear layers compute real tokens
+only, and a slot that reads an observation never holds back the others. Each token's keys and values are
+written in place at its slot's next column. The attention (``slot_attention``, switched on for the
+run) reads each slot's own columns: the slots that feed one token (or a short draft) together, in one
+call over the cache, and the longer rows (a prompt, an observation) one by one.
 
 Position ids count each episode's own tokens, so an episode's context is exactly the token sequence
 ``trajectory.encode_trajectory`` builds for it, and the cache is never re-encoded. ``use_cache=False``
@@ -381,6 +381,7 @@ class Runtime:
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._no_mask = _NO_MASK.to(self.device)
+        # prefills: the forward passes that fed some slot's prompt or observation
         self.stats = {"generated_tokens": 0, "forward_passes": 0, "prefills": 0, "wall_s": 0.0}
         self.drafter = NgramDrafter(config.draft_ngram, stop=self.eot_id) if config.draft_tokens > 0 else None
         if self.drafter is not None:

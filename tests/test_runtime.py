@@ -4,7 +4,14 @@ import gymnasium as gym
 import pytest
 import torch
 
-from rl_agents.runtime import NgramDrafter, NgramIndex, Runtime, RuntimeConfig, speculative_token
+from rl_agents.runtime import (
+    SLOT_ATTENTION,
+    NgramDrafter,
+    NgramIndex,
+    Runtime,
+    RuntimeConfig,
+    speculative_token,
+)
 from rl_agents.trajectory import IM_END
 
 
@@ -42,6 +49,38 @@ def test_a_slot_takes_the_next_seed_as_soon_as_its_episode_ends(tiny_policy):
     trajectories = runtime.run("Calculator-v0", [10, 11, 12], forced=forced)
     assert [t.metadata["seed"] for t in trajectories] == [10, 11, 12]  # returned in the seeds' order
     assert [len(t.turns[0].token_ids) for t in trajectories] == lengths
+
+
+def test_a_step_is_one_forward_pass_whatever_its_slots_feed(tiny_policy):
+    """Prompts, observations and decoded tokens share one packed pass: each pass gives every live slot a token."""
+    _, model, tokenizer = tiny_policy
+    seeds = list(range(100, 108))
+    runtime = Runtime(model, tokenizer, RuntimeConfig(batch_size=8, max_new_tokens=64, max_turns=4))
+    trajectories = runtime.run("Calculator-v0", seeds, {"fail_prob": 0.5})
+    generated = [sum(len(t.token_ids) for t in tr.turns) for tr in trajectories]
+    assert any(len(tr.turns) >= 2 for tr in trajectories), "need observations fed beside other slots' tokens"
+    assert len(set(generated)) > 1, "need episodes of different lengths"
+    assert runtime.stats["forward_passes"] == max(generated)  # all start together; one pass per token of the longest
+    assert runtime.stats["prefills"] >= 1
+
+
+def test_the_runtime_gives_the_model_back_with_its_own_attention(tiny_policy):
+    """The slot attention is switched on for a run only, and the model answers as before afterwards."""
+    _, model, tokenizer = tiny_policy
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before_impl = model.config._attn_implementation
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    Runtime(model, tokenizer, RuntimeConfig(batch_size=2, max_new_tokens=16)).run("Calculator-v0", [1, 2])
+    assert model.config._attn_implementation == before_impl
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    model.set_attn_implementation(SLOT_ATTENTION)  # called by others while switched (no packed pass): plain SDPA
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, before)
+    finally:
+        model.set_attn_implementation(before_impl)
 
 
 def test_batching_does_not_change_greedy_results(tiny_policy):
