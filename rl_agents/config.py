@@ -272,6 +272,13 @@ def _check_runtime(cfg: DictConfig) -> None:
             raise ConfigError(f"runtime.{key} must be positive, got {rt[key]}")
     if not rt.greedy and rt.temperature <= 0:
         raise ConfigError(f"runtime.temperature must be positive when sampling, got {rt.temperature}")
+    if rt.env_workers < 0:
+        raise ConfigError(f"runtime.env_workers must be >= 0 (0: the environments step in turn), got {rt.env_workers}")
+    if rt.env_workers and rt.draft_tokens and not rt.greedy:
+        raise ConfigError(
+            "runtime.env_workers with sampled drafts (runtime.draft_tokens > 0, runtime.greedy=false): the drafter "
+            "would see turns end in the tools' order, so episodes would not be reproducible"
+        )
     if rt.draft_budget is not None and rt.draft_budget < 1:
         raise ConfigError(f"runtime.draft_budget must be >= 1 (or null: no cap), got {rt.draft_budget}")
     if rt.draft_tokens < 0 or rt.draft_ngram < 1:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -71,6 +72,12 @@ class RuntimeConfig:
     draft_budget: int | None = 64
     """most draft tokens a forward pass carries, shared by the slots (each drafts at most draft_budget //
     batch_size): with many slots a pass is compute-bound and long drafts cost more than they save. None: no cap"""
+    env_workers: int = 0
+    """threads that step the environments while the model goes on decoding for the other slots: a tool call
+    that takes long (Code-v0's sandbox) then holds back its own slot only. 0: each environment steps in turn
+    between forward passes. The episodes are the same either way (sampling draws from each episode's own
+    generator); with sampled drafts they are not reproducible (the drafter sees turns end in the tools'
+    order), so that combination is refused"""
     end_on_malformed: bool = False
     """end the episode at the first malformed turn (truncation reason ``malformed``) instead of feeding the
     error back (``envs.base.MALFORMED_KINDS``: no action, bad JSON, unknown tool, bad arguments, too long)"""
@@ -189,6 +196,8 @@ class _Episode:
     forced: list[list[int]] | None = None  # teacher forcing: each turn's token ids (end-of-turn included)
     index: int = 0  # the episode's place in the seeds of ``Runtime.run``
     ngrams: NgramIndex | None = None  # the drafter's index of ``ids`` (speculative decoding)
+    generator: torch.Generator | None = None  # this episode's sampling draws (whatever slots share its passes)
+    stepping: Future | None = None  # the environment's answer to the last turn, on its way (``env_workers``)
 
 
 class _SlotLayer(DynamicLayer):
@@ -379,8 +388,16 @@ class Runtime:
         self.eot_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot_id
         self.device = next(model.parameters()).device
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed, self.runs = seed, 0  # an episode's sampling generator derives from (seed, run, its index)
+        self._pool: ThreadPoolExecutor | None = None  # steps the environments during a run (``env_workers``)
         self._no_mask = _NO_MASK.to(self.device)
+        if config.env_workers < 0:
+            raise ValueError(f"env_workers must be >= 0 (0: step the environments in turn), got {config.env_workers}")
+        if config.env_workers and config.draft_tokens and not config.greedy:
+            raise ValueError(
+                "env_workers with sampled drafts: the drafter would see turns end in the tools' order, so episodes "
+                "would not be reproducible (set env_workers=0, draft_tokens=0 or greedy=true)"
+            )
         # prefills: the forward passes that fed some slot's prompt or observation
         self.stats = {"generated_tokens": 0, "forward_passes": 0, "prefills": 0, "wall_s": 0.0}
         self.drafter = NgramDrafter(config.draft_ngram, stop=self.eot_id) if config.draft_tokens > 0 else None
@@ -411,6 +428,7 @@ class Runtime:
         envs = [gym.make(env_id, **(env_kwargs or {})) for _ in range(min(self.config.batch_size, len(seeds)))]
         trajectories: list[Trajectory | None] = [None] * len(seeds)
         start = time.perf_counter()
+        self.runs += 1
         was_training = self.model.training
         self.model.eval()  # and back afterwards: a trainer may call the runtime between its steps
         try:
@@ -432,6 +450,9 @@ class Runtime:
         if self.drafter is not None:
             episode.ngrams = NgramIndex(self.drafter.ngram)
         episode.forced = forced[index] if forced is not None else None
+        if not self.config.greedy:
+            state = np.random.default_rng([self.seed, self.runs, index]).integers(2**62)
+            episode.generator = torch.Generator(device=self.device).manual_seed(int(state))
         return episode
 
     @torch.no_grad()
@@ -441,10 +462,15 @@ class Runtime:
         attention = self.model.config._attn_implementation
         if self.config.use_cache:  # and back when the episodes end: others may call the model between runs
             self.model.set_attn_implementation(SLOT_ATTENTION)
+        workers = min(self.config.env_workers, len(envs))
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="env") if workers else None
         try:
             yield from self._loop(envs, seeds, forced, cache)
         finally:
             self.model.set_attn_implementation(attention)
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
 
     def _loop(self, envs: list[gym.Env], seeds: list[int], forced, cache: SlotCache) -> Iterator[_Episode]:
         queue = deque(range(len(seeds)))
@@ -457,10 +483,13 @@ class Runtime:
             live = [s for s, e in enumerate(slots) if e is not None]
             if not live:
                 return
-            if not self.config.use_cache:
-                self._step(slots, live, self._forward_full([slots[s] for s in live]))
+            ready = self._answered(slots, live)
+            if not ready:
+                pass  # every live slot waits for its environment, or has just ended
+            elif not self.config.use_cache:
+                self._step(slots, ready, self._forward_full([slots[s] for s in ready]))
             else:  # with drafts, a new turn's first tokens are verified with its observation
-                self._feed(cache, slots, live)
+                self._feed(cache, slots, ready)
             for s in live:
                 if slots[s].done:
                     yield slots[s]
@@ -471,9 +500,21 @@ class Runtime:
                 slots, envs = [slots[s] for s in keep], [envs[s] for s in keep]
                 cache.select(keep)
 
+    def _answered(self, slots: list[_Episode | None], live: list[int]) -> list[int]:
+        """The live slots that can feed the model now: their environments' answers are taken in first. When every
+        live slot waits for its environment, waits for the first answer."""
+        stepping = [slots[s] for s in live if slots[s].stepping is not None]
+        if stepping and len(stepping) == len(live):
+            wait([e.stepping for e in stepping], return_when=FIRST_COMPLETED)
+        for e in stepping:
+            if e.stepping.done():
+                future, e.stepping = e.stepping, None
+                self._observe(e, *future.result())
+        return [s for s in live if slots[s].stepping is None and not slots[s].done]
+
     def _step(self, slots: list[_Episode | None], rows: list[int], logits: torch.Tensor) -> None:
         """Sample a token for each of these slots from its logits and advance its episode."""
-        next_ids, logprobs = self._sample(logits)
+        next_ids, logprobs = self._sample(logits, [slots[s].generator for s in rows])
         for row, (token, logprob) in enumerate(zip(next_ids.tolist(), logprobs.tolist())):
             e = slots[rows[row]]
             e.pending = []
@@ -586,7 +627,7 @@ class Runtime:
                     if cfg.greedy:
                         token = choice[row][j]
                     else:
-                        token = speculative_token(probs[row, j], proposed, self.generator)
+                        token = speculative_token(probs[row, j], proposed, e.generator)
                     logprob = float(logp[row, j, token])
                 turns = len(e.turns)
                 self._advance(e, token, logprob)
@@ -614,8 +655,9 @@ class Runtime:
         self.stats["forward_passes"] += 1
         return out.logits[:, -1, :].float()
 
-    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next token and its log-probability under the sampling distribution (temperature applied)."""
+    def _sample(self, logits: torch.Tensor, generators: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next token and its log-probability under the sampling distribution (temperature applied); row ``r``
+        draws from ``generators[r]``."""
         cfg = self.config
         if cfg.greedy:
             logp = torch.log_softmax(logits, dim=-1)
@@ -623,7 +665,7 @@ class Runtime:
         else:
             logp = torch.log_softmax(logits / cfg.temperature, dim=-1)
             probs = self._top_p(logp.exp())
-            next_ids = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+            next_ids = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
         return next_ids, logp.gather(-1, next_ids[:, None]).squeeze(-1)
 
     def _top_p(self, probs: torch.Tensor) -> torch.Tensor:
@@ -659,35 +701,52 @@ class Runtime:
         if self.drafter is not None:  # ``e.ids`` holds every token of the turn but its last
             self.drafter.add_turn(e.ids[: len(e.ids) - len(ids) + 1], ids)
         e.turn_ids, e.turn_logprobs = [], []
-        if truncation is None:
-            observation, reward, terminated, truncated, info = e.env.step(text)
-            turn.observation, turn.reward, turn.tool, turn.error = (
-                observation,
-                float(reward),
-                info.get("tool"),
-                info.get("error"),
-            )
-            e.reward += float(reward)
-            e.success = bool(info.get("success", False))
-            if terminated or truncated:
-                truncation = None if terminated else "max_steps"
-            elif self.config.end_on_malformed and turn.error in MALFORMED_KINDS:
-                truncation = "malformed"
-            elif len(e.turns) >= self.config.max_turns:
-                truncation = "max_turns"
-            else:
-                extra = [ids[-1]] + observation_ids(self.tokenizer, observation)
-                if len(e.ids) + len(extra) >= self.config.max_context:
-                    truncation = "context_length"
-                else:
-                    e.ids.extend(extra)
-                    e.pending = extra
-            e.done = terminated or truncated or truncation is not None
+        if truncation is not None:
+            e.done, e.truncation = True, truncation
+            self._stamp(e)
+        elif self._pool is not None:  # the model goes on with the other slots meanwhile
+            e.pending, e.stepping = [], self._pool.submit(self._env_step, e.env, text, ids[-1])
         else:
-            e.done = True
+            self._observe(e, *self._env_step(e.env, text, ids[-1]))
+
+    @staticmethod
+    def _env_step(env: gym.Env, text: str, last: int) -> tuple:
+        return env.step(text), last
+
+    def _observe(self, e: _Episode, step: tuple, last: int) -> None:
+        """Take in the environment's answer to the episode's last turn (``last``: its final token)."""
+        observation, reward, terminated, truncated, info = step
+        turn, truncation = e.turns[-1], None
+        turn.observation, turn.reward, turn.tool, turn.error = (
+            observation,
+            float(reward),
+            info.get("tool"),
+            info.get("error"),
+        )
+        e.reward += float(reward)
+        e.success = bool(info.get("success", False))
+        if terminated or truncated:
+            truncation = None if terminated else "max_steps"
+        elif self.config.end_on_malformed and turn.error in MALFORMED_KINDS:
+            truncation = "malformed"
+        elif len(e.turns) >= self.config.max_turns:
+            truncation = "max_turns"
+        else:
+            extra = [last] + observation_ids(self.tokenizer, observation)
+            if len(e.ids) + len(extra) >= self.config.max_context:
+                truncation = "context_length"
+            else:
+                e.ids.extend(extra)
+                e.pending = extra
+        e.done = terminated or truncated or truncation is not None
         e.truncation = truncation
+        self._stamp(e)
+
+    @staticmethod
+    def _stamp(e: _Episode) -> None:
+        """The last turn's latency: from the end of the one before (or the episode's start) to now."""
         now = time.perf_counter()
-        turn.latency_ms = 1000.0 * (now - e.turn_start)
+        e.turns[-1].latency_ms = 1000.0 * (now - e.turn_start)
         e.turn_start = now
 
     def _trajectory(self, e: _Episode, env_id: str, policy: str) -> Trajectory:

@@ -71,6 +71,8 @@ def test_schema_rejects_unknown_keys_and_bad_types(override):
         (["runtime.draft_tokens=-1"], "runtime.draft_tokens"),
         (["runtime.draft_tokens=4", "runtime.draft_ngram=0"], "runtime.draft_ngram"),
         (["runtime.draft_budget=0"], "runtime.draft_budget"),
+        (["runtime.env_workers=-1"], "runtime.env_workers"),
+        (["runtime.env_workers=2", "runtime.draft_tokens=4", "runtime.greedy=false"], "sampled drafts"),
         (["+env.envs.Calculator-v0.bogus=1"], "unknown key"),
         (["env.envs.Calculator-v0.weight=0"], "weight must be positive"),
         (["logger.kind=tensorboard"], "logger.kind"),

@@ -1,5 +1,7 @@
 """The runtime: KV-reused batched decoding equals re-encoding, guards, sampling, trajectory output."""
 
+import time
+
 import gymnasium as gym
 import pytest
 import torch
@@ -154,6 +156,52 @@ def test_sampling_is_reproducible_from_the_seed_and_differs_across_seeds(tiny_po
     b = Runtime(model, tokenizer, config, seed=1).run("Calculator-v0", [1, 2, 3, 4])
     c = Runtime(model, tokenizer, config, seed=2).run("Calculator-v0", [1, 2, 3, 4])
     assert _tokens(a) == _tokens(b) and _tokens(a) != _tokens(c)
+
+
+def test_sampled_episodes_depend_on_the_seed_only_not_on_batching_or_env_workers(tiny_policy):
+    """Each episode draws from its own generator: the same seed gives the same episodes on 1 slot in turn and
+    on 4 slots whose environments step in threads (where which slots share a pass depends on timing)."""
+    _, model, tokenizer = tiny_policy
+    seeds = [1, 2, 3, 4, 5]
+    config = dict(max_new_tokens=32, max_turns=3, greedy=False, temperature=1.5)
+    one = Runtime(model, tokenizer, RuntimeConfig(batch_size=1, **config), seed=3).run("Calculator-v0", seeds)
+    threaded = Runtime(model, tokenizer, RuntimeConfig(batch_size=4, env_workers=4, **config), seed=3)
+    assert _tokens(threaded.run("Calculator-v0", seeds)) == _tokens(one)
+    assert _tokens(threaded.run("Calculator-v0", seeds)) != _tokens(one)  # a new run draws afresh
+
+
+def test_a_slow_tool_holds_back_only_its_own_slot(tiny_policy, monkeypatch):
+    """With env_workers, the model decodes for the other slots while an environment steps: same episodes, and
+    the wall time is about one episode's tool calls rather than all of them one after another."""
+    from envs.calculator import CalculatorEnv
+
+    _, model, tokenizer = tiny_policy
+    step = CalculatorEnv.step
+
+    calls = []
+
+    def slow_step(self, action):
+        calls.append(1)
+        time.sleep(0.05)
+        return step(self, action)
+
+    monkeypatch.setattr(CalculatorEnv, "step", slow_step)
+    seeds, config = list(range(100, 108)), dict(batch_size=8, max_new_tokens=32, max_turns=2)
+    serial = Runtime(model, tokenizer, RuntimeConfig(**config))
+    threaded = Runtime(model, tokenizer, RuntimeConfig(**config, env_workers=8))
+    a, b = serial.run("Calculator-v0", seeds), threaded.run("Calculator-v0", seeds)
+    assert _tokens(a) == _tokens(b) and [t.success for t in a] == [t.success for t in b]
+    assert len(calls) >= 2 * 8 and serial.stats["wall_s"] >= 0.05 * len(calls) / 2  # both runs' calls
+    assert threaded.stats["wall_s"] < serial.stats["wall_s"] / 2
+    assert [t.observation for tr in b for t in tr.turns] == [t.observation for tr in a for t in tr.turns]
+
+
+def test_env_workers_refuse_sampled_drafts(tiny_policy):
+    _, model, tokenizer = tiny_policy
+    with pytest.raises(ValueError, match="env_workers"):
+        Runtime(model, tokenizer, RuntimeConfig(env_workers=2, draft_tokens=8, greedy=False))
+    with pytest.raises(ValueError, match="env_workers"):
+        Runtime(model, tokenizer, RuntimeConfig(env_workers=-1))
 
 
 def test_runtime_closes_its_environments(tiny_policy, monkeypatch):
