@@ -133,3 +133,23 @@ def test_micro_orchestrated_one_episode(benchmark, tiny_policy):
     _, model, tokenizer = tiny_policy
     agent = Orchestrated(model, tokenizer, RuntimeConfig(max_new_tokens=64))
     benchmark(agent.run, "Calculator-v0", [1_000_000])
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("env_workers", [0, 16])
+def test_micro_code_rollouts_with_env_workers(benchmark, tiny_policy, env_workers):
+    """Micro-benchmark (``pytest -m benchmark -k env_workers``): 32 Code-v0 teacher episodes replayed on 16
+    slots, each ``run_tests``/``submit`` a sandbox process; with workers the model decodes while they run."""
+    import gymnasium as gym
+
+    from envs.code import CodeTeacher
+
+    _, model, tokenizer = tiny_policy
+    env, teacher, seeds = gym.make("Code-v0"), CodeTeacher(), list(range(100_000, 100_032))
+    forced = [
+        [agent_ids(tokenizer, t.agent) for t in teacher_episode(env, teacher, seed, "Code-v0").turns] for seed in seeds
+    ]
+    config = RuntimeConfig(batch_size=16, max_new_tokens=1024, max_turns=8, env_workers=env_workers)
+    runtime = Runtime(model, tokenizer, config)
+    episodes = benchmark.pedantic(runtime.run, ("Code-v0", seeds), {"forced": forced}, rounds=3, warmup_rounds=1)
+    assert all(e.success for e in episodes)  # the teacher's code passes the hidden tests
