@@ -483,12 +483,10 @@ class Runtime:
             live = [s for s, e in enumerate(slots) if e is not None]
             if not live:
                 return
-            ready = self._answered(slots, live)
-            if not ready:
-                pass  # every live slot waits for its environment, or has just ended
-            elif not self.config.use_cache:
+            ready = self._answered(slots, live)  # none: every live slot waits for its environment, or has ended
+            if ready and not self.config.use_cache:
                 self._step(slots, ready, self._forward_full([slots[s] for s in ready]))
-            else:  # with drafts, a new turn's first tokens are verified with its observation
+            elif ready:  # with drafts, a new turn's first tokens are verified with its observation
                 self._feed(cache, slots, ready)
             for s in live:
                 if slots[s].done:
