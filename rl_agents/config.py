@@ -21,7 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from rl_agents import distributed
 from rl_agents.bc import BCConfig
 from rl_agents.rl import ON_MALFORMED, GRPOAlgoConfig, PPOAlgoConfig, RLConfig
-from rl_agents.runtime import RuntimeConfig
+from rl_agents.runtime import RuntimeConfig, check_env_workers
 
 STAGES = ("collect", "bc", "rl", "eval")
 POLICIES = ("teacher", "bc", "rl")
@@ -272,13 +272,10 @@ def _check_runtime(cfg: DictConfig) -> None:
             raise ConfigError(f"runtime.{key} must be positive, got {rt[key]}")
     if not rt.greedy and rt.temperature <= 0:
         raise ConfigError(f"runtime.temperature must be positive when sampling, got {rt.temperature}")
-    if rt.env_workers < 0:
-        raise ConfigError(f"runtime.env_workers must be >= 0 (0: the environments step in turn), got {rt.env_workers}")
-    if rt.env_workers and rt.draft_tokens and not rt.greedy:
-        raise ConfigError(
-            "runtime.env_workers with sampled drafts (runtime.draft_tokens > 0, runtime.greedy=false): the drafter "
-            "would see turns end in the tools' order, so episodes would not be reproducible"
-        )
+    try:
+        check_env_workers(rt)
+    except ValueError as err:
+        raise ConfigError(f"runtime.{err}") from None
     if rt.draft_budget is not None and rt.draft_budget < 1:
         raise ConfigError(f"runtime.draft_budget must be >= 1 (or null: no cap), got {rt.draft_budget}")
     if rt.draft_tokens < 0 or rt.draft_ngram < 1:

@@ -376,6 +376,18 @@ AttentionInterface.register(SLOT_ATTENTION, slot_attention)
 AttentionMaskInterface.register(SLOT_ATTENTION, sdpa_mask)
 
 
+def check_env_workers(config) -> None:
+    """Refuse a negative ``env_workers``, and workers with sampled drafts (not reproducible): a ``ValueError``
+    whose message starts with the field's name. ``config``: a ``RuntimeConfig`` or the Hydra node of one."""
+    if config.env_workers < 0:
+        raise ValueError(f"env_workers must be >= 0 (0: the environments step in turn), got {config.env_workers}")
+    if config.env_workers and config.draft_tokens and not config.greedy:
+        raise ValueError(
+            "env_workers with sampled drafts (draft_tokens > 0, greedy=false): the drafter would see turns end in "
+            "the tools' order, so episodes would not be reproducible (set env_workers=0, draft_tokens=0 or greedy)"
+        )
+
+
 class Runtime:
     """Runs a policy in environments; returns trajectories in the teacher's format."""
 
@@ -391,13 +403,7 @@ class Runtime:
         self.seed, self.runs = seed, 0  # an episode's sampling generator derives from (seed, run, its index)
         self._pool: ThreadPoolExecutor | None = None  # steps the environments during a run (``env_workers``)
         self._no_mask = _NO_MASK.to(self.device)
-        if config.env_workers < 0:
-            raise ValueError(f"env_workers must be >= 0 (0: step the environments in turn), got {config.env_workers}")
-        if config.env_workers and config.draft_tokens and not config.greedy:
-            raise ValueError(
-                "env_workers with sampled drafts: the drafter would see turns end in the tools' order, so episodes "
-                "would not be reproducible (set env_workers=0, draft_tokens=0 or greedy=true)"
-            )
+        check_env_workers(config)
         # prefills: the forward passes that fed some slot's prompt or observation
         self.stats = {"generated_tokens": 0, "forward_passes": 0, "prefills": 0, "wall_s": 0.0}
         self.drafter = NgramDrafter(config.draft_ngram, stop=self.eot_id) if config.draft_tokens > 0 else None
