@@ -466,11 +466,16 @@ class Runtime:
         """Run every seed's episode, one per slot at a time; yields each episode when it ends."""
         cache = SlotCache(len(envs), self.model.config.get_text_config().num_hidden_layers)
         attention = self.model.config._attn_implementation
-        if self.config.use_cache:  # and back when the episodes end: others may call the model between runs
-            self.model.set_attn_implementation(SLOT_ATTENTION)
         workers = min(self.config.env_workers, len(envs))
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="env") if workers else None
         try:
+            if self.config.use_cache:  # and back when the episodes end: others may call the model between runs
+                self.model.set_attn_implementation(SLOT_ATTENTION)
+                if self.model.config._attn_implementation != SLOT_ATTENTION:
+                    raise ValueError(
+                        f"{type(self.model).__name__} does not take transformers' AttentionInterface, which the "
+                        "runtime's KV cache needs (run it with use_cache=false)"
+                    )
             yield from self._loop(envs, seeds, forced, cache)
         finally:
             self.model.set_attn_implementation(attention)

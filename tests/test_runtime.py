@@ -85,6 +85,15 @@ def test_the_runtime_gives_the_model_back_with_its_own_attention(tiny_policy):
         model.set_attn_implementation(before_impl)
 
 
+def test_a_model_that_keeps_its_own_attention_is_refused_with_a_clear_error(tiny_policy, monkeypatch):
+    _, model, tokenizer = tiny_policy
+    monkeypatch.setattr(model, "set_attn_implementation", lambda name: None)  # as transformers does for such models
+    with pytest.raises(ValueError, match="AttentionInterface"):
+        Runtime(model, tokenizer, RuntimeConfig(batch_size=2, max_new_tokens=8)).run("Calculator-v0", [1, 2])
+    cached_free = Runtime(model, tokenizer, RuntimeConfig(batch_size=2, max_new_tokens=8, use_cache=False))
+    assert len(cached_free.run("Calculator-v0", [1, 2])) == 2
+
+
 def test_batching_does_not_change_greedy_results(tiny_policy):
     _, model, tokenizer = tiny_policy
     seeds = list(range(200, 206))
