@@ -518,7 +518,7 @@ class Runtime:
         for e in stepping:
             if e.stepping.done():
                 future, e.stepping = e.stepping, None
-                self._observe(e, *future.result())
+                self._observe(e, future.result())
         return [s for s in live if slots[s].stepping is None and not slots[s].done]
 
     def _step(self, slots: list[_Episode | None], rows: list[int], logits: torch.Tensor) -> None:
@@ -714,16 +714,12 @@ class Runtime:
             e.done, e.truncation = True, truncation
             self._stamp(e)
         elif self._pool is not None:  # the model goes on with the other slots meanwhile
-            e.pending, e.stepping = [], self._pool.submit(self._env_step, e.env, text, ids[-1])
+            e.pending, e.stepping = [], self._pool.submit(e.env.step, text)
         else:
-            self._observe(e, *self._env_step(e.env, text, ids[-1]))
+            self._observe(e, e.env.step(text))
 
-    @staticmethod
-    def _env_step(env: gym.Env, text: str, last: int) -> tuple:
-        return env.step(text), last
-
-    def _observe(self, e: _Episode, step: tuple, last: int) -> None:
-        """Take in the environment's answer to the episode's last turn (``last``: its final token)."""
+    def _observe(self, e: _Episode, step: tuple) -> None:
+        """Take in the environment's answer (``env.step``'s five values) to the episode's last turn."""
         observation, reward, terminated, truncated, info = step
         turn, truncation = e.turns[-1], None
         turn.observation, turn.reward, turn.tool, turn.error = (
@@ -741,7 +737,7 @@ class Runtime:
         elif len(e.turns) >= self.config.max_turns:
             truncation = "max_turns"
         else:
-            extra = [last] + observation_ids(self.tokenizer, observation)
+            extra = [turn.token_ids[-1]] + observation_ids(self.tokenizer, observation)
             if len(e.ids) + len(extra) >= self.config.max_context:
                 truncation = "context_length"
             else:
