@@ -18,6 +18,19 @@ from rl_agents.collect import collect  # noqa: E402
 from rl_agents.model import build_tiny_model, build_tokenizer, load_policy, trajectory_texts  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device", default="cpu", help="where the runtime tests run their models: cpu (the default) or cuda[:N]"
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    import torch
+
+    return torch.device(request.config.getoption("--device"))
+
+
 @pytest.fixture(scope="session")
 def calculator_data():
     trajectories, _ = collect("Calculator-v0", {}, CalculatorTeacher(), list(range(300)), progress=False)

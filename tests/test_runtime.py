@@ -1,5 +1,8 @@
-"""The runtime: KV-reused batched decoding equals re-encoding, guards, sampling, trajectory output."""
+"""The runtime: KV-reused batched decoding equals re-encoding, guards, sampling, trajectory output.
 
+`pytest tests/test_runtime.py --device cuda` runs them on a GPU."""
+
+import copy
 import time
 
 import gymnasium as gym
@@ -15,6 +18,13 @@ from rl_agents.runtime import (
     speculative_token,
 )
 from rl_agents.trajectory import IM_END
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tiny_policy, device):
+    """The session's tiny policy, on ``--device`` (a copy there, so the other modules keep theirs on the CPU)."""
+    policy_dir, model, tokenizer = tiny_policy
+    return policy_dir, model if device.type == "cpu" else copy.deepcopy(model).to(device), tokenizer
 
 
 def _tokens(trajectories):
@@ -69,7 +79,7 @@ def test_a_step_is_one_forward_pass_whatever_its_slots_feed(tiny_policy):
 def test_the_runtime_gives_the_model_back_with_its_own_attention(tiny_policy):
     """The slot attention is switched on for a run only, and the model answers as before afterwards."""
     _, model, tokenizer = tiny_policy
-    ids = torch.tensor([[5, 6, 7, 8]])
+    ids = torch.tensor([[5, 6, 7, 8]], device=model.device)
     before_impl = model.config._attn_implementation
     with torch.no_grad():
         before = model(input_ids=ids).logits
@@ -222,21 +232,20 @@ def test_runtime_closes_its_environments(tiny_policy, monkeypatch):
     assert closed
 
 
-def _qwen2(tokenizer, **overrides):
+def _qwen2(tokenizer, device, **overrides):
     """A small random Qwen2: another architecture than the tiny Llama (biases, grouped-query attention)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
-    return Qwen2ForCausalLM(
-        Qwen2Config(**{**shape, "intermediate_size": 64, "vocab_size": len(tokenizer), **overrides})
-    )
+    config = Qwen2Config(**{**shape, "intermediate_size": 64, "vocab_size": len(tokenizer), **overrides})
+    return Qwen2ForCausalLM(config).to(device)
 
 
-def test_another_architecture_with_grouped_query_attention_decodes_the_same_cached_and_re_encoded(tiny_policy):
+def test_another_architecture_with_grouped_query_attention_decodes_the_same_cached_and_re_encoded(tiny_policy, device):
     """The slot cache on Qwen2 (one key/value head for two query heads, biases): the same tokens as re-encoding."""
     _, _, tokenizer = tiny_policy
     torch.manual_seed(0)
-    model = _qwen2(tokenizer, num_key_value_heads=1).eval()
+    model = _qwen2(tokenizer, device, num_key_value_heads=1).eval()
     eot, letter = tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids("a")
     forced = [[[letter] * n + [eot]] for n in (2, 9, 4, 6, 3)]  # a first turn of its own length per seed
     runs = {}
@@ -247,12 +256,14 @@ def test_another_architecture_with_grouped_query_attention_decodes_the_same_cach
     assert _tokens(runs[True]) == _tokens(runs[False])
 
 
-def test_a_model_with_sliding_window_layers_is_refused_with_a_clear_error(tiny_policy):
+def test_a_model_with_sliding_window_layers_is_refused_with_a_clear_error(tiny_policy, device):
     _, _, tokenizer = tiny_policy
     sliding = dict(use_sliding_window=True, sliding_window=16, max_window_layers=0)
     with pytest.raises(ValueError, match="sliding_attention"):
-        Runtime(_qwen2(tokenizer, **sliding), tokenizer, RuntimeConfig())
-    Runtime(_qwen2(tokenizer, **sliding), tokenizer, RuntimeConfig(use_cache=False))  # re-encoding needs no cache
+        Runtime(_qwen2(tokenizer, device, **sliding), tokenizer, RuntimeConfig())
+    Runtime(
+        _qwen2(tokenizer, device, **sliding), tokenizer, RuntimeConfig(use_cache=False)
+    )  # re-encoding needs no cache
 
 
 # --- speculative decoding (n-gram drafts) -------------------------------------------------------
@@ -330,11 +341,11 @@ def test_drafted_sampling_records_the_policys_log_probabilities_and_is_reproduci
             assert s.logprobs == pytest.approx(t.logprobs, abs=1e-4)
 
 
-def test_drafts_on_grouped_query_attention_decode_the_same_as_re_encoding(tiny_policy):
+def test_drafts_on_grouped_query_attention_decode_the_same_as_re_encoding(tiny_policy, device):
     """Qwen2 with one key/value head, forced turns of different lengths: each row's own 4D mask."""
     _, _, tokenizer = tiny_policy
     torch.manual_seed(0)
-    model = _qwen2(tokenizer, num_key_value_heads=1).eval()
+    model = _qwen2(tokenizer, device, num_key_value_heads=1).eval()
     eot, letter = tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids("a")
     forced = [[[letter] * n + [eot]] for n in (2, 9, 4, 6, 3)]
     runs = {}
