@@ -27,7 +27,7 @@ def test_no_gradient_flows_from_prompt_or_observation_tokens(tmp_path, calculato
     trajectory = next(t for t in calculator_data if len(t.turns) == 3)
     trainer = make_trainer([trajectory], model, tokenizer, tmp_path, BCConfig(max_steps=1, batch_size=1), seed=0)
     row = trainer.train_dataset[0]
-    ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+    ids, labels = (torch.tensor([row[k]], device=model.device) for k in ("input_ids", "labels"))  # the trainer's device
     out = model(ids, labels=labels)
     (grad,) = torch.autograd.grad(out.loss, out.logits)  # (1, T, V)
     predicts_agent = labels[0, 1:] != -100  # position t predicts token t + 1
@@ -42,10 +42,9 @@ def test_packed_training_forward_isolates_episodes(tmp_path, calculator_data):
     model, tokenizer = _tiny(calculator_data)
     trainer = make_trainer(calculator_data[:4], model, tokenizer, tmp_path, BCConfig(max_steps=1, packing=True), seed=0)
     assert "seq_lengths" in trainer.train_dataset.column_names  # really packed
-    a = torch.tensor([encode_trajectory(calculator_data[0], tokenizer).input_ids])
-    b = torch.tensor([encode_trajectory(calculator_data[1], tokenizer).input_ids])
+    a, b = (torch.tensor([encode_trajectory(t, tokenizer).input_ids], device=model.device) for t in calculator_data[:2])
     packed = torch.cat([a, b], dim=1)
-    positions = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1])])[None]
+    positions = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1])])[None].to(model.device)
     model.train(False)
     logits = model(packed, position_ids=positions, use_cache=False).logits
     assert torch.allclose(logits[:, a.shape[1] :], model(b).logits, atol=1e-5)
@@ -60,6 +59,7 @@ def test_bc_lowers_the_loss_on_agent_tokens_and_saves_a_loadable_policy(tiny_pol
             calculator_data[:16], m, tokenizer, tmp_path, BCConfig(max_steps=1, batch_size=16), seed=0
         )
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(16)])
+        batch = {k: v.to(m.device) for k, v in batch.items()}  # the trainer puts the model on a GPU when there is one
         with torch.no_grad():
             return m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
