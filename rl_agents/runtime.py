@@ -211,9 +211,12 @@ class _SlotLayer(DynamicLayer):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        keys, values = self.cache.buffers(self.index, key_states)
+        # under autocast (accelerate's mixed precision wraps the forward of a model being trained) values come
+        # in the autocast dtype, while Llama's rotary embedding hands keys back in float32: the buffers take
+        # the values' dtype, the one the attention computes in
+        keys, values = self.cache.buffers(self.index, value_states)
         rows, columns = self.cache.write_at  # one entry per packed token
-        keys[rows, :, columns] = key_states[0].transpose(0, 1)
+        keys[rows, :, columns] = key_states[0].transpose(0, 1).to(keys.dtype)
         values[rows, :, columns] = value_states[0].transpose(0, 1)
         return keys, values
 
@@ -331,6 +334,7 @@ class _Pass:
         """Attention output (1, tokens, heads, head_dim) of the packed queries (1, heads, tokens, head_dim)
         over the cache's whole buffers (slots, kv heads, capacity, head_dim)."""
         gqa = key.shape[1] != query.shape[1]
+        query = query.to(key.dtype)  # float32 rotary queries beside the cache's autocast dtype (``_SlotLayer``)
         rows = query[0].transpose(0, 1)  # (tokens, heads, head_dim)
         b = self.batched
         if b is not None:

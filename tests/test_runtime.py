@@ -104,6 +104,21 @@ def test_a_model_that_keeps_its_own_attention_is_refused_with_a_clear_error(tiny
     assert len(cached_free.run("Calculator-v0", [1, 2])) == 2
 
 
+@pytest.mark.parametrize("draft_tokens", [0, 8])
+def test_a_model_under_mixed_precision_decodes_the_same_cached_and_re_encoded(tiny_policy, device, draft_tokens):
+    """RL rollouts run through the model being trained, whose forward accelerate's mixed precision wraps in
+    bf16 autocast: values then come in bf16 and Llama's rotary keys in float32 (it failed on a GPU so)."""
+    _, model, tokenizer = tiny_policy
+    mixed = copy.deepcopy(model)
+    mixed.forward = torch.autocast(device.type, dtype=torch.bfloat16)(mixed.forward)  # as accelerate wraps it
+    seeds, kwargs = list(range(100, 108)), {"fail_prob": 0.5}
+    config = dict(batch_size=3, max_new_tokens=64, max_turns=4, draft_tokens=draft_tokens)
+    cached = Runtime(mixed, tokenizer, RuntimeConfig(**config)).run("Calculator-v0", seeds, kwargs)
+    full = Runtime(mixed, tokenizer, RuntimeConfig(**config, use_cache=False)).run("Calculator-v0", seeds, kwargs)
+    assert any(len(tr.turns) >= 2 for tr in cached)
+    assert _tokens(cached) == _tokens(full)
+
+
 def test_batching_does_not_change_greedy_results(tiny_policy):
     _, model, tokenizer = tiny_policy
     seeds = list(range(200, 206))
