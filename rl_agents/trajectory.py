@@ -141,29 +141,34 @@ def _text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
 
 
+_TEMPLATES = {  # the fixed pieces around a task or an observation: special tokens and plain text, in order
+    "prompt_end": (IM_END, "\n", IM_START, "assistant\n"),
+    "observation_start": ("\n", IM_START, "user\n", TOOL_RESPONSE_OPEN),
+    "observation_end": (TOOL_RESPONSE_CLOSE, IM_END, "\n", IM_START, "assistant\n"),
+}
+
+
+def _template(tokenizer: PreTrainedTokenizerBase, name: str) -> list[int]:
+    """A ``_TEMPLATES`` piece's ids, tokenized once per tokenizer: a tokenizer call costs tens of microseconds,
+    and in the runtime the calls for these pieces took about a tenth of the time of 32 parallel episodes."""
+    cache = tokenizer.__dict__.setdefault("_rl_agents_templates", {})
+    key = (name, len(tokenizer))  # a tokenizer given new tokens tokenizes afresh
+    if key not in cache:
+        specials = (IM_START, IM_END, TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE)
+        pieces = [_special(tokenizer, p) if p in specials else _text(tokenizer, p) for p in _TEMPLATES[name]]
+        cache[key] = [i for piece in pieces for i in piece]
+    return cache[key]
+
+
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, task: str) -> list[int]:
-    return (
-        _special(tokenizer, IM_START)
-        + _text(tokenizer, f"user\n{task}")
-        + _special(tokenizer, IM_END)
-        + _text(tokenizer, "\n")
-        + _special(tokenizer, IM_START)
-        + _text(tokenizer, "assistant\n")
-    )
+    return _special(tokenizer, IM_START) + _text(tokenizer, f"user\n{task}") + _template(tokenizer, "prompt_end")
 
 
 def observation_ids(tokenizer: PreTrainedTokenizerBase, observation: str) -> list[int]:
     return (
-        _text(tokenizer, "\n")
-        + _special(tokenizer, IM_START)
-        + _text(tokenizer, "user\n")
-        + _special(tokenizer, TOOL_RESPONSE_OPEN)
+        _template(tokenizer, "observation_start")
         + _text(tokenizer, f"\n{observation}\n")
-        + _special(tokenizer, TOOL_RESPONSE_CLOSE)
-        + _special(tokenizer, IM_END)
-        + _text(tokenizer, "\n")
-        + _special(tokenizer, IM_START)
-        + _text(tokenizer, "assistant\n")
+        + _template(tokenizer, "observation_end")
     )
 
 
