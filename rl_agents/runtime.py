@@ -233,8 +233,8 @@ class SlotCache(Cache):
     Slot ``s`` holds its episode's ``lengths[s]`` tokens in columns ``[0, lengths[s])``; what lies beyond is
     spare room, never attended. A forward pass writes each fed token in place at its slot's next column
     (``_SlotLayer``), so its cost does not grow with the cache; the capacity doubles when a slot needs more.
-    Keys carry their rotary positions (``position_ids`` are explicit), so where a slot's tokens sit in its row
-    changes nothing.
+    Keys carry their rotary positions (``position_ids`` are explicit), so where a slot's tokens sit in its row,
+    or which row holds an episode (``move``), changes nothing.
     """
 
     def __init__(self, slots: int, num_layers: int):
@@ -263,6 +263,14 @@ class SlotCache(Cache):
                 buffers[i][:, :, : self.capacity] = old
         self.capacity = capacity
 
+    def move(self, src: int, dst: int) -> None:
+        """Move slot ``src``'s tokens to slot ``dst`` (whose own are dropped); ``src`` is left empty."""
+        n = self.lengths[src]
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[dst, :, :n] = buffer[src, :, :n]
+        self.lengths[dst], self.lengths[src] = n, 0
+
     def select(self, keep: list[int]) -> None:
         """Keep only these slots (in this order)."""
         if self.keys:
@@ -272,9 +280,33 @@ class SlotCache(Cache):
         self.lengths = [self.lengths[s] for s in keep]
 
 
+REGION_SLOTS = 8
+"""Slots per region of a ``SlotCache``: a slot that frees up in a region takes the longest episode of the next
+region, so the regions hold ever shorter episodes and a pass attends each over its own width (``_Pass``)."""
+CALL_COLUMNS = 256
+"""What one more attention call costs, in slot-columns read: ``_Pass`` splits a pass's attention by region
+where that reads fewer columns than this per extra call."""
 _NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
 SLOT_ATTENTION = "rl_agents_slots"
 """The attention implementation the runtime sets while it runs (``slot_attention``)."""
+
+
+def _groups(needs: list[int]) -> list[tuple[int, int, int]]:
+    """Contiguous ranges of slots to attend together, as (first slot, end slot, width): whole regions
+    (``REGION_SLOTS``), each group as wide as its widest slot, chosen to read the fewest slot-columns counting
+    ``CALL_COLUMNS`` per call. ``needs``: the columns each slot reads (0: none, skipped where a group can)."""
+    edges = list(range(0, len(needs), REGION_SLOTS)) + [len(needs)]
+    regions = [max(needs[a:b]) for a, b in zip(edges, edges[1:])]
+    best: list[tuple[float, list]] = [(0.0, [])]  # best[j]: the cheapest groups covering regions before j
+    for j in range(1, len(regions) + 1):
+        options = [best[j - 1]] if regions[j - 1] == 0 else []  # a region with nothing to attend: skipped
+        for i in range(j):
+            w = max(regions[i:j])
+            if w:
+                cost, groups = best[i]
+                options.append((cost + (edges[j] - edges[i]) * w + CALL_COLUMNS, groups + [(edges[i], edges[j], w)]))
+        best.append(min(options, key=lambda option: option[0]))
+    return best[-1][1]
 
 
 class _Pass:
@@ -285,8 +317,9 @@ class _Pass:
     columns of the ``SlotCache``:
 
     * **batched** rows, which feed at most ``batch_limit`` tokens (a decoded token and its draft), are attended
-      together: one attention call over every slot of the cache, queries padded to the longest such row and
-      keys to the longest such slot, under a mask that lets each query see its slot's columns up to its own;
+      together: one attention call per group of slots (``_groups``: whole regions of the cache, merged where
+      another call would cost more than it saves), queries padded to the longest such row and keys to the
+      group's longest slot, under a mask that lets each query see its slot's columns up to its own;
     * longer rows (a prompt, an observation) are attended one by one, each over its own slot's columns,
       causal within the row.
     """
@@ -313,7 +346,11 @@ class _Pass:
         slots, queries = len(lengths), max(n for _, _, n in batched)
         width = max(lengths[s] + n for _, s, n in batched)
         dense = queries == 1 and len(batched) == slots  # one token for every slot, in slot order
-        self.batched = {"width": width, "queries": queries, "dense": dense, "mask": None}
+        needs = [0] * slots  # the columns each slot's batched row reads (0: no batched row)
+        for _, s, n in batched:
+            needs[s] = lengths[s] + n
+        groups = _groups(needs)  # ranges of slots attended together, each over its own width
+        self.batched = {"queries": queries, "dense": dense, "mask": None, "groups": groups}
         if not dense:  # where each batched token sits: packed index, slot, and query index in its slot
             self.batched |= {
                 "token": torch.tensor([f + j for f, _, n in batched for j in range(n)], device=device),
@@ -330,6 +367,24 @@ class _Pass:
             allowed = torch.arange(width)[None, None, :] <= last[:, :, None]
             self.batched["mask"] = allowed[:, None].to(device)
 
+    @staticmethod
+    def _attend_groups(query, key, value, mask, groups, scale, gqa) -> torch.Tensor:
+        """SDPA of queries (slots, heads, queries, head_dim) over each group of slots' own width; the rows of
+        slots outside every group are left unset."""
+
+        def one(a: int, b: int, w: int) -> torch.Tensor:
+            m = None if mask is None else mask[a:b, ..., :w]
+            return F.scaled_dot_product_attention(
+                query[a:b], key[a:b, :, :w], value[a:b, :, :w], attn_mask=m, scale=scale, enable_gqa=gqa
+            )
+
+        if len(groups) == 1 and groups[0][:2] == (0, query.shape[0]):
+            return one(*groups[0])
+        out = query.new_empty(query.shape)
+        for a, b, w in groups:
+            out[a:b] = one(a, b, w)
+        return out
+
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None):
         """Attention output (1, tokens, heads, head_dim) of the packed queries (1, heads, tokens, head_dim)
         over the cache's whole buffers (slots, kv heads, capacity, head_dim)."""
@@ -338,17 +393,12 @@ class _Pass:
         rows = query[0].transpose(0, 1)  # (tokens, heads, head_dim)
         b = self.batched
         if b is not None:
-            keys, values = key[:, :, : b["width"]], value[:, :, : b["width"]]
             if b["dense"]:
-                o = F.scaled_dot_product_attention(
-                    rows[:, :, None], keys, values, attn_mask=b["mask"], scale=scale, enable_gqa=gqa
-                )
+                o = self._attend_groups(rows[:, :, None], key, value, b["mask"], b["groups"], scale, gqa)
                 return o.transpose(1, 2).transpose(0, 1)  # (1, slots, heads, head_dim)
             q = rows.new_zeros(key.shape[0], b["queries"], *rows.shape[1:])
             q[b["slot"], b["query"]] = rows[b["token"]]
-            o = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys, values, attn_mask=b["mask"], scale=scale, enable_gqa=gqa
-            )
+            o = self._attend_groups(q.transpose(1, 2), key, value, b["mask"], b["groups"], scale, gqa)
         out = torch.empty_like(rows)
         if b is not None:
             out[b["token"]] = o.transpose(1, 2)[b["slot"], b["query"]]
@@ -493,6 +543,7 @@ class Runtime:
         while True:
             for s, episode in enumerate(slots):
                 if episode is None and queue:
+                    s = self._make_room(cache, slots, envs, s)
                     slots[s] = self._start(envs[s], queue.popleft(), seeds, forced)
                     cache.lengths[s] = 0
             live = [s for s, e in enumerate(slots) if e is not None]
@@ -512,6 +563,22 @@ class Runtime:
                 keep = [s for s, e in enumerate(slots) if e is not None]
                 slots, envs = [slots[s] for s in keep], [envs[s] for s in keep]
                 cache.select(keep)
+
+    @staticmethod
+    def _make_room(cache: SlotCache, slots: list[_Episode | None], envs: list[gym.Env], s: int) -> int:
+        """The slot a new episode starts in, for free slot ``s``: the longest episode of the next region
+        (``REGION_SLOTS``) moves into ``s``, the longest of the region after into the slot it left, and so on.
+        Episodes move towards the first regions as they grow, so that each region's width stays near its own
+        episodes' lengths."""
+        while True:
+            region = range((s // REGION_SLOTS + 1) * REGION_SLOTS, len(slots))[:REGION_SLOTS]
+            longest = max((t for t in region if slots[t] is not None), key=cache.lengths.__getitem__, default=None)
+            if longest is None:
+                return s
+            cache.move(longest, s)
+            slots[s], slots[longest] = slots[longest], None
+            envs[s], envs[longest] = envs[longest], envs[s]
+            s = longest
 
     def _answered(self, slots: list[_Episode | None], live: list[int]) -> list[int]:
         """The live slots that can feed the model now: their environments' answers are taken in first. When every

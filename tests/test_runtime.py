@@ -9,12 +9,15 @@ import gymnasium as gym
 import pytest
 import torch
 
+import rl_agents.runtime as runtime_module
 from rl_agents.runtime import (
     SLOT_ATTENTION,
     NgramDrafter,
     NgramIndex,
     Runtime,
     RuntimeConfig,
+    SlotCache,
+    _groups,
     speculative_token,
 )
 from rl_agents.trajectory import IM_END
@@ -74,6 +77,57 @@ def test_a_step_is_one_forward_pass_whatever_its_slots_feed(tiny_policy):
     assert len(set(generated)) > 1, "need episodes of different lengths"
     assert runtime.stats["forward_passes"] == max(generated)  # all start together; one pass per token of the longest
     assert runtime.stats["prefills"] >= 1
+
+
+def test_attention_groups_are_whole_regions_merged_where_a_call_costs_more_than_it_saves(monkeypatch):
+    monkeypatch.setattr(runtime_module, "REGION_SLOTS", 2)
+    needs = [40, 38, 0, 0, 12, 9, 10, 0]  # columns each slot's row reads; 0: no row (skipped where it can be)
+    monkeypatch.setattr(runtime_module, "CALL_COLUMNS", 0)
+    assert _groups(needs) == [(0, 2, 40), (4, 6, 12), (6, 8, 10)]
+    monkeypatch.setattr(runtime_module, "CALL_COLUMNS", 10)  # two calls over regions of 12 and 10: one costs less
+    assert _groups(needs) == [(0, 2, 40), (4, 8, 12)]
+    monkeypatch.setattr(runtime_module, "CALL_COLUMNS", 1000)  # one call, reading the empty region too
+    assert _groups(needs) == [(0, 8, 40)]
+
+
+def test_a_freed_slot_takes_the_longest_episode_of_the_next_region(monkeypatch):
+    """Regions of 2 slots: freeing slot 0 moves region 1's longest episode into it, region 2's longest into the
+    slot that one left, and the new episode starts in the last region; each moved episode keeps its tokens."""
+    monkeypatch.setattr(runtime_module, "REGION_SLOTS", 2)
+    cache = SlotCache(slots=6, num_layers=2)
+    for layer in range(2):
+        cache.buffers(layer, torch.zeros(1, 2, 1, 4))
+        for buffer in (cache.keys[layer], cache.values[layer]):
+            buffer.copy_(torch.arange(6.0)[:, None, None, None].expand_as(buffer))  # slot s's columns hold s
+    cache.lengths = [0, 7, 5, 9, 3, 4]
+    slots = [None, "b", "c", "d", "e", "f"]  # the episodes (their lengths above); slot 0 is free
+    envs = ["env0", "env1", "env2", "env3", "env4", "env5"]
+    start = Runtime._make_room(cache, slots, envs, 0)
+    assert start == 5 and slots == ["d", "b", "c", "f", "e", None]
+    assert envs == ["env3", "env1", "env2", "env5", "env4", "env0"]  # each episode with its own environment
+    assert cache.lengths == [9, 7, 5, 4, 3, 0]
+    for buffer in cache.keys + cache.values:
+        assert torch.all(buffer[0, :, :9] == 3) and torch.all(buffer[3, :, :4] == 5)
+    assert Runtime._make_room(cache, slots, envs, 5) == 5  # the last region: nothing after it
+
+
+@pytest.mark.parametrize("draft_tokens", [0, 4])
+def test_episodes_moved_between_regions_and_attended_by_groups_decode_the_same(tiny_policy, monkeypatch, draft_tokens):
+    """Regions of 2 slots, every region its own attention call: the same tokens as re-encoding."""
+    _, model, tokenizer = tiny_policy
+    monkeypatch.setattr(runtime_module, "REGION_SLOTS", 2)
+    monkeypatch.setattr(runtime_module, "CALL_COLUMNS", 0)
+    moves, calls = [], []
+    move, groups = SlotCache.move, runtime_module._groups
+    monkeypatch.setattr(SlotCache, "move", lambda self, a, b: moves.append((a, b)) or move(self, a, b))
+    monkeypatch.setattr(runtime_module, "_groups", lambda needs: calls.append(len(out := groups(needs))) or out)
+    seeds, kwargs = list(range(100, 120)), {"fail_prob": 0.5}
+    config = dict(batch_size=8, max_new_tokens=64, max_turns=4, draft_tokens=draft_tokens)
+    cached = Runtime(model, tokenizer, RuntimeConfig(**config)).run("Calculator-v0", seeds, kwargs)
+    assert moves and max(calls) >= 3  # episodes moved, and passes attended in several groups
+    full = Runtime(model, tokenizer, RuntimeConfig(**config, use_cache=False)).run("Calculator-v0", seeds, kwargs)
+    assert _tokens(cached) == _tokens(full)
+    assert [tr.metadata["seed"] for tr in cached] == seeds
 
 
 def test_the_runtime_gives_the_model_back_with_its_own_attention(tiny_policy):
