@@ -81,10 +81,10 @@ def test_a_step_is_one_forward_pass_whatever_its_slots_feed(tiny_policy):
 
 def test_attention_groups_are_whole_regions_merged_where_a_call_costs_more_than_it_saves(monkeypatch):
     monkeypatch.setattr(runtime_module, "REGION_SLOTS", 2)
-    needs = [40, 38, 0, 0, 12, 9, 10, 0]  # columns each slot's row reads; 0: no row (skipped where it can be)
+    needs = [40, 38, 0, 0, 9, 10, 12, 0]  # columns each slot's row reads; 0: no row (skipped where it can be)
     monkeypatch.setattr(runtime_module, "CALL_COLUMNS", 0)
-    assert _groups(needs) == [(0, 2, 40), (4, 6, 12), (6, 8, 10)]
-    monkeypatch.setattr(runtime_module, "CALL_COLUMNS", 10)  # two calls over regions of 12 and 10: one costs less
+    assert _groups(needs) == [(0, 2, 40), (4, 6, 10), (6, 8, 12)]
+    monkeypatch.setattr(runtime_module, "CALL_COLUMNS", 10)  # two calls over regions of 10 and 12: one costs less
     assert _groups(needs) == [(0, 2, 40), (4, 8, 12)]
     monkeypatch.setattr(runtime_module, "CALL_COLUMNS", 1000)  # one call, reading the empty region too
     assert _groups(needs) == [(0, 8, 40)]
@@ -111,12 +111,15 @@ def test_a_freed_slot_takes_the_longest_episode_of_the_next_region(monkeypatch):
     assert Runtime._make_room(cache, slots, envs, 5) == 5  # the last region: nothing after it
 
 
-@pytest.mark.parametrize("draft_tokens", [0, 4])
-def test_episodes_moved_between_regions_and_attended_by_groups_decode_the_same(tiny_policy, monkeypatch, draft_tokens):
-    """Regions of 2 slots, every region its own attention call: the same tokens as re-encoding."""
+@pytest.mark.parametrize(("draft_tokens", "call_columns"), [(0, 0), (4, 0), (0, 30)])
+def test_episodes_moved_between_regions_and_attended_by_groups_decode_the_same(
+    tiny_policy, monkeypatch, draft_tokens, call_columns
+):
+    """Regions of 2 slots, attended one call each (call_columns 0) or merged where cheaper: the same tokens as
+    re-encoding."""
     _, model, tokenizer = tiny_policy
     monkeypatch.setattr(runtime_module, "REGION_SLOTS", 2)
-    monkeypatch.setattr(runtime_module, "CALL_COLUMNS", 0)
+    monkeypatch.setattr(runtime_module, "CALL_COLUMNS", call_columns)
     moves, calls = [], []
     move, groups = SlotCache.move, runtime_module._groups
     monkeypatch.setattr(SlotCache, "move", lambda self, a, b: moves.append((a, b)) or move(self, a, b))
@@ -124,7 +127,7 @@ def test_episodes_moved_between_regions_and_attended_by_groups_decode_the_same(t
     seeds, kwargs = list(range(100, 120)), {"fail_prob": 0.5}
     config = dict(batch_size=8, max_new_tokens=64, max_turns=4, draft_tokens=draft_tokens)
     cached = Runtime(model, tokenizer, RuntimeConfig(**config)).run("Calculator-v0", seeds, kwargs)
-    assert moves and max(calls) >= 3  # episodes moved, and passes attended in several groups
+    assert moves and max(calls) >= 2  # episodes moved, and passes attended in several groups
     full = Runtime(model, tokenizer, RuntimeConfig(**config, use_cache=False)).run("Calculator-v0", seeds, kwargs)
     assert _tokens(cached) == _tokens(full)
     assert [tr.metadata["seed"] for tr in cached] == seeds
