@@ -22,7 +22,8 @@ p90), success, tokens per second, ``speedup`` (orchestrated / compiled median st
 ``limit_fraction`` (the runtime's decode rate at one environment / the raw rate), ``turn_scaling``
 (episode time at 2, 4, 8, 16 turns for both, replaying a teacher's episodes token for token so both
 decode exactly the same tokens and meet the same observations), ``throughput`` (the runtime's tokens per
-second against the number of parallel environments) and peak memory.
+second against the number of parallel environments) and peak memory. The limit and throughput measurements
+alternate their settings ``rounds`` times and report medians, with each round's figures beside them.
 
 With ``scale.sizes`` (e.g. ``[128x4,256x6,512x8]``) the run adds ``model_scale``: the replayed speedup and the
 throughput ratio of randomly initialised models of each size, replaying teacher tokens so that an untrained
@@ -108,6 +109,9 @@ class BenchConfig:
     """episodes per parallel setting (at least the largest setting)"""
     limit_tokens: int = 256
     """tokens decoded by the raw-rate loop"""
+    rounds: int = 3
+    """the limit and throughput measurements alternate their settings this many times and report medians (the
+    machine's speed drifts by 10-20% over minutes)"""
     threads: int | None = None
     """torch threads (none: torch's default)"""
     device: str = "auto"
@@ -346,14 +350,22 @@ def throughput(
     if seeds is None:
         n = max(cfg.throughput_episodes, max(cfg.parallel))
         seeds = list(range(cfg.env.eval_seed_start, cfg.env.eval_seed_start + n))
-    rates = {}
-    for parallel in cfg.parallel:
-        config = RuntimeConfig(**{**vars(runtime_cfg), "batch_size": parallel})
-        runtime = Runtime(model, tokenizer, config)
-        runtime.run(env_id, seeds, kwargs, forced=forced)
-        rates[str(parallel)] = runtime.stats["generated_tokens"] / runtime.stats["wall_s"]
+    rounds: dict[str, list[float]] = {str(p): [] for p in cfg.parallel}
+    for _ in range(cfg.rounds):
+        for parallel in cfg.parallel:
+            config = RuntimeConfig(**{**vars(runtime_cfg), "batch_size": parallel})
+            runtime = Runtime(model, tokenizer, config)
+            runtime.run(env_id, seeds, kwargs, forced=forced)
+            rounds[str(parallel)].append(runtime.stats["generated_tokens"] / runtime.stats["wall_s"])
+    rates = {p: statistics.median(r) for p, r in rounds.items()}
     lo, hi = str(min(cfg.parallel)), str(max(cfg.parallel))
-    return {"tokens_per_s": rates, "env_id": env_id, "episodes": len(seeds), "ratio": rates[hi] / rates[lo]}
+    return {
+        "tokens_per_s": rates,
+        "rounds": rounds,
+        "env_id": env_id,
+        "episodes": len(seeds),
+        "ratio": rates[hi] / rates[lo],
+    }
 
 
 def model_scale(cfg: DictConfig, tokenizer, runtime_cfg: RuntimeConfig, env_id: str, entry, device) -> dict:
@@ -434,11 +446,14 @@ def bench(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
         )
         approaches["orchestrated"][env_id] = summary
         log.info("bench %s: compiled %s / orchestrated %s", env_id, approaches["compiled"][env_id], summary)
-    raw = raw_decode_rate(model, cfg.limit_tokens)
     # the raw rate decodes one token per forward pass: the runtime's overhead is measured doing the same
-    plain = Runtime(model, tokenizer, plain_cfg)
-    plain.run(first_env, seeds, entries[first_env].kwargs)
-    compiled_rate = plain.stats["generated_tokens"] / plain.stats["wall_s"]
+    limit = {"raw_decode_tokens_per_s": [], "runtime_decode_tokens_per_s": []}
+    for _ in range(cfg.rounds):
+        limit["raw_decode_tokens_per_s"].append(raw_decode_rate(model, cfg.limit_tokens))
+        plain = Runtime(model, tokenizer, plain_cfg)
+        plain.run(first_env, seeds, entries[first_env].kwargs)
+        limit["runtime_decode_tokens_per_s"].append(plain.stats["generated_tokens"] / plain.stats["wall_s"])
+    raw, compiled_rate = (statistics.median(rates) for rates in limit.values())
     scaling = turn_scaling(cfg, model, tokenizer, runtime_cfg)
     scaling_plain = turn_scaling(cfg, model, tokenizer, plain_cfg) if runtime_cfg.draft_tokens else scaling
     free = {a: approaches[a][first_env]["step_latency_ms"]["median"] for a in approaches}
@@ -461,7 +476,7 @@ def bench(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
         "draft_tokens": runtime_cfg.draft_tokens,
         "success": {a: {e: m["success_rate"] for e, m in approaches[a].items()} for a in approaches},
         "approaches": approaches,
-        "limit": {"raw_decode_tokens_per_s": raw, "runtime_decode_tokens_per_s": compiled_rate},
+        "limit": {"raw_decode_tokens_per_s": raw, "runtime_decode_tokens_per_s": compiled_rate, "rounds": limit},
         "memory": peak_memory_mb(device),  # before the scale section's larger models
         "env_id": first_env,
         "seeds": {"start": cfg.env.eval_seed_start, "count": cfg.episodes},

@@ -425,7 +425,7 @@ def validate_bench(cfg: DictConfig) -> None:
     _check_runtime(cfg)
     if cfg.checkpoint is not None:
         _check_checkpoint(cfg.checkpoint)
-    for key in ("episodes", "throughput_episodes", "limit_tokens"):
+    for key in ("episodes", "throughput_episodes", "limit_tokens", "rounds"):
         if cfg[key] <= 0:
             raise ConfigError(f"{key} must be positive, got {cfg[key]}")
     for key in ("turns", "parallel"):

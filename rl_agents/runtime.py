@@ -295,6 +295,8 @@ def _groups(needs: list[int]) -> list[tuple[int, int, int]]:
     """Contiguous ranges of slots to attend together, as (first slot, end slot, width): whole regions
     (``REGION_SLOTS``), each group as wide as its widest slot, chosen to read the fewest slot-columns counting
     ``CALL_COLUMNS`` per call. ``needs``: the columns each slot reads (0: none, skipped where a group can)."""
+    if len(needs) <= REGION_SLOTS:  # one region: one call (a run of few slots pays nothing for regions)
+        return [(0, len(needs), max(needs))] if any(needs) else []
     edges = list(range(0, len(needs), REGION_SLOTS)) + [len(needs)]
     regions = [max(needs[a:b]) for a, b in zip(edges, edges[1:])]
     best: list[tuple[float, list]] = [(0.0, [])]  # best[j]: the cheapest groups covering regions before j

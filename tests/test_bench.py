@@ -2,6 +2,7 @@
 and the CLI writes bench.json, bench.md and bench.png with the documented keys."""
 
 import json
+import statistics
 
 import numpy as np
 import pytest
@@ -95,6 +96,9 @@ def test_bench_cli_writes_the_report(smoke_run, tmp_path):
     assert data["draft_tokens"] == 64 and set(data["throughput_drafted"]["tokens_per_s"]) == {"1", "2"}
     assert set(data["success"]["compiled"]) == set(data["success"]["orchestrated"]) == {"Calculator-v0", "SQL-v0"}
     assert set(data["turn_scaling"]["compiled"]) == {"2", "4"} and set(data["throughput"]["tokens_per_s"]) == {"1", "2"}
+    for p, rounds in data["throughput"]["rounds"].items():  # settings alternated three times; medians reported
+        assert len(rounds) == 3 and data["throughput"]["tokens_per_s"][p] == statistics.median(rounds)
+    assert [len(r) for r in data["limit"]["rounds"].values()] == [3, 3]
     # one token per forward pass, a 4-turn episode costs about twice a 2-turn one (drafted, later turns can be
     # cheaper than earlier ones, so no order is asserted there)
     assert data["turn_scaling_no_drafts"]["compiled"]["4"] > data["turn_scaling_no_drafts"]["compiled"]["2"]
@@ -111,6 +115,8 @@ def test_bench_refuses_a_bad_config_before_any_work(tmp_path):
     assert proc.returncode != 0 and "checkpoint='/nonexistent'" in proc.stderr
     proc = _run("rl_agents.bench", "parallel=[0]", f"hydra.run.dir={tmp_path / 'c'}", check=False)
     assert proc.returncode != 0 and "parallel must be" in proc.stderr
+    proc = _run("rl_agents.bench", "rounds=0", f"hydra.run.dir={tmp_path / 'e'}", check=False)
+    assert proc.returncode != 0 and "rounds must be positive" in proc.stderr
     proc = _run("rl_agents.bench", "scale.sizes=[256]", f"hydra.run.dir={tmp_path / 'd'}", check=False)
     assert proc.returncode != 0 and "scale.sizes: '256' is not HIDDENxLAYERS" in proc.stderr
 
