@@ -3,7 +3,7 @@
 import torch
 
 from rl_agents.bc import BCConfig, make_trainer
-from rl_agents.model import build_tiny_model, build_tokenizer, trajectory_texts
+from rl_agents.model import build_tiny_model, build_tokenizer, load_policy, trajectory_texts
 from rl_agents.trajectory import encode_trajectory
 
 
@@ -51,7 +51,8 @@ def test_packed_training_forward_isolates_episodes(tmp_path, calculator_data):
 
 
 def test_bc_lowers_the_loss_on_agent_tokens_and_saves_a_loadable_policy(tiny_policy, calculator_data, tmp_path):
-    policy_dir, model, tokenizer = tiny_policy
+    policy_dir, _, tokenizer = tiny_policy
+    model, _ = load_policy(policy_dir, local_files_only=True)  # its own copy: a trainer patches the model it gets
     init = build_tiny_model(tokenizer, seed=0, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
 
     def loss(m):

@@ -2,7 +2,6 @@
 
 `pytest tests/test_runtime.py --device cuda` runs them on a GPU."""
 
-import copy
 import time
 
 import gymnasium as gym
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import rl_agents.runtime as runtime_module
+from rl_agents.model import load_policy
 from rl_agents.runtime import (
     SLOT_ATTENTION,
     NgramDrafter,
@@ -25,9 +25,15 @@ from rl_agents.trajectory import IM_END
 
 @pytest.fixture(scope="module")
 def tiny_policy(tiny_policy, device):
-    """The session's tiny policy, on ``--device`` (a copy there, so the other modules keep theirs on the CPU)."""
+    """The session's tiny policy, on ``--device`` (loaded again there, so the other modules keep theirs on the CPU)."""
     policy_dir, model, tokenizer = tiny_policy
-    return policy_dir, model if device.type == "cpu" else copy.deepcopy(model).to(device), tokenizer
+    return policy_dir, model if device.type == "cpu" else _fresh(policy_dir, device), tokenizer
+
+
+def _fresh(policy_dir, device):
+    """A copy of the policy of its own (a trainer's patches of the session's model, such as TRL's forward, which
+    calls the original model, do not come with it)."""
+    return load_policy(policy_dir, local_files_only=True)[0].to(device)
 
 
 def _tokens(trajectories):
@@ -165,8 +171,8 @@ def test_a_model_that_keeps_its_own_attention_is_refused_with_a_clear_error(tiny
 def test_a_model_under_mixed_precision_decodes_the_same_cached_and_re_encoded(tiny_policy, device, draft_tokens):
     """RL rollouts run through the model being trained, whose forward accelerate's mixed precision wraps in
     bf16 autocast: values then come in bf16 and Llama's rotary keys in float32 (it failed on a GPU so)."""
-    _, model, tokenizer = tiny_policy
-    mixed = copy.deepcopy(model)
+    policy_dir, _, tokenizer = tiny_policy
+    mixed = _fresh(policy_dir, device)
     mixed.forward = torch.autocast(device.type, dtype=torch.bfloat16)(mixed.forward)  # as accelerate wraps it
     seeds, kwargs = list(range(100, 108)), {"fail_prob": 0.5}
     config = dict(batch_size=3, max_new_tokens=64, max_turns=4, draft_tokens=draft_tokens)
