@@ -150,7 +150,7 @@ _TEMPLATES = {  # the fixed pieces around a task or an observation: special toke
 
 def _template(tokenizer: PreTrainedTokenizerBase, name: str) -> list[int]:
     """A ``_TEMPLATES`` piece's ids, tokenized once per tokenizer: a tokenizer call costs tens of microseconds,
-    and in the runtime the calls for these pieces took about a tenth of the time of 32 parallel episodes."""
+    and every prompt and observation made three or four calls for these pieces."""
     cache = tokenizer.__dict__.setdefault("_rl_agents_templates", {})
     key = (name, len(tokenizer))  # a tokenizer given new tokens tokenizes afresh
     if key not in cache:
