@@ -159,3 +159,22 @@ def test_micro_code_rollouts_with_env_workers(benchmark, tiny_policy, env_worker
     runtime = Runtime(model, tokenizer, config)
     episodes = benchmark.pedantic(runtime.run, ("Code-v0", seeds), {"forced": forced}, rounds=3, warmup_rounds=1)
     assert all(e.success for e in episodes)  # the teacher's code passes the hidden tests
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("region_slots", [10**9, 8])
+def test_micro_rollouts_by_cache_regions(benchmark, tiny_policy, monkeypatch, region_slots):
+    """Micro-benchmark (``pytest -m benchmark -k regions``): 256 Calculator-v0 teacher episodes replayed on 32
+    slots, the slot cache in one region (one attention call over every slot) or in regions of 8."""
+    import gymnasium as gym
+
+    import rl_agents.runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "REGION_SLOTS", region_slots)
+    _, model, tokenizer = tiny_policy
+    env, teacher, seeds = gym.make("Calculator-v0"), CalculatorTeacher(), list(range(1_000_000, 1_000_256))
+    taught = [teacher_episode(env, teacher, seed, "Calculator-v0") for seed in seeds]
+    forced = [[agent_ids(tokenizer, t.agent) for t in episode.turns] for episode in taught]
+    runtime = Runtime(model, tokenizer, RuntimeConfig(batch_size=32, max_new_tokens=256, max_turns=16))
+    episodes = benchmark.pedantic(runtime.run, ("Calculator-v0", seeds), {"forced": forced}, rounds=5, warmup_rounds=1)
+    assert [e.success for e in episodes] == [e.success for e in taught]  # the teacher's episodes, replayed
