@@ -356,6 +356,7 @@ def throughput(
             config = RuntimeConfig(**{**vars(runtime_cfg), "batch_size": parallel})
             runtime = Runtime(model, tokenizer, config)
             runtime.run(env_id, seeds, kwargs, forced=forced)
+            runtime.close()  # its worker processes, with runtime.processes
             rounds[str(parallel)].append(runtime.stats["generated_tokens"] / runtime.stats["wall_s"])
     rates = {p: statistics.median(r) for p, r in rounds.items()}
     lo, hi = str(min(cfg.parallel)), str(max(cfg.parallel))
@@ -424,6 +425,9 @@ def bench(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
     device = next(model.parameters()).device
     runtime_cfg = RuntimeConfig(**OmegaConf.to_container(cfg.runtime))
     runtime_cfg.greedy, runtime_cfg.batch_size = True, 1
+    if device.type != "cpu" and runtime_cfg.processes > 1:
+        log.info("runtime.processes=%d is for CPUs: one process on %s", runtime_cfg.processes, device)
+        runtime_cfg.processes = 1
     plain_cfg = replace(runtime_cfg, draft_tokens=0)  # one token per forward pass
     seeds = list(range(cfg.env.eval_seed_start, cfg.env.eval_seed_start + cfg.episodes))
     entries = env_entries(cfg)

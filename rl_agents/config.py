@@ -300,6 +300,11 @@ def _check_rl(cfg: DictConfig, run_dir: Path) -> None:
         )
     if rl.temperature <= 0:
         raise ConfigError(f"rl.temperature must be positive, got {rl.temperature}")
+    if cfg.runtime.processes > 1:
+        raise ConfigError(
+            "runtime.processes > 1 is for evaluation and the bench: RL rollouts run in one process (worker "
+            "processes would roll out the weights they were started with, not the trained ones)"
+        )
     if rl.on_malformed not in ON_MALFORMED:
         raise ConfigError(f"rl.on_malformed must be one of {', '.join(ON_MALFORMED)}, got {rl.on_malformed!r}")
     if algo.beta < 0:

@@ -20,10 +20,9 @@ that orchestration pays.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 
 import gymnasium as gym
@@ -78,6 +77,11 @@ class RuntimeConfig:
     between forward passes. The episodes are the same either way (sampling draws from each episode's own
     generator); with sampled drafts they are not reproducible (the drafter sees turns end in the tools'
     order), so that combination is refused"""
+    processes: int = 1
+    """worker processes a run's episodes are spread over (CPU only), each with its share of the slots
+    (``batch_size / processes``) and of torch's threads, pulling the next seed from a shared counter: a packed
+    pass's small matmuls keep one core busy, so on a machine of N cores N processes use them all. Not for RL
+    rollouts (the workers hold the weights they were started with). 1: the slots run in this process"""
     end_on_malformed: bool = False
     """end the episode at the first malformed turn (truncation reason ``malformed``) instead of feeding the
     error back (``envs.base.MALFORMED_KINDS``: no action, bad JSON, unknown tool, bad arguments, too long)"""
@@ -442,6 +446,57 @@ def check_env_workers(config) -> None:
             "env_workers with sampled drafts (draft_tokens > 0, greedy=false): the drafter would see turns end in "
             "the tools' order, so episodes would not be reproducible (set env_workers=0, draft_tokens=0 or greedy)"
         )
+    if config.processes < 1:
+        raise ValueError(f"processes must be >= 1 (1: the slots run in this process), got {config.processes}")
+    if config.processes > 1 and config.draft_tokens and not config.greedy:
+        raise ValueError(
+            "processes > 1 with sampled drafts (draft_tokens > 0, greedy=false): each process's drafter sees "
+            "other turns, so episodes would not be reproducible (set processes=1, draft_tokens=0 or greedy)"
+        )
+
+
+class _Indices:
+    """The episodes of a run still to start, handed out in order: counted here, or in a counter shared by the
+    worker processes (``RuntimeConfig.processes``)."""
+
+    def __init__(self, n: int, shared=None):
+        self.n, self.shared, self.next = n, shared, 0
+
+    def take(self) -> int | None:
+        if self.shared is None:
+            index, self.next = self.next, self.next + 1
+        else:
+            with self.shared.get_lock():
+                index = self.shared.value
+                self.shared.value = index + 1
+        return index if index < self.n else None
+
+    def empty(self) -> bool:
+        return (self.next if self.shared is None else self.shared.value) >= self.n
+
+
+def _worker(model, tokenizer, config: RuntimeConfig, seed: int, threads: int, counter, conn) -> None:
+    """A worker process of ``Runtime``: runs each job's episodes that it takes from ``counter``, and sends back
+    ("ok", [(index, trajectory)], stats) or ("error", traceback)."""
+    import traceback
+
+    torch.set_num_threads(threads)
+    runtime = Runtime(model, tokenizer, config, seed)
+    with torch.no_grad():  # the first forward pass pays for allocation and kernel selection
+        model(input_ids=torch.zeros(1, 8, dtype=torch.long))
+    conn.send("ready")
+    while (job := conn.recv()) is not None:
+        spec, seeds, env_kwargs, policy, forced, runs = job
+        try:
+            if spec.id not in gym.registry:  # registered in the parent only (not by an import)
+                gym.registry[spec.id] = spec
+            before = dict(runtime.stats)
+            runtime.runs = runs
+            done = runtime._episodes(spec.id, seeds, env_kwargs, policy, forced, _Indices(len(seeds), counter))
+            stats = {k: v - before.get(k, 0) for k, v in runtime.stats.items() if k != "wall_s"}
+            conn.send(("ok", done, stats))
+        except Exception:  # noqa: BLE001  (sent to the parent, which raises it)
+            conn.send(("error", traceback.format_exc()))
 
 
 class Runtime:
@@ -459,7 +514,10 @@ class Runtime:
         self.seed, self.runs = seed, 0  # an episode's sampling generator derives from (seed, run, its index)
         self._pool: ThreadPoolExecutor | None = None  # steps the environments during a run (``env_workers``)
         self._no_mask = _NO_MASK.to(self.device)
+        self._workers: list | None = None  # (process, pipe) of each worker process (``config.processes``)
         check_env_workers(config)
+        if config.processes > 1 and self.device.type != "cpu":
+            raise ValueError(f"processes > 1 runs on CPU only (the model is on {self.device}); set processes=1")
         # prefills: the forward passes that fed some slot's prompt or observation
         self.stats = {"generated_tokens": 0, "forward_passes": 0, "prefills": 0, "wall_s": 0.0}
         self.drafter = NgramDrafter(config.draft_ngram, stop=self.eot_id) if config.draft_tokens > 0 else None
@@ -487,21 +545,97 @@ class Runtime:
         choices, through the same forward passes: a benchmark replays a teacher's episodes this way, so
         every approach decodes the same tokens and meets the same observations.
         """
-        envs = [gym.make(env_id, **(env_kwargs or {})) for _ in range(min(self.config.batch_size, len(seeds)))]
+        processes = min(self.config.processes, self.config.batch_size)
+        if processes > 1 and self._workers is None:
+            self._start_workers(processes)  # before the clock: a worker takes seconds to start
         trajectories: list[Trajectory | None] = [None] * len(seeds)
         start = time.perf_counter()
         self.runs += 1
+        if self._workers:
+            done = self._run_workers(env_id, seeds, env_kwargs, policy, forced)
+        else:
+            done = self._episodes(env_id, seeds, env_kwargs, policy, forced, _Indices(len(seeds)))
+        for index, trajectory in done:
+            trajectories[index] = trajectory
+        self.stats["wall_s"] += time.perf_counter() - start
+        return trajectories
+
+    def close(self) -> None:
+        """Stop the worker processes, if any (they stop with this process too)."""
+        for process, conn in self._workers or []:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
+        self._workers = None
+
+    def __del__(self):
+        if getattr(self, "_workers", None):
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001  (at interpreter exit; the workers are daemons and stop with it)
+                pass
+
+    def _episodes(
+        self, env_id: str, seeds: list[int], env_kwargs: dict | None, policy: str, forced, indices: _Indices
+    ) -> list[tuple[int, Trajectory]]:
+        """The episodes this process takes from ``indices``, on ``config.batch_size`` environments."""
+        envs = [gym.make(env_id, **(env_kwargs or {})) for _ in range(min(self.config.batch_size, len(seeds)))]
         was_training = self.model.training
         self.model.eval()  # and back afterwards: a trainer may call the runtime between its steps
         try:
-            for episode in self._run_slots(list(envs), seeds, forced):
-                trajectories[episode.index] = self._trajectory(episode, env_id, policy)
+            return [
+                (e.index, self._trajectory(e, env_id, policy))
+                for e in self._run_slots(list(envs), seeds, forced, indices)
+            ]
         finally:
             self.model.train(was_training)
             for env in envs:
                 env.close()
-        self.stats["wall_s"] += time.perf_counter() - start
-        return trajectories
+
+    def _start_workers(self, processes: int) -> None:
+        context = torch.multiprocessing.get_context("spawn")
+        self._counter = context.Value("q", 0)
+        config = replace(self.config, processes=1, batch_size=-(-self.config.batch_size // processes))
+        threads = max(1, torch.get_num_threads() // processes)
+        self._workers = []
+        for _ in range(processes):
+            conn, child = context.Pipe()
+            args = (self.model, self.tokenizer, config, self.seed, threads, self._counter, child)
+            process = context.Process(target=_worker, args=args, daemon=True)
+            process.start()  # the weights go to shared memory, not copied
+            child.close()
+            self._workers.append((process, conn))
+        for process, conn in self._workers:
+            self._reply(process, conn)  # "ready"
+
+    def _reply(self, process, conn):
+        """A worker's next message; a worker that died or failed stops them all with a ``RuntimeError``."""
+        try:
+            reply = conn.recv()
+        except EOFError:
+            self.close()
+            raise RuntimeError(f"a runtime worker process died (exit code {process.exitcode})") from None
+        if reply[0] == "error":
+            self.close()
+            raise RuntimeError(f"a runtime worker process failed:\n{reply[1]}")
+        return reply
+
+    def _run_workers(self, env_id, seeds, env_kwargs, policy, forced) -> list[tuple[int, Trajectory]]:
+        self._counter.value = 0
+        job = (gym.spec(env_id), list(seeds), env_kwargs, policy, forced, self.runs)
+        for _, conn in self._workers:
+            conn.send(job)
+        done = []
+        for process, conn in self._workers:
+            reply = self._reply(process, conn)
+            done += reply[1]
+            for key, value in reply[2].items():
+                self.stats[key] = self.stats.get(key, 0) + value
+        return done
 
     # --- the loop -----------------------------------------------------------------------------
     def _start(self, env: gym.Env, index: int, seeds: list[int], forced) -> _Episode:
@@ -518,7 +652,9 @@ class Runtime:
         return episode
 
     @torch.no_grad()
-    def _run_slots(self, envs: list[gym.Env], seeds: list[int], forced=None) -> Iterator[_Episode]:
+    def _run_slots(
+        self, envs: list[gym.Env], seeds: list[int], forced=None, indices: _Indices | None = None
+    ) -> Iterator[_Episode]:
         """Run every seed's episode, one per slot at a time; yields each episode when it ends."""
         cache = SlotCache(len(envs), self.model.config.get_text_config().num_hidden_layers)
         attention = self.model.config._attn_implementation
@@ -532,21 +668,25 @@ class Runtime:
                         f"{type(self.model).__name__} does not take transformers' AttentionInterface, which the "
                         "runtime's KV cache needs (run it with use_cache=false)"
                     )
-            yield from self._loop(envs, seeds, forced, cache)
+            yield from self._loop(envs, seeds, forced, cache, indices or _Indices(len(seeds)))
         finally:
             self.model.set_attn_implementation(attention)
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
 
-    def _loop(self, envs: list[gym.Env], seeds: list[int], forced, cache: SlotCache) -> Iterator[_Episode]:
-        queue = deque(range(len(seeds)))
+    def _loop(
+        self, envs: list[gym.Env], seeds: list[int], forced, cache: SlotCache, indices: _Indices
+    ) -> Iterator[_Episode]:
         slots: list[_Episode | None] = [None] * len(envs)
         while True:
             for s, episode in enumerate(slots):
-                if episode is None and queue:
+                if episode is None and not indices.empty():
+                    index = indices.take()
+                    if index is None:  # another process took the last one
+                        break
                     s = self._make_room(cache, slots, envs, s)
-                    slots[s] = self._start(envs[s], queue.popleft(), seeds, forced)
+                    slots[s] = self._start(envs[s], index, seeds, forced)
                     cache.lengths[s] = 0
             live = [s for s, e in enumerate(slots) if e is not None]
             if not live:
@@ -561,7 +701,7 @@ class Runtime:
                     yield slots[s]
                     slots[s] = None
             free = [s for s, e in enumerate(slots) if e is None]
-            if not queue and free and len(free) >= len(slots) // 4:  # the queue is empty: shrink the batch
+            if indices.empty() and free and len(free) >= len(slots) // 4:  # none left to start: shrink the batch
                 keep = [s for s, e in enumerate(slots) if e is not None]
                 slots, envs = [slots[s] for s in keep], [envs[s] for s in keep]
                 cache.select(keep)

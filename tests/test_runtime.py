@@ -293,6 +293,28 @@ def test_a_slow_tool_holds_back_only_its_own_slot(tiny_policy, monkeypatch):
     assert [t.observation for tr in b for t in tr.turns] == [t.observation for tr in a for t in tr.turns]
 
 
+def test_worker_processes_run_the_same_episodes_and_report_their_failures(tiny_policy):
+    """processes=2: two spawned workers of 4 slots each take seeds from a shared counter; greedy and sampled
+    episodes are those of one process, in the seeds' order, and a worker's exception reaches the caller."""
+    _, model, tokenizer = tiny_policy
+    seeds, kwargs = list(range(100, 120)), {"fail_prob": 0.5}
+    for config in (dict(max_new_tokens=64, max_turns=4), dict(max_new_tokens=32, greedy=False, temperature=1.5)):
+        one = Runtime(model, tokenizer, RuntimeConfig(batch_size=8, **config), seed=3)
+        two = Runtime(model, tokenizer, RuntimeConfig(batch_size=8, processes=2, **config), seed=3)
+        try:
+            a, b = one.run("Calculator-v0", seeds, kwargs), two.run("Calculator-v0", seeds, kwargs)
+            assert two._workers is not None and len(two._workers) == 2
+            assert _tokens(a) == _tokens(b) and [t.metadata["seed"] for t in b] == seeds
+            assert two.stats["generated_tokens"] == one.stats["generated_tokens"] > 0
+            again = seeds[:3]  # the same workers again, in a new run (sampled: new draws, the same as one process's)
+            assert _tokens(two.run("Calculator-v0", again, kwargs)) == _tokens(one.run("Calculator-v0", again, kwargs))
+            with pytest.raises(RuntimeError, match="fail_prob must be in"):  # raised in a worker's environment
+                two.run("Calculator-v0", seeds, {"fail_prob": 2.0})
+            assert two._workers is None  # stopped
+        finally:
+            two.close()
+
+
 def test_env_workers_refuse_sampled_drafts(tiny_policy):
     _, model, tokenizer = tiny_policy
     with pytest.raises(ValueError, match="env_workers"):
