@@ -19,6 +19,7 @@ that orchestration pays.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -602,13 +603,24 @@ class Runtime:
         config = replace(self.config, processes=1, batch_size=-(-self.config.batch_size // processes))
         threads = max(1, torch.get_num_threads() // processes)
         self._workers = []
-        for _ in range(processes):
-            conn, child = context.Pipe()
-            args = (self.model, self.tokenizer, config, self.seed, threads, self._counter, child)
-            process = context.Process(target=_worker, args=args, daemon=True)
-            process.start()  # the weights go to shared memory, not copied
-            child.close()
-            self._workers.append((process, conn))
+        # a spawned process runs the parent's main module again unless it has no spec and no file: a Hydra app's
+        # main (python -m rl_agents.bench) registers its configs at import, which fails there; the workers
+        # need nothing of it (_worker and what it is sent come from importable modules)
+        main = sys.modules["__main__"]
+        saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if k in main.__dict__}
+        main.__spec__ = None
+        main.__dict__.pop("__file__", None)
+        try:
+            for _ in range(processes):
+                conn, child = context.Pipe()
+                args = (self.model, self.tokenizer, config, self.seed, threads, self._counter, child)
+                process = context.Process(target=_worker, args=args, daemon=True)
+                process.start()  # the weights go to shared memory, not copied
+                child.close()
+                self._workers.append((process, conn))
+        finally:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
         for process, conn in self._workers:
             self._reply(process, conn)  # "ready"
 
