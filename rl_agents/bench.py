@@ -415,6 +415,9 @@ def model_scale(cfg: DictConfig, tokenizer, runtime_cfg: RuntimeConfig, env_id: 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
     memory = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if children:  # the largest of the finished child processes (runtime.processes' workers)
+        memory["peak_rss_child_mb"] = children
     if device.type == "cuda":
         memory["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return memory
