@@ -21,7 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from rl_agents import distributed
 from rl_agents.bc import BCConfig
 from rl_agents.rl import ON_MALFORMED, GRPOAlgoConfig, PPOAlgoConfig, RLConfig
-from rl_agents.runtime import RuntimeConfig, check_env_workers
+from rl_agents.runtime import RuntimeConfig, check_workers
 
 STAGES = ("collect", "bc", "rl", "eval")
 POLICIES = ("teacher", "bc", "rl")
@@ -273,7 +273,7 @@ def _check_runtime(cfg: DictConfig) -> None:
     if not rt.greedy and rt.temperature <= 0:
         raise ConfigError(f"runtime.temperature must be positive when sampling, got {rt.temperature}")
     try:
-        check_env_workers(rt)
+        check_workers(rt)
     except ValueError as err:
         raise ConfigError(f"runtime.{err}") from None
     if rt.draft_budget is not None and rt.draft_budget < 1:

@@ -437,9 +437,10 @@ AttentionInterface.register(SLOT_ATTENTION, slot_attention)
 AttentionMaskInterface.register(SLOT_ATTENTION, sdpa_mask)
 
 
-def check_env_workers(config) -> None:
-    """Refuse a negative ``env_workers``, and workers with sampled drafts (not reproducible): a ``ValueError``
-    whose message starts with the field's name. ``config``: a ``RuntimeConfig`` or the Hydra node of one."""
+def check_workers(config) -> None:
+    """Refuse ``env_workers`` < 0 and ``processes`` < 1, and either kind of worker with sampled drafts (not
+    reproducible): a ``ValueError`` whose message starts with the field's name. ``config``: a ``RuntimeConfig``
+    or the Hydra node of one."""
     if config.env_workers < 0:
         raise ValueError(f"env_workers must be >= 0 (0: the environments step in turn), got {config.env_workers}")
     if config.env_workers and config.draft_tokens and not config.greedy:
@@ -516,7 +517,7 @@ class Runtime:
         self._pool: ThreadPoolExecutor | None = None  # steps the environments during a run (``env_workers``)
         self._no_mask = _NO_MASK.to(self.device)
         self._workers: list | None = None  # (process, pipe) of each worker process (``config.processes``)
-        check_env_workers(config)
+        check_workers(config)
         if config.processes > 1 and self.device.type != "cpu":
             raise ValueError(f"processes > 1 runs on CPU only (the model is on {self.device}); set processes=1")
         # prefills: the forward passes that fed some slot's prompt or observation
