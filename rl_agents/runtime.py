@@ -486,7 +486,7 @@ def _worker(model, tokenizer, config: RuntimeConfig, seed: int, threads: int, co
     runtime = Runtime(model, tokenizer, config, seed)
     with torch.no_grad():  # the first forward pass pays for allocation and kernel selection
         model(input_ids=torch.zeros(1, 8, dtype=torch.long))
-    conn.send("ready")
+    conn.send(("ready",))
     while (job := conn.recv()) is not None:
         spec, seeds, env_kwargs, policy, forced, runs = job
         try:
@@ -517,6 +517,7 @@ class Runtime:
         self._pool: ThreadPoolExecutor | None = None  # steps the environments during a run (``env_workers``)
         self._no_mask = _NO_MASK.to(self.device)
         self._workers: list | None = None  # (process, pipe) of each worker process (``config.processes``)
+        self._counter = None  # the workers' shared count of episodes started (``_Indices``)
         check_workers(config)
         if config.processes > 1 and self.device.type != "cpu":
             raise ValueError(f"processes > 1 runs on CPU only (the model is on {self.device}); set processes=1")
@@ -623,7 +624,7 @@ class Runtime:
             main.__dict__.pop("__spec__", None)
             main.__dict__.update(saved)
         for process, conn in self._workers:
-            self._reply(process, conn)  # "ready"
+            self._reply(process, conn)  # ("ready",)
 
     def _reply(self, process, conn):
         """A worker's next message; a worker that died or failed stops them all with a ``RuntimeError``."""
