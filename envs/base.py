@@ -9,16 +9,23 @@ malformed turn becomes an error observation with a named error kind, counted in 
 Subclasses provide the task (``_new_task``), the tools (``tools``) and the answer check (``_grade``).
 A tool whose call ends the episode (a purchase, a submission, a move into a hole) returns a ``Finish``
 with the episode's reward and success instead of a string.
+
+Tasks are split into train, validation and test *by task*, not by seed: ``task_key`` names what identifies
+a task (Calculator: the expression; FrozenLake: the map), a hash of the key assigns it a split
+(``task_split``), and an environment made with ``split="test"`` (or reset with ``options={"split": "test"}``)
+draws from its seed until the task lands in that split. Training only ever sees ``train`` tasks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import string
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import gymnasium as gym
@@ -42,6 +49,10 @@ ERROR_KINDS = (
 )
 # The kinds that are the agent's format mistakes (the rest are the tool's answer to a well-formed call).
 MALFORMED_KINDS = ERROR_KINDS[:6]
+
+# Task splits: a task's key hashes to a number in [0, 1); these are the upper bounds of each split's share.
+SPLITS = {"train": 0.8, "val": 0.9, "test": 1.0}
+MAX_TASK_DRAWS = 10_000  # draws ``reset`` makes to land in a split before it calls the task space too small
 
 THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
@@ -144,18 +155,32 @@ def sanitize(text: str, max_chars: int) -> str:
     return text
 
 
-def answers_match(given: str, expected: str, rel_tol: float = 1e-6) -> bool:
-    """Compare a final answer with the ground truth: numerically when both are numbers, else as text."""
+def answers_match(given: str, expected: str, rel_tol: float = 0.0) -> bool:
+    """Compare a final answer with the ground truth: as numbers when both are numbers, else as text.
+
+    Numbers are compared exactly (``4908601`` is not ``4908600``; ``12.0`` is ``12``); ``rel_tol`` is for a
+    task that declares a float answer (``Task.tolerance``), within ``rel_tol * max(1, |expected|)``.
+    """
 
     def norm(s: str) -> str:
         return s.strip().strip(".").strip("'\"").strip().lower().replace(",", "")
 
     a, b = norm(given), norm(expected)
     try:
-        x, y = float(a), float(b)
-    except ValueError:
+        x, y = Decimal(a), Decimal(b)
+    except InvalidOperation:
         return a == b
-    return abs(x - y) <= rel_tol * max(1.0, abs(y))
+    if not (x.is_finite() and y.is_finite()):
+        return a == b
+    if rel_tol == 0:
+        return x == y
+    return abs(x - y) <= Decimal(str(rel_tol)) * max(Decimal(1), abs(y))
+
+
+def task_split(key: str) -> str:
+    """The split of a task: ``train`` (80%), ``val`` (10%) or ``test`` (10%), from a hash of its key."""
+    u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    return next(name for name, upper in SPLITS.items() if u < upper)
 
 
 @dataclass
@@ -165,13 +190,23 @@ class Task:
     prompt: str
     answer: str
     extra: dict[str, Any] = field(default_factory=dict)
+    tolerance: float = 0.0
+    """relative tolerance of a float answer; 0: the answer must be exact"""
 
 
 class ToolEnv(gym.Env):
     """Base class of the text tool environments (see the module docstring for the turn format).
 
-    Subclasses set ``tools`` in ``__init__`` and implement ``_new_task`` and, optionally, ``_grade``.
-    The step budget is Gymnasium's ``max_episode_steps`` (a ``TimeLimit`` added by ``gymnasium.make``).
+    Subclasses set ``tools`` in ``__init__`` and implement ``_new_task`` and, optionally, ``_grade`` and
+    ``task_key``. The step budget is Gymnasium's ``max_episode_steps`` (a ``TimeLimit`` added by
+    ``gymnasium.make``).
+
+    ``split`` (``train``, ``val``, ``test`` or None for any task) restricts the tasks ``reset`` draws to one
+    split (see the module docstring); ``reset(options={"split": ...})`` overrides it for one episode.
+    ``reset`` returns ``info`` with ``tools`` (the tools' JSON schemas), ``task_key`` and ``split`` (the
+    task's); ``step`` returns ``info`` with ``tool`` (the called tool's name or None), ``error`` (an
+    ``ERROR_KINDS`` entry or None), ``success``, ``error_counts`` and, after an answer, ``answer``. A step
+    after the episode terminated raises ``gymnasium.error.ResetNeeded``: an episode pays its reward once.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
@@ -181,7 +216,11 @@ class ToolEnv(gym.Env):
         max_action_chars: int = 1000,
         max_observation_chars: int = 2000,
         render_mode: str | None = None,
+        split: str | None = None,
     ):
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)} (or None: any task), got {split!r}")
+        self.split = split
         self.max_action_chars = max_action_chars
         self.max_observation_chars = max_observation_chars
         self.render_mode = render_mode
@@ -191,6 +230,7 @@ class ToolEnv(gym.Env):
         self.task: Task | None = None
         self.error_counts: Counter[str] = Counter()
         self.steps = 0
+        self.terminated = False
         self._last = ""
 
     # --- to implement -------------------------------------------------------------------------
@@ -200,21 +240,45 @@ class ToolEnv(gym.Env):
 
     def _grade(self, answer: str) -> tuple[float, bool]:
         """Reward and success of a final answer."""
-        ok = answers_match(answer, self.task.answer)
+        ok = answers_match(answer, self.task.answer, self.task.tolerance)
         return float(ok), ok
+
+    def task_key(self, task: Task) -> str:
+        """What identifies ``task``: two draws with the same key are the same task to a policy.
+
+        The default is the prompt; override it when the prompt varies for one task (Calculator's templates
+        around one expression) or does not show all of it (SQL's database).
+        """
+        return task.prompt
 
     # --- Gymnasium API ------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
         super().reset(seed=seed)
-        self.task = self._new_task()
+        split = (options or {}).get("split", self.split)
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"options['split'] must be one of {', '.join(SPLITS)}, got {split!r}")
+        for _ in range(MAX_TASK_DRAWS):
+            self.task = self._new_task()
+            key = self.task_key(self.task)
+            if split is None or task_split(key) == split:
+                break
+        else:
+            raise RuntimeError(
+                f"{type(self).__name__}: no {split} task in {MAX_TASK_DRAWS} draws; its task space is too small "
+                "to split"
+            )
         self.error_counts = Counter()
         self.steps = 0
+        self.terminated = False
         self._last = sanitize(self.task.prompt, self.max_observation_chars)
-        return self._last, {"tools": [tool.schema() for tool in self.tools.values()]}
+        info = {"tools": [tool.schema() for tool in self.tools.values()], "task_key": key, "split": task_split(key)}
+        return self._last, info
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict]:
         if self.task is None:
             raise gym.error.ResetNeeded("call reset() before step()")
+        if self.terminated:
+            raise gym.error.ResetNeeded("the episode has terminated (its reward was paid); call reset()")
         self.steps += 1
         info: dict[str, Any] = {"tool": None, "error": None, "success": False}
         parsed = parse_turn(str(action), self.max_action_chars)
@@ -232,6 +296,7 @@ class ToolEnv(gym.Env):
                 info["success"] = bool(observation.success)
                 observation = observation.observation
         info["error_counts"] = dict(self.error_counts)
+        self.terminated = terminated
         self._last = sanitize(observation, self.max_observation_chars)
         return self._last, reward, terminated, False, info
 

@@ -17,13 +17,15 @@ transiently with ``ERROR: timeout, try again`` (kind ``tool_timeout``): the agen
 ``Text(max_length=max_observation_chars)``: the question after ``reset``, then tool results or errors.
 
 ## Rewards
-1.0 for a final answer equal to the expression's value, 0.0 otherwise.
+1.0 for a final answer equal to the expression's value (exactly: an integer off by one is wrong), 0.0
+otherwise.
 
 ## Episode End
 Terminated by a final answer; truncated by the step budget (``max_episode_steps``, default 8).
 
-## Seeds
-``reset(seed=s)`` fixes the question and the sequence of transient failures.
+## Seeds and splits
+``reset(seed=s)`` fixes the question and the sequence of transient failures. A task is its expression
+(``task_key``); ``split="test"`` draws only expressions whose hash lands in the test split.
 
 ## Version History
 - v0: initial version.
@@ -126,6 +128,9 @@ class CalculatorEnv(ToolEnv):
         template = str(rng.choice(["What is {}?", "Compute {}.", "Calculate {}.", "What is the value of {}?"]))
         value = format_number(evaluate_arithmetic(expression))
         return Task(prompt=template.format(expression), answer=value, extra={"expression": expression})
+
+    def task_key(self, task: Task) -> str:
+        return task.extra["expression"]  # the question's template is surface, not the task
 
 
 class CalculatorTeacher(ScriptedTeacher):

@@ -13,6 +13,10 @@ tool call is which action, and how to render the task and a state.
   ``move(direction)`` with north / south / east / west, ``pickup()``, ``dropoff()``. An illegal pickup
   or drop-off is a ``tool_error`` observation.
 
+## Tasks and splits
+A FrozenLake task is its map (``task_key``: the map's rows); a Taxi task is its start state (taxi position,
+passenger and destination: 300 tasks, so its test split holds about 30). ``split=...`` keeps one split.
+
 ## Rewards
 1.0 when the wrapped task succeeds (FrozenLake: the goal is reached; Taxi: the passenger is dropped at the
 destination), 0.0 otherwise. The wrapped environment's own return is in ``info["env_return"]``.
@@ -88,6 +92,7 @@ class GymTextEnv(ToolEnv):
 
     # --- to implement -------------------------------------------------------------------------
     def _make_inner(self, seed: int) -> gym.Env:
+        """The wrapped environment of a task (it is reset with ``seed``); may return ``self.inner`` again."""
         raise NotImplementedError
 
     def _describe(self) -> str:
@@ -107,9 +112,10 @@ class GymTextEnv(ToolEnv):
     # --- the wrapper --------------------------------------------------------------------------
     def _new_task(self) -> Task:
         seed = int(self.np_random.integers(2**31 - 1))
-        if self.inner is not None:
+        inner = self._make_inner(seed)
+        if self.inner is not None and self.inner is not inner:
             self.inner.close()
-        self.inner = self._make_inner(seed)
+        self.inner = inner
         self.state, _ = self.inner.reset(seed=seed)
         self.env_return = 0.0
         return Task(prompt=self._describe(), answer="", extra={"seed": seed})
@@ -169,6 +175,9 @@ class FrozenLakeTextEnv(GymTextEnv):
             f"(F is frozen ice). Map, row 0 at the top:\n{rows}\n{self._render_state()}"
         )
 
+    def task_key(self, task: Task) -> str:
+        return "\n".join(self.grid)  # the map (the start is always its top-left corner)
+
     def _render_state(self) -> str:
         r, c = self._position()
         cell = self.grid[r][c]
@@ -194,7 +203,6 @@ TAXI_MAP = [
     "+---------+",
 ]
 TAXI_STANDS = ["R", "G", "Y", "B"]
-TAXI_STAND_CELLS = [(0, 0), (0, 4), (4, 0), (4, 3)]
 
 
 class TaxiTextEnv(GymTextEnv):
@@ -204,7 +212,10 @@ class TaxiTextEnv(GymTextEnv):
     commands = {"pickup": 4, "dropoff": 5}
 
     def _make_inner(self, seed: int) -> gym.Env:
-        return gym.make("Taxi-v4").unwrapped
+        return self.inner or gym.make("Taxi-v4").unwrapped  # one map: built once (its table P), reset per task
+
+    def task_key(self, task: Task) -> str:
+        return f"taxi-start-{int(self.state)}"  # the map is fixed: the start state is the task
 
     def _decode(self) -> tuple[int, int, int, int]:
         return tuple(int(x) for x in self.inner.decode(int(self.state)))

@@ -22,8 +22,9 @@ Success is a full match (reward 1.0). An ``<answer>`` without buying gives up (r
 Terminated by ``buy()`` (or an answer); truncated by the step budget (``max_episode_steps``, default 12).
 An expert needs five tool calls: search, open, choose colour, choose size, buy.
 
-## Seeds
-``reset(seed=s)`` fixes the catalogue and the instruction.
+## Seeds and splits
+``reset(seed=s)`` fixes the catalogue and the instruction; a task is the instruction with its catalogue
+(``task_key``), and ``split=...`` keeps the tasks of one split.
 
 ## Version History
 - v0: initial version.
@@ -31,6 +32,7 @@ An expert needs five tool calls: search, open, choose colour, choose size, buy.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 
@@ -177,6 +179,11 @@ class ShopEnv(ToolEnv):
         self.current, self.chosen = None, {}
         prompt = f"Find {' '.join(wanted)} {category} in {color}, size {size}, under {max_price} dollars, and buy it."
         return Task(prompt=prompt, answer="", extra={"goal": self.goal})
+
+    def task_key(self, task: Task) -> str:
+        """The instruction and the catalogue it is carried out in."""
+        catalogue = repr(sorted((p.item_id, p.title, p.colors, p.sizes, p.price) for p in self.catalogue.values()))
+        return f"{task.prompt}|{hashlib.sha256(catalogue.encode()).hexdigest()[:16]}"
 
     # --- tools --------------------------------------------------------------------------------
     def _search(self, query: str) -> str:

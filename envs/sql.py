@@ -24,8 +24,9 @@ and schema changes), stops after ``time_limit_s`` and returns at most ``max_rows
 ## Episode End
 Terminated by a final answer; truncated by the step budget (``max_episode_steps``, default 8).
 
-## Seeds
-``reset(seed=s)`` fixes the database and the question.
+## Seeds and splits
+``reset(seed=s)`` fixes the database and the question; a task is the question with its database
+(``task_key``), and ``split=...`` keeps the tasks of one split.
 
 ## Version History
 - v0: initial version.
@@ -33,6 +34,7 @@ Terminated by a final answer; truncated by the step budget (``max_episode_steps`
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import time
 
@@ -186,6 +188,12 @@ class SQLEnv(ToolEnv):
             break
         truth = render_rows(["x"], rows[:1], False).splitlines()[1]
         return Task(prompt=question.format(**slots), answer=truth, extra={"query": query, "slots": slots})
+
+    def task_key(self, task: Task) -> str:
+        """The question and the database it is asked about (a digest of its rows)."""
+        tables = ("departments", "employees", "orders")
+        dump = repr([self.db.execute(f"SELECT * FROM {t} ORDER BY id").fetchall() for t in tables])
+        return f"{task.prompt}|{hashlib.sha256(dump.encode()).hexdigest()[:16]}"
 
     def close(self) -> None:
         if self.db is not None:

@@ -72,6 +72,11 @@ from rl_agents.trajectory import (
 log = logging.getLogger(__name__)
 
 
+def _test_tasks(entry) -> dict:
+    """An environment's keyword arguments on test tasks (the bench's success figures are held out by task)."""
+    return {**entry.kwargs, "split": "test"}
+
+
 @dataclass
 class TurnScalingConfig:
     env_id: str = "Calculator-v0"
@@ -375,7 +380,7 @@ def model_scale(cfg: DictConfig, tokenizer, runtime_cfg: RuntimeConfig, env_id: 
     Both figures replay teacher tokens (the turn-scaling episodes; the env's teacher on ``scale.episodes``
     held-out seeds), so an untrained model does exactly a trained one's work.
     """
-    env = gym.make(env_id, **entry.kwargs)
+    env = gym.make(env_id, **_test_tasks(entry))
     teacher = hydra.utils.instantiate(entry.teacher)
     seeds = list(range(cfg.env.eval_seed_start, cfg.env.eval_seed_start + cfg.scale.episodes))
     try:
@@ -397,11 +402,11 @@ def model_scale(cfg: DictConfig, tokenizer, runtime_cfg: RuntimeConfig, env_id: 
             tokenizer, cfg.seed, hidden, layers, max(1, hidden // 32), 3 * hidden, config.max_context
         )
         model.to(device).eval()
-        Runtime(model, tokenizer, config).run(env_id, seeds[:1], entry.kwargs, forced=forced[:1])  # warm-up
+        Runtime(model, tokenizer, config).run(env_id, seeds[:1], _test_tasks(entry), forced=forced[:1])  # warm-up
         plain = replace(config, draft_tokens=0)
         scaling = turn_scaling(cfg, model, tokenizer, config)
         scaling_plain = turn_scaling(cfg, model, tokenizer, plain) if config.draft_tokens else scaling
-        tp = throughput(cfg, model, tokenizer, plain, env_id, entry.kwargs, seeds, forced)
+        tp = throughput(cfg, model, tokenizer, plain, env_id, _test_tasks(entry), seeds, forced)
         out[str(size)] = {
             "parameters": sum(p.numel() for p in model.parameters()),
             "speedup": _speedup(scaling),
@@ -436,17 +441,17 @@ def bench(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
     entries = env_entries(cfg)
     first_env = next(iter(entries))
     # warm-up: first calls pay for allocation and kernel selection
-    Runtime(model, tokenizer, runtime_cfg).run(first_env, seeds[:1], entries[first_env].kwargs)
-    Orchestrated(model, tokenizer, runtime_cfg).run(first_env, seeds[:1], entries[first_env].kwargs)
+    Runtime(model, tokenizer, runtime_cfg).run(first_env, seeds[:1], _test_tasks(entries[first_env]))
+    Orchestrated(model, tokenizer, runtime_cfg).run(first_env, seeds[:1], _test_tasks(entries[first_env]))
     approaches: dict[str, dict[str, Any]] = {"compiled": {}, "orchestrated": {}}
     for env_id, entry in entries.items():
         runtime = Runtime(model, tokenizer, runtime_cfg)
-        episodes = runtime.run(env_id, seeds, entry.kwargs)
+        episodes = runtime.run(env_id, seeds, _test_tasks(entry))
         approaches["compiled"][env_id] = latency_summary(
             episodes, runtime.stats["generated_tokens"], runtime.stats["wall_s"]
         )
         orchestrated = Orchestrated(model, tokenizer, runtime_cfg)
-        episodes = orchestrated.run(env_id, seeds, entry.kwargs)
+        episodes = orchestrated.run(env_id, seeds, _test_tasks(entry))
         summary = latency_summary(episodes, orchestrated.stats["generated_tokens"], orchestrated.stats["wall_s"])
         summary["prompt_tokens_per_step"] = orchestrated.stats["prompt_tokens"] / max(
             1, summary["mean_turns"] * len(seeds)
@@ -458,13 +463,13 @@ def bench(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
     for _ in range(cfg.rounds):
         limit["raw_decode_tokens_per_s"].append(raw_decode_rate(model, cfg.limit_tokens))
         plain = Runtime(model, tokenizer, plain_cfg)
-        plain.run(first_env, seeds, entries[first_env].kwargs)
+        plain.run(first_env, seeds, _test_tasks(entries[first_env]))
         limit["runtime_decode_tokens_per_s"].append(plain.stats["generated_tokens"] / plain.stats["wall_s"])
     raw, compiled_rate = (statistics.median(rates) for rates in limit.values())
     scaling = turn_scaling(cfg, model, tokenizer, runtime_cfg)
     scaling_plain = turn_scaling(cfg, model, tokenizer, plain_cfg) if runtime_cfg.draft_tokens else scaling
     free = {a: approaches[a][first_env]["step_latency_ms"]["median"] for a in approaches}
-    kwargs = entries[first_env].kwargs
+    kwargs = _test_tasks(entries[first_env])
     result = {
         # per-step latency with both approaches decoding the same tokens (the teacher replay), both drafting
         # with runtime.draft_tokens

@@ -49,9 +49,9 @@ class EnvConfig:
     """gymnasium ids ("Calculator-v0", or "my_pkg.module:MyEnv-v0") -> EnvEntry fields (checked by env_entries,
     untyped here so that +env.envs.<id>.teacher._target_=... can add an environment from the command line)"""
     train_seed_start: int = 0
-    """seeds [train_seed_start, eval_seed_start) feed teacher data and RL"""
+    """seeds [train_seed_start, eval_seed_start) feed teacher data and RL (on train tasks only)"""
     eval_seed_start: int = 1_000_000
-    """held-out evaluation seeds start here"""
+    """evaluation seeds start here (on the tasks of eval.split: held out by task, not only by seed)"""
 
 
 @dataclass
@@ -130,6 +130,8 @@ class EvalConfig:
     temperature: float | None = None
     """null: greedy decoding (the deployed agent); a temperature: sampled episodes (``runtime.top_p``,
     seeded by ``seed``), the stochastic policy that RL optimises"""
+    split: str = "test"
+    """the tasks evaluated: test (what results report) or val (what defaults and searches are chosen on)"""
 
 
 @dataclass
@@ -209,6 +211,11 @@ def _check_envs(cfg: DictConfig) -> None:
                 f"unknown env {env_id!r} in env.envs ({err}); tool envs registered here: {', '.join(ours)}; "
                 "a user env is named 'my_pkg.module:MyEnv-v0'"
             ) from None
+        if "split" in entry.kwargs:
+            raise ConfigError(
+                f"env.envs.{env_id}.kwargs.split: the pipeline sets the split (train for collect and RL, eval.split "
+                "for evaluation); remove it"
+            )
         if not isinstance(entry.weight, (int, float)) or entry.weight <= 0:
             raise ConfigError(f"env.envs.{env_id}.weight must be positive, got {entry.weight}")
 
@@ -285,6 +292,8 @@ def _check_runtime(cfg: DictConfig) -> None:
         )
     if "eval" in cfg and cfg.eval.get("temperature") is not None and cfg.eval.temperature <= 0:
         raise ConfigError(f"eval.temperature must be positive (or null for greedy), got {cfg.eval.temperature}")
+    if "eval" in cfg and cfg.eval.split not in ("val", "test"):
+        raise ConfigError(f"eval.split must be val or test (training uses train), got {cfg.eval.split!r}")
 
 
 def _check_rl(cfg: DictConfig, run_dir: Path) -> None:
@@ -300,6 +309,8 @@ def _check_rl(cfg: DictConfig, run_dir: Path) -> None:
         )
     if rl.temperature <= 0:
         raise ConfigError(f"rl.temperature must be positive, got {rl.temperature}")
+    if rl.mixed_precision not in ("auto", "no", "bf16"):
+        raise ConfigError(f"rl.mixed_precision must be auto, no or bf16, got {rl.mixed_precision!r}")
     if cfg.runtime.processes > 1:
         raise ConfigError(
             "runtime.processes > 1 is for evaluation and the bench: RL rollouts run in one process (worker "

@@ -1,10 +1,15 @@
-"""Evaluation on held-out seeds: the eval stage, and ``python -m rl_agents.evaluate checkpoint=DIR``.
+"""Evaluation on held-out tasks: the eval stage, and ``python -m rl_agents.evaluate checkpoint=DIR``.
 
-Policies run greedy episodes on the same held-out seeds of every environment (or sampled ones, with
-``eval.temperature``); ``eval.json`` in the run dir maps each policy to its metrics::
+Policies run greedy episodes (or sampled ones, with ``eval.temperature``) on the same *test* tasks of every
+environment (``eval.split=val`` for validation tasks, the ones to tune on): the environments draw from the
+evaluation seeds until a task lands in the split, and training only ever sees train tasks. Before any
+policy runs, the evaluated tasks are checked against the run's training tasks (its trajectories, and
+those of the run a policy came from): a run that would evaluate a task it trained on is refused.
+``eval.json`` in the run dir maps each policy to its metrics::
 
-    {"env": ..., "seeds": {...}, "decoding": "greedy", "policies": {"teacher": {...}, "bc": {...}}}
+    {"env": ..., "split": "test", "seeds": {...}, "decoding": "greedy", "policies": {"teacher": {...}, ...}}
 
+Each policy's ``seen_in_training`` is the number of its evaluated tasks among the training tasks (0).
 A later stage adds its policy (``rl``) to the same map: ``write_eval`` merges into an existing file.
 """
 
@@ -29,7 +34,7 @@ from rl_agents.collect import teacher_episode
 from rl_agents.config import env_entries, validate_evaluate
 from rl_agents.model import load_policy
 from rl_agents.runtime import Runtime, RuntimeConfig
-from rl_agents.trajectory import Trajectory, write_jsonl
+from rl_agents.trajectory import Trajectory, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,85 @@ log = logging.getLogger(__name__)
 def eval_seeds(cfg: DictConfig) -> list[int]:
     start = cfg.env.eval_seed_start
     return list(range(start, start + cfg.eval.episodes))
+
+
+def eval_kwargs(cfg: DictConfig, env_id: str) -> dict[str, Any]:
+    """The environment's keyword arguments for evaluation: its config's, on the evaluated split."""
+    return {**env_entries(cfg)[env_id].kwargs, "split": cfg.eval.split}
+
+
+class SeenTaskError(RuntimeError):
+    """Evaluated tasks that a training stage saw."""
+
+
+def training_trajectory_files(cfg: DictConfig, run_dir: Path | None) -> list[Path]:
+    """The teacher trajectories the evaluated policies were trained on: this run's, ``trajectories=PATH``,
+    and those of the runs that ``rl.init_from``, ``rl.ref_from`` or ``checkpoint`` come from."""
+    candidates = []
+    if run_dir is not None:
+        candidates.append(run_dir / "trajectories" / "train.jsonl")
+    if cfg.get("trajectories"):
+        candidates.append(Path(cfg.trajectories))
+    policies = [cfg.rl.get("init_from"), cfg.rl.get("ref_from")] if "rl" in cfg else []
+    for policy in [*policies, cfg.get("checkpoint")]:
+        if policy:  # <run>/<stage>/policy
+            candidates.append(Path(policy).resolve().parent.parent / "trajectories" / "train.jsonl")
+    seen, files = set(), []
+    for path in candidates:
+        if path.is_file() and path.resolve() not in seen:
+            seen.add(path.resolve())
+            files.append(path)
+    return files
+
+
+def training_task_keys(files: list[Path]) -> tuple[set[tuple[str, str]], int]:
+    """The (env id, task key) pairs of the training trajectories in ``files``, and how many had no key."""
+    keys, unknown = set(), 0
+    for path in files:
+        for trajectory in read_jsonl(path):
+            key = trajectory.metadata.get("task_key")
+            if key is None:
+                unknown += 1
+            else:
+                keys.add((trajectory.metadata.get("env_id"), key))
+    return keys, unknown
+
+
+def eval_task_keys(cfg: DictConfig) -> dict[str, list[str]]:
+    """The task key of every evaluation episode (env id -> keys in the seeds' order), from resets alone."""
+    keys = {}
+    for env_id in env_entries(cfg):
+        env = gym.make(env_id, **eval_kwargs(cfg, env_id))
+        try:
+            keys[env_id] = [env.reset(seed=seed)[1].get("task_key") for seed in eval_seeds(cfg)]
+        finally:
+            env.close()
+    return keys
+
+
+def check_held_out(cfg: DictConfig, run_dir: Path | None) -> set[tuple[str, str]]:
+    """Refuse an evaluation whose tasks a training stage saw; returns the training tasks' keys.
+
+    RL episodes are drawn from the train split only (``rl.sample_episodes`` refuses any other), and the
+    split is a function of the task key, so the teacher trajectories are what can overlap: data collected
+    before task splits, or a ``trajectories=PATH`` file from elsewhere.
+    """
+    files = training_trajectory_files(cfg, run_dir)
+    train_keys, unknown = training_task_keys(files)
+    if unknown:
+        raise SeenTaskError(
+            f"{unknown} training trajectories in {', '.join(map(str, files))} have no task key (written before "
+            "task splits): which tasks they hold is unknown, so no evaluation can be called held-out; collect "
+            "them again"
+        )
+    evaluated = eval_task_keys(cfg)
+    seen = sum((env_id, key) in train_keys for env_id, keys in evaluated.items() for key in keys)
+    if seen:
+        raise SeenTaskError(
+            f"{seen} of the {sum(map(len, evaluated.values()))} evaluated {cfg.eval.split} tasks are among the "
+            f"training tasks of {', '.join(map(str, files))}; evaluate on tasks no training stage saw"
+        )
+    return train_keys
 
 
 def summarize(trajectories: list[Trajectory], wall_s: float, generated_tokens: int | None) -> dict[str, Any]:
@@ -71,13 +155,13 @@ def make_teacher(cfg: DictConfig, env_id: str):
 
 def run_teacher(cfg: DictConfig, env_id: str, seeds: list[int]) -> tuple[list[Trajectory], float]:
     teacher = make_teacher(cfg, env_id)
-    env = gym.make(env_id, **env_entries(cfg)[env_id].kwargs)
+    env = gym.make(env_id, **eval_kwargs(cfg, env_id))
     start = time.perf_counter()
     trajectories = []
     try:
         for seed in seeds:
             step_start = time.perf_counter()
-            trajectory = teacher_episode(env, teacher, seed, env_id)
+            trajectory = teacher_episode(env, teacher, seed, env_id, cfg.runtime.max_turns)
             per_turn = 1000.0 * (time.perf_counter() - step_start) / max(1, len(trajectory.turns))
             for turn in trajectory.turns:
                 turn.latency_ms = per_turn
@@ -88,12 +172,20 @@ def run_teacher(cfg: DictConfig, env_id: str, seeds: list[int]) -> tuple[list[Tr
 
 
 def evaluate_policy(
-    cfg: DictConfig, name: str, out_dir: Path, model=None, tokenizer=None
+    cfg: DictConfig,
+    name: str,
+    out_dir: Path,
+    model=None,
+    tokenizer=None,
+    train_keys: set[tuple[str, str]] | None = None,
 ) -> tuple[dict[str, Any], list[Trajectory]]:
-    """Run one policy (``teacher``, or a model) on the held-out seeds of every env; returns metrics."""
+    """Run one policy (``teacher``, or a model) on the held-out tasks of every env; returns metrics.
+
+    With ``train_keys`` (``check_held_out``'s), the metrics count the evaluated tasks among them
+    (``seen_in_training``: 0, or the run is refused before evaluation)."""
     seeds = eval_seeds(cfg)
     per_env, everything, wall, tokens = {}, [], 0.0, 0
-    for env_id, entry in env_entries(cfg).items():
+    for env_id in env_entries(cfg):
         if model is None:
             trajectories, seconds = run_teacher(cfg, env_id, seeds)
             generated = None
@@ -103,7 +195,7 @@ def evaluate_policy(
             if not runtime_cfg.greedy:
                 runtime_cfg.temperature = cfg.eval.temperature
             runtime = Runtime(model, tokenizer, runtime_cfg, seed=cfg.seed)
-            trajectories = runtime.run(env_id, seeds, entry.kwargs, policy=name)
+            trajectories = runtime.run(env_id, seeds, eval_kwargs(cfg, env_id), policy=name)
             seconds, generated = runtime.stats["wall_s"], runtime.stats["generated_tokens"]
             tokens += generated
         wall += seconds
@@ -112,6 +204,10 @@ def evaluate_policy(
         log.info("eval %s on %s: success %.3f", name, env_id, per_env[env_id]["success_rate"])
     write_jsonl(out_dir / f"episodes_{name}.jsonl", everything)
     metrics = summarize(everything, wall, tokens if model is not None else None)
+    keys = [(t.metadata["env_id"], t.metadata.get("task_key")) for t in everything]
+    if train_keys is not None:
+        metrics["seen_in_training"] = sum(key in train_keys for key in keys)
+    metrics["distinct_tasks"] = len(set(keys))
     if len(per_env) > 1:
         metrics["per_env"] = per_env
     return metrics, everything
@@ -129,6 +225,7 @@ def write_eval(path: Path, cfg: DictConfig, policies: dict[str, dict]) -> dict:
     data = {
         "env": cfg.env.name,
         "env_ids": list(cfg.env.envs),
+        "split": cfg.eval.split,
         "seeds": seeds,
         "decoding": decoding(cfg),
         "policies": {},
@@ -136,7 +233,7 @@ def write_eval(path: Path, cfg: DictConfig, policies: dict[str, dict]) -> dict:
     if path.is_file():
         old = json.loads(path.read_text())
         old.setdefault("decoding", "greedy")  # files written before sampled evaluation existed
-        if all(old.get(key) == data[key] for key in ("seeds", "env_ids", "decoding")):
+        if all(old.get(key) == data[key] for key in ("seeds", "env_ids", "split", "decoding")):
             data["policies"] = old.get("policies", {})
     data["policies"].update(policies)
     path.write_text(json.dumps(data, indent=2))
@@ -149,15 +246,16 @@ def main(cfg: DictConfig) -> None:
     validate_evaluate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    train_keys = check_held_out(cfg, None)
     tracker = tracking.start(cfg, run_dir, job="evaluate")
     results = {}
     model, tokenizer = load_policy(cfg.checkpoint, cfg.model.dtype, local_files_only=True)
     for name in cfg.eval.policies:
         if name == "teacher":
-            metrics, episodes = evaluate_policy(cfg, name, run_dir)
+            metrics, episodes = evaluate_policy(cfg, name, run_dir, train_keys=train_keys)
         else:
             name = cfg.name
-            metrics, episodes = evaluate_policy(cfg, name, run_dir, model, tokenizer)
+            metrics, episodes = evaluate_policy(cfg, name, run_dir, model, tokenizer, train_keys)
         results[name] = metrics
         tracker.log_eval(name, metrics, episodes)
     data = write_eval(run_dir / "eval.json", cfg, results)

@@ -31,7 +31,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from rl_agents import distributed
 from rl_agents.model import load_policy
-from rl_agents.rl import episode_metrics, reward_terms, sample_episodes, step_seeds, term_names
+from rl_agents.rl import episode_metrics, mixed_precision, reward_terms, sample_episodes, step_seeds, term_names
 from rl_agents.tracking import LogToPython
 from rl_agents.trajectory import encode_trajectory, prompt_ids
 
@@ -52,7 +52,9 @@ class EnvRollouts:
         by_env: dict[str, list[int]] = {}
         for env_id, seed in keys:
             by_env.setdefault(env_id, []).append(int(seed))
-        episodes = sample_episodes(self.cfg, model, self.tokenizer, by_env, trainer.state.global_step)
+        # this process's rows are one slice of the step's batch: its offset makes every episode's stream distinct
+        offset = trainer.accelerator.process_index * len(prompts)
+        episodes = sample_episodes(self.cfg, model, self.tokenizer, by_env, trainer.state.global_step, offset)
         # back into the order of the prompts (sample_episodes runs env by env)
         queues: dict[str, list] = {}
         for episode in episodes:
@@ -142,7 +144,7 @@ def make_trainer(cfg: DictConfig, init: Path, ref: Path, out_dir: Path, tracker)
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
+        bf16=mixed_precision(rl.mixed_precision) == "bf16",
         dataloader_num_workers=0,
         disable_tqdm=True,
     )

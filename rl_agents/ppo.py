@@ -13,7 +13,8 @@ One iteration (``rl.steps`` of them):
    own lambda (``algo.critic_lam``; 1.0 regresses on the returns, VC-PPO's decoupled GAE), and with
    ``algo.gae_level=turn`` gamma and lambda apply once per turn instead of once per token;
 6. ``algo.epochs`` passes of minibatch updates: clipped policy loss, clipped value loss, an optional entropy
-   bonus and, with ``algo.kl_in=loss``, ``beta * KL`` (the k3 estimator) in the loss; the policy's and the
+   bonus and, with ``algo.kl_in=loss``, ``beta * KL`` in the loss (``kl_penalty``: k3 times the importance
+   ratio to the rollout policy, so that its gradient is KL(policy || reference)'s); the policy's and the
    critic's gradients are clipped to ``algo.max_grad_norm`` apart. The first ``algo.critic_warmup_steps``
    iterations update the critic only (value pretraining), so the policy's first advantages come from a
    critic that has seen its returns. With ``algo.target_kl``, an iteration's updates stop at the first
@@ -47,7 +48,7 @@ from transformers import AutoModel, PreTrainedTokenizerBase, get_scheduler
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
 
 from rl_agents.model import load_policy
-from rl_agents.rl import episode_metrics, sample_episodes, step_seeds, turn_rewards
+from rl_agents.rl import episode_metrics, mixed_precision, sample_episodes, step_seeds, turn_rewards
 from rl_agents.trajectory import Trajectory, encode_trajectory
 
 log = logging.getLogger(__name__)
@@ -226,8 +227,19 @@ def ppo_losses(
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(policy || reference), the non-negative k3 estimator on samples of the policy."""
+    """Per-token KL(policy || reference), the non-negative k3 estimator on samples of the policy (its value;
+    differentiated as it stands, its expected gradient is KL(reference || policy)'s: use ``kl_penalty``)."""
     return torch.exp(ref_logp - logp) - (ref_logp - logp) - 1.0
+
+
+def kl_penalty(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """The per-token KL term of the loss: k3 weighted by the importance ratio pi / pi_old.
+
+    On tokens sampled from pi_old, the expected gradient of k3 alone is ``(1 - ref / pi) grad log pi``, whose
+    expectation is the gradient of KL(reference || policy). With the ratio (which is 1 at pi = pi_old, with a
+    gradient) it becomes ``(log pi - log ref) grad log pi``: the gradient of KL(policy || reference), the KL
+    the penalty documents (TRL's GRPO does the same: ``use_bias_correction_kl``)."""
+    return torch.exp(logp - old_logp) * kl_k3(logp, ref_logp)
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -236,9 +248,7 @@ class PPO:
         self.cfg, self.algo, self.rl = cfg, cfg.algo, cfg.rl
         self.out_dir, self.tracker = Path(out_dir), tracker
         cuda = torch.cuda.is_available()
-        self.accelerator = Accelerator(
-            cpu=not cuda, mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-        )
+        self.accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision(self.rl.mixed_precision))
         dtype = getattr(torch, cfg.model.dtype)
         policy, self.tokenizer = load_policy(init, cfg.model.dtype, local_files_only=True)
         reference, _ = load_policy(ref, cfg.model.dtype, local_files_only=True)
@@ -303,7 +313,8 @@ class PPO:
             rows = slice(i, i + size)
             mb = Batch(batch.input_ids[rows], batch.attention_mask[rows], batch.action_mask[rows], batch.rewards[rows])
             parts["logp"].append(token_logprobs(self.policy, mb, self.rl.temperature)[0])
-            parts["ref_logp"].append(token_logprobs(self.reference, mb, self.rl.temperature)[0])
+            with self.accelerator.autocast():  # the precision the prepared policy runs in (bf16 mixed precision)
+                parts["ref_logp"].append(token_logprobs(self.reference, mb, self.rl.temperature)[0])
             parts["values"].append(self.critic(mb.input_ids, mb.attention_mask)[:, :-1])
         return {k: torch.cat(v) for k, v in parts.items()}
 
@@ -354,10 +365,11 @@ class PPO:
                 returns[rows, :width], m, algo.clip, algo.value_clip, algo.clip_high,
             )  # fmt: skip
             losses["entropy"] = masked_mean(entropy, m)
-            losses["kl_loss"] = masked_mean(kl_k3(logp, old["ref_logp"][rows, :width]), m)
+            ref_logp = old["ref_logp"][rows, :width]
+            losses["kl_loss"] = masked_mean(kl_k3(logp, ref_logp), m)  # the logged value
             loss = losses["policy_loss"] + algo.vf_coef * losses["value_loss"] - algo.entropy_coef * losses["entropy"]
             if algo.kl_in == "loss":
-                loss = loss + algo.beta * losses["kl_loss"]
+                loss = loss + algo.beta * masked_mean(kl_penalty(logp, old["logp"][rows, :width], ref_logp), m)
             losses["positive_nll"] = masked_mean(-logp, m * positive[rows, None])  # 0 without a success
             if algo.positive_lm_coef:
                 loss = loss + algo.positive_lm_coef * losses["positive_nll"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from envs.base import ERROR_KINDS, MALFORMED_KINDS
@@ -65,6 +66,9 @@ class RLConfig:
     logging_steps: int = 1
     table_episodes: int = 8
     """episodes in the W&B episode table logged at each save"""
+    mixed_precision: str = "auto"
+    """auto: bf16 autocast on a GPU that supports it, else none; no; bf16 (also on a CPU). The KL reference
+    runs in the same precision as the policy"""
 
 
 @dataclass
@@ -127,6 +131,13 @@ class PPOAlgoConfig(AlgoConfig):
     target_kl: float | None = 0.02
     """early stopping: an iteration's updates stop at the first minibatch whose approximate KL to the rollout
     policy exceeds 1.5 x target_kl (Stable-Baselines3's rule); None: every epoch runs"""
+
+
+def mixed_precision(setting: str) -> str:
+    """accelerate's ``mixed_precision`` for ``rl.mixed_precision``."""
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return setting
 
 
 # --- rewards ------------------------------------------------------------------------------------
@@ -208,8 +219,12 @@ def rollout_config(cfg: DictConfig) -> RuntimeConfig:
     return runtime
 
 
-def sample_episodes(cfg: DictConfig, model, tokenizer, seeds: dict[str, list[int]], step: int) -> list[Trajectory]:
-    """Sampled episodes of ``model`` on ``seeds`` (env id -> seeds), reproducible from (seed, step)."""
+def sample_episodes(
+    cfg: DictConfig, model, tokenizer, seeds: dict[str, list[int]], step: int, first_index: int = 0
+) -> list[Trajectory]:
+    """Sampled episodes of ``model`` on the train tasks of ``seeds`` (env id -> seeds), reproducible from
+    (seed, step); ``first_index`` is the global index of the first episode (a process's offset in the step's
+    batch), so that each episode of a step samples from its own stream whichever process runs it."""
     from rl_agents.config import env_entries
 
     generator_seed = int(np.random.default_rng([cfg.seed, step]).integers(2**31))
@@ -217,7 +232,11 @@ def sample_episodes(cfg: DictConfig, model, tokenizer, seeds: dict[str, list[int
     entries = env_entries(cfg)
     episodes = []
     for env_id, env_seeds in seeds.items():
-        episodes += runtime.run(env_id, env_seeds, entries[env_id].kwargs, policy="rl")
+        kwargs = {**entries[env_id].kwargs, "split": "train"}
+        episodes += runtime.run(env_id, env_seeds, kwargs, policy="rl", first_index=first_index + len(episodes))
+    off_split = [e.metadata["env_id"] for e in episodes if e.metadata.get("split") != "train"]
+    if off_split:
+        raise RuntimeError(f"RL drew {len(off_split)} episodes off the train split (in {sorted(set(off_split))})")
     return episodes
 
 

@@ -200,6 +200,8 @@ class _Episode:
     truncation: str | None = None
     forced: list[list[int]] | None = None  # teacher forcing: each turn's token ids (end-of-turn included)
     index: int = 0  # the episode's place in the seeds of ``Runtime.run``
+    task_key: str | None = None  # what identifies the task (``ToolEnv.task_key``), and its split
+    split: str | None = None
     ngrams: NgramIndex | None = None  # the drafter's index of ``ids`` (speculative decoding)
     generator: torch.Generator | None = None  # this episode's sampling draws (whatever slots share its passes)
     stepping: Future | None = None  # the environment's answer to the last turn, on its way (``env_workers``)
@@ -488,12 +490,12 @@ def _worker(model, tokenizer, config: RuntimeConfig, seed: int, threads: int, co
         model(input_ids=torch.zeros(1, 8, dtype=torch.long))
     conn.send(("ready",))
     while (job := conn.recv()) is not None:
-        spec, seeds, env_kwargs, policy, forced, runs = job
+        spec, seeds, env_kwargs, policy, forced, runs, first_index = job
         try:
             if spec.id not in gym.registry:  # registered in the parent only (not by an import)
                 gym.registry[spec.id] = spec
             before = dict(runtime.stats)
-            runtime.runs = runs
+            runtime.runs, runtime.first_index = runs, first_index
             done = runtime._episodes(spec.id, seeds, env_kwargs, policy, forced, _Indices(len(seeds), counter))
             stats = {k: v - before.get(k, 0) for k, v in runtime.stats.items() if k != "wall_s"}
             conn.send(("ok", done, stats))
@@ -514,6 +516,7 @@ class Runtime:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot_id
         self.device = next(model.parameters()).device
         self.seed, self.runs = seed, 0  # an episode's sampling generator derives from (seed, run, its index)
+        self.first_index = 0  # the offset of this run's episodes in a batch that several processes share
         self._pool: ThreadPoolExecutor | None = None  # steps the environments during a run (``env_workers``)
         self._no_mask = _NO_MASK.to(self.device)
         self._workers: list | None = None  # (process, pipe) of each worker process (``config.processes``)
@@ -541,8 +544,13 @@ class Runtime:
         env_kwargs: dict | None = None,
         policy: str = "policy",
         forced: list[list[list[int]]] | None = None,
+        first_index: int = 0,
     ) -> list[Trajectory]:
         """Run one episode per seed on ``config.batch_size`` environments; trajectories in the seeds' order.
+
+        A sampled episode's generator derives from (the runtime's seed, the run's number, ``first_index`` + its
+        place in ``seeds``): processes that run parts of one batch pass their part's offset, so no two of its
+        episodes share a stream.
 
         ``forced`` (one entry per seed: each turn's token ids) feeds those tokens instead of the model's
         choices, through the same forward passes: a benchmark replays a teacher's episodes this way, so
@@ -554,6 +562,7 @@ class Runtime:
         trajectories: list[Trajectory | None] = [None] * len(seeds)
         start = time.perf_counter()
         self.runs += 1
+        self.first_index = first_index
         if self._workers:
             done = self._run_workers(env_id, seeds, env_kwargs, policy, forced)
         else:
@@ -640,7 +649,7 @@ class Runtime:
 
     def _run_workers(self, env_id, seeds, env_kwargs, policy, forced) -> list[tuple[int, Trajectory]]:
         self._counter.value = 0
-        job = (gym.spec(env_id), list(seeds), env_kwargs, policy, forced, self.runs)
+        job = (gym.spec(env_id), list(seeds), env_kwargs, policy, forced, self.runs, self.first_index)
         for _, conn in self._workers:
             conn.send(job)
         done = []
@@ -653,15 +662,16 @@ class Runtime:
 
     # --- the loop -----------------------------------------------------------------------------
     def _start(self, env: gym.Env, index: int, seeds: list[int], forced) -> _Episode:
-        task, _ = env.reset(seed=int(seeds[index]))
+        task, info = env.reset(seed=int(seeds[index]))
         ids = prompt_ids(self.tokenizer, task)
         episode = _Episode(env, int(seeds[index]), task, ids=list(ids), pending=list(ids))
+        episode.task_key, episode.split = info.get("task_key"), info.get("split")
         episode.index, episode.turn_start = index, time.perf_counter()
         if self.drafter is not None:
             episode.ngrams = NgramIndex(self.drafter.ngram)
         episode.forced = forced[index] if forced is not None else None
         if not self.config.greedy:
-            state = np.random.default_rng([self.seed, self.runs, index]).integers(2**62)
+            state = np.random.default_rng([self.seed, self.runs, self.first_index + index]).integers(2**62)
             episode.generator = torch.Generator(device=self.device).manual_seed(int(state))
         return episode
 
@@ -993,6 +1003,8 @@ class Runtime:
                 "teacher": policy,
                 "version": FORMAT_VERSION,
                 "truncation": e.truncation,
+                "task_key": e.task_key,
+                "split": e.split,
                 "tokenizer": tokenizer_fingerprint(self.tokenizer),
             },
         )

@@ -29,7 +29,7 @@ from rl_agents import distributed, tracking
 from rl_agents.bc import BCConfig, train_bc
 from rl_agents.collect import collect
 from rl_agents.config import env_entries, validate_train
-from rl_agents.evaluate import evaluate_policy, make_teacher, write_eval
+from rl_agents.evaluate import check_held_out, evaluate_policy, make_teacher, write_eval
 from rl_agents.model import build_tiny_model, build_tokenizer, copy_pretrain, load_policy, lora_config, trajectory_texts
 from rl_agents.rl import train_rl
 from rl_agents.trajectory import SPECIAL_TOKENS, Trajectory, read_jsonl, write_jsonl
@@ -48,8 +48,9 @@ def stage_collect(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> 
     for env_id, entry in entries.items():
         n = max(1, round(cfg.collect.episodes * entry.weight / total))
         seeds = list(range(cfg.env.train_seed_start, cfg.env.train_seed_start + n))
+        teacher = make_teacher(cfg, env_id)
         kept, stats[env_id] = collect(
-            env_id, entry.kwargs, make_teacher(cfg, env_id), seeds, cfg.collect.keep, cfg.progress
+            env_id, entry.kwargs, teacher, seeds, cfg.runtime.max_turns, cfg.collect.keep, cfg.progress
         )
         trajectories += kept
     write_jsonl(path, trajectories)
@@ -111,13 +112,14 @@ def stage_rl(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> Path:
 
 
 def stage_eval(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> dict[str, Any]:
+    train_keys = check_held_out(cfg, run_dir)
     results = {}
     for name in cfg.eval.policies:
         if name == "teacher":
-            metrics, episodes = evaluate_policy(cfg, "teacher", run_dir / "eval")
+            metrics, episodes = evaluate_policy(cfg, "teacher", run_dir / "eval", train_keys=train_keys)
         else:
             model, tokenizer = load_policy(run_dir / name / "policy", cfg.model.dtype, local_files_only=True)
-            metrics, episodes = evaluate_policy(cfg, name, run_dir / "eval", model, tokenizer)
+            metrics, episodes = evaluate_policy(cfg, name, run_dir / "eval", model, tokenizer, train_keys)
         results[name] = metrics
         tracker.log_eval(name, metrics, episodes)
     return write_eval(run_dir / "eval.json", cfg, results)
@@ -173,7 +175,8 @@ def main(cfg: DictConfig) -> float | None:
     result = run(cfg, Path(HydraConfig.get().runtime.output_dir))
     policies = result.get("policies", {})
     for name, metrics in policies.items():
-        log.info("%s: success %.3f on %d held-out episodes", name, metrics["success_rate"], metrics["episodes"])
+        log.info("%s: success %.3f on %d episodes of %s tasks", name, metrics["success_rate"], metrics["episodes"],
+                 result["split"])  # fmt: skip
     last = next((name for name in reversed(list(cfg.eval.policies)) if name in policies), None)
     return float(policies[last]["success_rate"]) if last else None
 

@@ -33,7 +33,7 @@ def device(request):
 
 @pytest.fixture(scope="session")
 def calculator_data():
-    trajectories, _ = collect("Calculator-v0", {}, CalculatorTeacher(), list(range(300)), progress=False)
+    trajectories, _ = collect("Calculator-v0", {}, CalculatorTeacher(), list(range(300)), 8, progress=False)
     return trajectories
 
 

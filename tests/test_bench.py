@@ -22,7 +22,7 @@ def _teacher_episode(seed):
 
     env = gym.make("Calculator-v0", **KWARGS)
     try:
-        return teacher_episode(env, CalculatorTeacher(), seed, "Calculator-v0")
+        return teacher_episode(env, CalculatorTeacher(), seed, "Calculator-v0", 8)
     finally:
         env.close()
 
@@ -153,7 +153,8 @@ def test_micro_code_rollouts_with_env_workers(benchmark, tiny_policy, env_worker
     _, model, tokenizer = tiny_policy
     env, teacher, seeds = gym.make("Code-v0"), CodeTeacher(), list(range(100_000, 100_032))
     forced = [
-        [agent_ids(tokenizer, t.agent) for t in teacher_episode(env, teacher, seed, "Code-v0").turns] for seed in seeds
+        [agent_ids(tokenizer, t.agent) for t in teacher_episode(env, teacher, seed, "Code-v0", 8).turns]
+        for seed in seeds
     ]
     config = RuntimeConfig(batch_size=16, max_new_tokens=1024, max_turns=8, env_workers=env_workers)
     runtime = Runtime(model, tokenizer, config)
@@ -173,7 +174,7 @@ def test_micro_rollouts_by_cache_regions(benchmark, tiny_policy, monkeypatch, re
     monkeypatch.setattr(runtime_module, "REGION_SLOTS", region_slots)
     _, model, tokenizer = tiny_policy
     env, teacher, seeds = gym.make("Calculator-v0"), CalculatorTeacher(), list(range(1_000_000, 1_000_256))
-    taught = [teacher_episode(env, teacher, seed, "Calculator-v0") for seed in seeds]
+    taught = [teacher_episode(env, teacher, seed, "Calculator-v0", 8) for seed in seeds]
     forced = [[agent_ids(tokenizer, t.agent) for t in episode.turns] for episode in taught]
     runtime = Runtime(model, tokenizer, RuntimeConfig(batch_size=32, max_new_tokens=256, max_turns=16))
     episodes = benchmark.pedantic(runtime.run, ("Calculator-v0", seeds), {"forced": forced}, rounds=5, warmup_rounds=1)

@@ -1,8 +1,11 @@
 """The environments: Gymnasium's checker, the turn parser, every error kind, tools, teachers, seeds."""
 
 import json
+import re
 import sqlite3
 import warnings
+from collections import Counter
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -11,13 +14,16 @@ from gymnasium.utils.env_checker import check_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from envs.base import ERROR_KINDS, Answer, ParseError, ToolCall, answers_match, parse_turn
+from envs.base import ERROR_KINDS, Answer, ParseError, Task, ToolCall, answers_match, parse_turn, task_split
 from envs.calculator import CalculatorTeacher, evaluate_arithmetic
 from envs.code import CodeTeacher
 from envs.gym_text import PlannerTeacher
 from envs.shop import ShopTeacher
 from envs.sql import SQLTeacher
 from envs.teacher import tool_call
+from rl_agents.runtime import RuntimeConfig
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 TEACHERS = {
     "Calculator-v0": CalculatorTeacher,
@@ -55,28 +61,70 @@ def test_reset_is_deterministic_in_the_seed(env_id):
     assert len(prompts) > 10
 
 
+def _policy_turns(env_id: str) -> int:
+    """The policy's turn budget for ``env_id`` in the env's config (runtime.max_turns), which the teacher gets."""
+    from omegaconf import OmegaConf
+
+    name = {"Calculator-v0": "calculator", "SQL-v0": "sql", "Shop-v0": "shop", "Code-v0": "code",
+            "FrozenLakeText-v0": "frozenlake", "TaxiText-v0": "taxi"}[env_id]  # fmt: skip
+    conf = OmegaConf.load(f"{CONF}/env/{name}.yaml")
+    return int(OmegaConf.select(conf, "runtime.max_turns", default=RuntimeConfig().max_turns))
+
+
 @pytest.mark.parametrize("env_id", ENV_IDS)
-def test_expert_teacher_solves_every_episode(env_id):
-    env = gym.make(env_id)
-    teacher = TEACHERS[env_id](noise=0.0)
-    for seed in range(30):
-        task, _ = env.reset(seed=seed)
-        teacher.begin(env.unwrapped, np.random.default_rng(seed))
-        history = []
-        while True:
-            action = teacher.act(env.unwrapped, task, history)
-            obs, reward, terminated, truncated, info = env.step(action)
-            history.append((action, obs))
-            if terminated or truncated:
-                break
-        assert info["success"] and reward == 1.0, (seed, history)
+def test_expert_teacher_solves_every_test_task_within_the_policys_turn_budget(env_id):
+    from rl_agents.collect import teacher_episode
+
+    env = gym.make(env_id, split="test")
+    teacher, turns = TEACHERS[env_id](noise=0.0), _policy_turns(env_id)
+    for seed in range(1_000_000, 1_000_040):
+        trajectory = teacher_episode(env, teacher, seed, env_id, turns)
+        assert trajectory.metadata["split"] == "test"
+        assert trajectory.success and trajectory.reward == 1.0, (
+            seed,
+            [(t.agent, t.observation) for t in trajectory.turns],
+        )
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_splits_are_disjoint_by_task_and_deterministic_in_the_seed(env_id):
+    """A test task is never a train task: the split is a function of the task's key, not of the seed."""
+    train_env = gym.make(env_id, split="train")
+    train = {train_env.reset(seed=s)[1]["task_key"] for s in range(300)}
+    env = gym.make(env_id, split="test")
+    test = []
+    for seed in range(1_000_000, 1_000_060):
+        obs, info = env.reset(seed=seed)
+        assert info["split"] == "test" == task_split(info["task_key"])
+        assert env.reset(seed=seed)[0] == obs  # the same draw again
+        test.append(info["task_key"])
+    assert not train & set(test)
+    assert {task_split(key) for key in train} == {"train"}
+    # options override the constructor's split, and a draw without a split may land anywhere
+    assert env.reset(seed=5, options={"split": "val"})[1]["split"] == "val"
+    any_env = gym.make(env_id)
+    anywhere = {any_env.reset(seed=s)[1]["split"] for s in range(200)}
+    assert anywhere == {"train", "val", "test"}
+
+
+def test_task_keys_ignore_surface_variation_and_split_shares_follow_the_hash():
+    env = gym.make("Calculator-v0").unwrapped
+    same = [
+        Task("What is 12 + 3?", "15", {"expression": "12 + 3"}),
+        Task("Compute 12 + 3.", "15", {"expression": "12 + 3"}),
+    ]
+    assert env.task_key(same[0]) == env.task_key(same[1])
+    shares = Counter(task_split(str(i)) for i in range(20_000))
+    assert abs(shares["train"] / 20_000 - 0.8) < 0.02 and abs(shares["test"] / 20_000 - 0.1) < 0.01
+    with pytest.raises(ValueError, match="split must be one of"):
+        gym.make("Calculator-v0", split="holdout")
 
 
 @pytest.mark.parametrize("env_id", ENV_IDS)
 def test_noisy_teacher_fails_about_as_often_as_its_noise(env_id):
     from rl_agents.collect import collect
 
-    _, stats = collect(env_id, {}, TEACHERS[env_id](noise=0.5), list(range(150)), progress=False)
+    _, stats = collect(env_id, {}, TEACHERS[env_id](noise=0.5), list(range(150)), 24, progress=False)
     assert 0.3 < stats["teacher_success_rate"] < 0.9
 
 
@@ -207,6 +255,46 @@ def test_answers_match_numbers_numerically_and_text_case_insensitively():
     assert answers_match("paris.", "Paris") and not answers_match("41", "42")
 
 
+def test_integer_answers_are_exact_however_large():
+    assert not answers_match("4908601", "4908600") and not answers_match("-6582825", "-6582824")
+    assert not answers_match("123456789012345678901", "123456789012345678900")
+    assert answers_match("123456789012345678900.0", "123456789012345678900")
+    assert not answers_match("nan", "12") and not answers_match("inf", "inf1")
+    # a tolerance applies only where a task declares a float answer
+    assert answers_match("3.14159", "3.1416", rel_tol=1e-4) and not answers_match("3.14159", "3.1416")
+
+
+def test_calculator_refuses_an_answer_off_by_one_on_a_large_result():
+    env = gym.make("Calculator-v0")
+    seed = next(s for s in range(1000) if abs(int(env.reset(seed=s)[0] and env.unwrapped.task.answer)) > 10**6)
+    env.reset(seed=seed)
+    truth = int(env.unwrapped.task.answer)
+    _, reward, terminated, _, info = env.step(f"<answer>{truth + 1}</answer>")
+    assert terminated and reward == 0.0 and not info["success"]
+    env.reset(seed=seed)
+    assert env.step(f"<answer>{truth}</answer>")[1] == 1.0
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_a_terminated_episode_pays_nothing_more(env_id):
+    env = gym.make(env_id)
+    teacher = TEACHERS[env_id](noise=0.0)
+    task, _ = env.reset(seed=2)
+    teacher.begin(env.unwrapped, np.random.default_rng(2))
+    history, total = [], 0.0
+    while True:
+        action = teacher.act(env.unwrapped, task, history)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        history.append((action, obs))
+        total += reward
+        if terminated or truncated:
+            break
+    assert terminated and total == 1.0
+    with pytest.raises(gym.error.ResetNeeded, match="terminated"):
+        env.step(history[-1][0])  # the winning action again
+    env.reset(seed=2)  # and a reset starts a new episode
+
+
 @pytest.mark.parametrize("env_id", ENV_IDS)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
@@ -312,7 +400,7 @@ def test_shop_tools_refuse_out_of_order_or_unknown_choices():
 def test_expert_shop_episode_takes_at_least_four_tool_calls():
     from rl_agents.collect import collect
 
-    trajectories, stats = collect("Shop-v0", {}, ShopTeacher(), list(range(20)), progress=False)
+    trajectories, stats = collect("Shop-v0", {}, ShopTeacher(), list(range(20)), 12, progress=False)
     assert stats["teacher_success_rate"] == 1.0
     assert min(sum(t.tool is not None for t in traj.turns) for traj in trajectories) >= 4
 
@@ -355,10 +443,37 @@ def test_code_env_grades_in_the_sandbox_and_reports_the_first_failure():
     params = code_env.task.extra["params"]
     good = code_env.problem.solution.format(**params)
     obs, *_ = env.step(tool_call("run_tests", code=good))
-    assert obs == f"passed {code_env.n_tests}/{code_env.n_tests}"
+    assert obs == f"passed {code_env.n_examples}/{code_env.n_examples} examples"
     obs, *_ = env.step(tool_call("run_tests", code=f"def {code_env.problem.name}(*a):\n    return None"))
     assert obs.startswith("passed 0/") and "first failure" in obs and "returned null, expected" in obs
     obs, *_ = env.step(tool_call("run_tests", code="def nothing(): pass"))
     assert "defines no function" in obs
     obs, reward, terminated, _, info = env.step(tool_call("submit", code=good))
     assert terminated and info["success"] and reward == 1.0
+
+
+def _lookup_table(name: str, revealed: dict[str, object]) -> str:
+    """Code that answers the revealed inputs from a table and nothing else (the probing attack)."""
+    body = "return json.loads(TABLE).get(json.dumps(list(args)))"
+    return f"import json\nTABLE = {json.dumps(revealed)!r}\ndef {name}(*args):\n    {body}"
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_code_reward_cannot_be_won_by_hard_coding_what_run_tests_reveals(seed):
+    """The attack: call run_tests, hard-code each revealed input and expected value, repeat until run_tests
+    passes, submit. The examples are not the hidden tests, so the table earns nothing."""
+    env = gym.make("Code-v0", max_episode_steps=20)
+    env.reset(seed=seed)
+    name, revealed = env.unwrapped.problem.name, {}
+    for _ in range(10):
+        obs, *_ = env.step(tool_call("run_tests", code=_lookup_table(name, revealed)))
+        failure = re.search(rf"first failure: {name}\((.*)\) returned .*, expected (.*)$", obs)
+        if failure is None:
+            break
+        args = json.loads(f"[{failure.group(1)}]")
+        revealed[json.dumps(args)] = json.loads(failure.group(2))
+    assert obs.startswith("passed 3/3 examples"), obs  # the attack did learn every example
+    obs, reward, terminated, _, info = env.step(tool_call("submit", code=_lookup_table(name, revealed)))
+    assert terminated and reward == 0.0 and not info["success"], obs
+    hidden = {json.dumps(args) for args, _ in env.unwrapped.tests}
+    assert not hidden & {json.dumps(args) for args, _ in env.unwrapped.examples}

@@ -45,7 +45,9 @@ def test_an_openai_teacher_episode_is_a_trajectory():
     value = env.unwrapped.task.answer
     call = json.dumps({"name": "calculator", "arguments": {"expression": expression}})
     client = FakeClient([f"<tool_call>{call}</tool_call>", f"<answer>{value}</answer>"])
-    trajectory = teacher_episode(env, OpenAITeacher(model="m", client=client), seed=4, env_id="Calculator-v0")
+    trajectory = teacher_episode(
+        env, OpenAITeacher(model="m", client=client), seed=4, env_id="Calculator-v0", max_turns=8
+    )
     assert trajectory.success and len(trajectory.turns) == 2
     assert trajectory.metadata["teacher"] == "openai:m"
     assert len(client.requests) == 2 and len(client.requests[1]["messages"]) == 4
