@@ -131,7 +131,8 @@ class EvalConfig:
     """null: greedy decoding (the deployed agent); a temperature: sampled episodes (``runtime.top_p``,
     seeded by ``seed``), the stochastic policy that RL optimises"""
     split: str = "test"
-    """the tasks evaluated: test (what results report) or val (what defaults and searches are chosen on)"""
+    """the tasks evaluated: test (what results report), val (what defaults and searches are chosen on), or train
+    (the training distribution, for the generalisation gap; never a result)"""
 
 
 @dataclass
@@ -292,8 +293,8 @@ def _check_runtime(cfg: DictConfig) -> None:
         )
     if "eval" in cfg and cfg.eval.get("temperature") is not None and cfg.eval.temperature <= 0:
         raise ConfigError(f"eval.temperature must be positive (or null for greedy), got {cfg.eval.temperature}")
-    if "eval" in cfg and cfg.eval.split not in ("val", "test"):
-        raise ConfigError(f"eval.split must be val or test (training uses train), got {cfg.eval.split!r}")
+    if "eval" in cfg and cfg.eval.split not in ("train", "val", "test"):
+        raise ConfigError(f"eval.split must be test, val or train (the generalisation gap), got {cfg.eval.split!r}")
 
 
 def _check_rl(cfg: DictConfig, run_dir: Path) -> None:

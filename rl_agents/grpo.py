@@ -11,6 +11,8 @@ episode per row and returns, per episode:
 * ``r_<term>``: each reward term (``rl.reward_terms``), read back by one TRL reward function per term, so
   TRL sums them and logs each under its name.
 
+Each process appends its episodes to ``rl/rollouts/rank<N>.jsonl`` (task, reward, a digest of the tokens).
+
 The KL reference is TRL's: a frozen copy loaded from the path the policy's config names. When the reference
 is not the starting policy (``rl.init_from`` differs from the BC policy), that path is pointed at the
 reference before the trainer is built: the smallest change that keeps TRL's own reference handling.
@@ -31,7 +33,15 @@ from trl import GRPOConfig, GRPOTrainer
 
 from rl_agents import distributed
 from rl_agents.model import load_policy
-from rl_agents.rl import episode_metrics, mixed_precision, reward_terms, sample_episodes, step_seeds, term_names
+from rl_agents.rl import (
+    append_rollouts,
+    episode_metrics,
+    mixed_precision,
+    reward_terms,
+    sample_episodes,
+    step_seeds,
+    term_names,
+)
 from rl_agents.tracking import LogToPython
 from rl_agents.trajectory import encode_trajectory, prompt_ids
 
@@ -42,8 +52,8 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is "exper
 class EnvRollouts:
     """TRL's ``rollout_func``: one runtime episode per prompt row."""
 
-    def __init__(self, cfg: DictConfig, tokenizer):
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(self, cfg: DictConfig, tokenizer, out_dir: Path | None = None):
+        self.cfg, self.tokenizer, self.out_dir = cfg, tokenizer, out_dir
         self.last_episodes = []
 
     def __call__(self, prompts: list[str], trainer: GRPOTrainer) -> dict[str, list]:
@@ -61,6 +71,9 @@ class EnvRollouts:
             queues.setdefault(episode.metadata["env_id"], []).append(episode)
         episodes = [queues[env_id].pop(0) for env_id, _ in keys]
         self.last_episodes = episodes
+        if self.out_dir is not None:
+            rank = trainer.accelerator.process_index
+            append_rollouts(self.out_dir / "rollouts" / f"rank{rank}.jsonl", trainer.state.global_step, rank, episodes)
 
         out = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "env_mask": [], "episode": episodes}
         out.update({f"r_{name}": [] for name in term_names(self.cfg.rl)})
@@ -148,7 +161,7 @@ def make_trainer(cfg: DictConfig, init: Path, ref: Path, out_dir: Path, tracker)
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    rollouts = EnvRollouts(cfg, tokenizer)
+    rollouts = EnvRollouts(cfg, tokenizer, out_dir)
     return GRPOTrainer(
         model=model,
         reward_funcs=[reward_function(name, rl) for name in term_names(rl)],

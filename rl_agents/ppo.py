@@ -48,7 +48,7 @@ from transformers import AutoModel, PreTrainedTokenizerBase, get_scheduler
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
 
 from rl_agents.model import load_policy
-from rl_agents.rl import episode_metrics, mixed_precision, sample_episodes, step_seeds, turn_rewards
+from rl_agents.rl import append_rollouts, episode_metrics, mixed_precision, sample_episodes, step_seeds, turn_rewards
 from rl_agents.trajectory import Trajectory, encode_trajectory
 
 log = logging.getLogger(__name__)
@@ -329,6 +329,7 @@ class PPO:
             self.step,
         )
         rollout_s = time.perf_counter() - start
+        append_rollouts(self.out_dir / "rollouts" / "rank0.jsonl", self.step, 0, episodes)
         batch = build_batch(episodes, self.tokenizer, rl)
         batch = Batch(
             *(t.to(acc.device) for t in (batch.input_ids, batch.attention_mask, batch.action_mask, batch.rewards))

@@ -11,6 +11,8 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -238,6 +240,28 @@ def sample_episodes(
     if off_split:
         raise RuntimeError(f"RL drew {len(off_split)} episodes off the train split (in {sorted(set(off_split))})")
     return episodes
+
+
+def append_rollouts(path: Path, step: int, rank: int, episodes: list[Trajectory]) -> None:
+    """One line per sampled episode in ``path`` (``rl/rollouts/rank<N>.jsonl``): which task it was, what it
+    earned, and a digest of its tokens, so that a run's rollouts can be audited (repeats, splits, rewards)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for e in episodes:
+            ids = [i for t in e.turns for i in (t.token_ids or [])]
+            record = {
+                "step": step,
+                "rank": rank,
+                "env_id": e.metadata["env_id"],
+                "seed": e.metadata["seed"],
+                "task_key": e.metadata.get("task_key"),
+                "split": e.metadata.get("split"),
+                "reward": e.reward,
+                "success": e.success,
+                "turns": len(e.turns),
+                "tokens_sha1": hashlib.sha1(json.dumps(ids).encode()).hexdigest(),
+            }
+            f.write(json.dumps(record) + "\n")
 
 
 def episode_metrics(episodes: list[Trajectory], rl: RLConfig | DictConfig) -> dict[str, float]:

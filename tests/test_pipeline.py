@@ -45,6 +45,37 @@ def test_eval_json_has_the_documented_shape(smoke_run):
         assert set(policy["per_env"]) == {"Calculator-v0", "SQL-v0"}
     assert data["policies"]["teacher"]["success_rate"] == 1.0
     assert data["policies"]["bc"]["tokens_per_s"] > 0
+    assert data["split"] == "test" and all(p["seen_in_training"] == 0 for p in data["policies"].values())
+    episodes = read_jsonl(smoke_run / "eval" / "episodes_bc.jsonl")
+    assert {e.metadata["split"] for e in episodes} == {"test"}
+    trained = {t.metadata["task_key"] for t in read_jsonl(smoke_run / "trajectories" / "train.jsonl")}
+    assert trained and not trained & {e.metadata["task_key"] for e in episodes}
+
+
+def test_evaluating_a_task_seen_in_training_is_refused_before_any_episode(tmp_path):
+    """Trajectories that hold an evaluated task (or whose tasks are unknown) make the eval stage refuse."""
+    from hydra import compose, initialize_config_dir
+
+    from rl_agents.evaluate import SeenTaskError, check_held_out, eval_task_keys
+    from rl_agents.trajectory import Trajectory, write_jsonl
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["budget=smoke", "logger=none"])
+    evaluated = eval_task_keys(cfg)["Calculator-v0"]
+    data = tmp_path / "trajectories" / "train.jsonl"
+
+    def trained_on(*keys):
+        meta = [{"env_id": "Calculator-v0", "seed": 0, **({"task_key": k} if k else {})} for k in keys]
+        write_jsonl(data, [Trajectory("t", [], metadata=m) for m in meta])
+
+    trained_on("1 + 2", "3 * 4")
+    assert check_held_out(cfg, tmp_path) == {("Calculator-v0", "1 + 2"), ("Calculator-v0", "3 * 4")}
+    trained_on("1 + 2", evaluated[2])
+    with pytest.raises(SeenTaskError, match="1 of the 4 evaluated test tasks are among the training tasks"):
+        check_held_out(cfg, tmp_path)
+    trained_on("1 + 2", None)
+    with pytest.raises(SeenTaskError, match="1 training trajectories .* have no task key"):
+        check_held_out(cfg, tmp_path)
 
 
 def test_wandb_offline_run_lands_in_the_run_dir(smoke_run):
@@ -117,9 +148,18 @@ def test_config_error_fails_before_any_work(tmp_path):
 def test_rl_stage_through_the_cli(tmp_path, algo):
     """collect -> bc -> rl -> eval on budget=smoke: the RL policy is evaluated on the same seeds, KL is logged."""
     run_dir = tmp_path / algo
-    _run("rl_agents.train", "budget=smoke", f"hydra.run.dir={run_dir}", f"algo={algo}", "rl.steps=3",
-         "stages=[collect,bc,rl,eval]", "eval.policies=[teacher,bc,rl]", "algo.warmup_steps=0",
-         "algo.learning_rate=1e-2", "rl.shaping.per_turn=-0.1")  # fmt: skip (shaping: rewards that vary)
+    _run(
+        "rl_agents.train",
+        "budget=smoke",
+        f"hydra.run.dir={run_dir}",
+        f"algo={algo}",
+        "rl.steps=3",
+        "stages=[collect,bc,rl,eval]",
+        "eval.policies=[teacher,bc,rl]",
+        "algo.warmup_steps=0",
+        "algo.learning_rate=1e-2",
+        "rl.shaping.per_turn=-0.1",
+    )  # fmt: skip (shaping: rewards that vary)
     data = json.loads((run_dir / "eval.json").read_text())
     assert set(data["policies"]) == {"teacher", "bc", "rl"} and data["policies"]["rl"]["episodes"] == 4
     assert (run_dir / "rl" / "policy" / "config.json").is_file()
@@ -242,6 +282,17 @@ def test_two_cpu_processes_train_bc_and_grpo_data_parallel(tmp_path):
     assert state["epoch"] == pytest.approx(state["global_step"] * state["train_batch_size"] * 2 / n, rel=1e-3)
     data = json.loads((run_dir / "eval.json").read_text())
     assert set(data["policies"]) == {"teacher", "bc", "rl"}
+    # each rank sampled its share of every step's groups, and no two episodes of a group are the same
+    rollouts = [json.loads(line) for f in sorted((run_dir / "rl" / "rollouts").glob("rank*.jsonl"))
+                for line in f.read_text().splitlines()]  # fmt: skip
+    assert {r["rank"] for r in rollouts} == {0, 1} and {r["split"] for r in rollouts} == {"train"}
+    groups: dict[tuple, list] = {}
+    for r in rollouts:
+        groups.setdefault((r["step"], r["env_id"], r["seed"]), []).append(r)
+    split = [g for g in groups.values() if len({r["rank"] for r in g}) == 2]
+    assert split, "the smoke budget splits a group across the ranks"
+    for group in groups.values():
+        assert len({r["tokens_sha1"] for r in group}) == len(group)
 
 
 def test_ppo_refuses_a_distributed_launch_before_any_work(tmp_path):

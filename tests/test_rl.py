@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,18 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from rl_agents import tracking
-from rl_agents.ppo import Batch, build_batch, logprobs_from_logits, masked_gae, ppo_losses, whiten
+from rl_agents.ppo import (
+    PPO,
+    Batch,
+    build_batch,
+    kl_k3,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_gae,
+    ppo_losses,
+    token_logprobs,
+    whiten,
+)
 from rl_agents.rl import reward_terms, sample_episodes, turn_rewards
 from rl_agents.runtime import Runtime, RuntimeConfig
 from rl_agents.train import run
@@ -286,9 +298,18 @@ def test_grpo_rollouts_return_trl_fields_with_env_mask_and_sampling_logprobs(tmp
         encoded = encode_trajectory(episode, tokenizer)
         assert out["prompt_ids"][i] + out["completion_ids"][i] == encoded.input_ids
         assert out["env_mask"][i] == encoded.agent_mask[len(out["prompt_ids"][i]) :]
-        agent_lps = [lp for lp, m in zip(out["logprobs"][i], out["env_mask"][i]) if m]
-        assert agent_lps == [lp for t in episode.turns for lp in t.logprobs] and all(lp <= 0 for lp in agent_lps)
-        assert out["r_env"][i] == episode.reward
+        # the sampling log-probabilities TRL gets are the model's own, scored again over the whole sequence
+        agent_lps = torch.tensor([lp for lp, m in zip(out["logprobs"][i], out["env_mask"][i]) if m])
+        ids = torch.tensor([encoded.input_ids])
+        with torch.no_grad():
+            logits = trainer.model(input_ids=ids).logits
+        scored, _ = logprobs_from_logits(logits, ids, cfg.rl.temperature)
+        agent = torch.tensor(encoded.agent_mask[1:], dtype=torch.bool)
+        assert torch.allclose(scored[0][agent], agent_lps, atol=1e-4)
+        # and the reward is what the environment pays for those turns, replayed on a fresh one
+        replay = gym.make("Calculator-v0", split="train")
+        replay.reset(seed=episode.metadata["seed"])
+        assert out["r_env"][i] == sum(replay.step(turn.agent)[1] for turn in episode.turns)
 
     # TRL's loss on these episodes: no gradient at positions that predict an observation token
     inputs = trainer._generate_and_score_completions([{"prompt": p} for p in prompts])
@@ -308,6 +329,90 @@ def test_grpo_rollouts_return_trl_fields_with_env_mask_and_sampling_logprobs(tmp
     env = inputs["tool_mask"].bool() & inputs["completion_mask"].bool()
     assert torch.all(predicts[~env] == 0)
     assert torch.all(predicts[env] > 0)
+
+
+# --- the KL to the reference ---------------------------------------------------------------------
+def _expected_gradient(loss_of, theta: torch.Tensor) -> torch.Tensor:
+    """The exact expected gradient of a per-sample loss over samples of softmax(theta), the sampling
+    distribution held fixed (it is the rollout policy, pi_old = pi_theta at the point of evaluation)."""
+    logp = torch.log_softmax(theta, -1)
+    old = logp.detach()
+    expected = (old.exp() * loss_of(logp, old)).sum()
+    (grad,) = torch.autograd.grad(expected, theta)
+    return grad
+
+
+def test_the_loss_kl_term_has_the_gradient_of_kl_policy_to_reference():
+    torch.manual_seed(0)
+    theta = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(6, dtype=torch.float64), -1)
+
+    def kl(p_logits, q_logp):
+        p_logp = torch.log_softmax(p_logits, -1)
+        return (p_logp.exp() * (p_logp - q_logp)).sum()
+
+    (forward_kl,) = torch.autograd.grad(kl(theta, ref), theta)  # KL(policy || reference), exactly
+    reverse = torch.autograd.grad((ref.exp() * (ref - torch.log_softmax(theta, -1))).sum(), theta)[
+        0
+    ]  # KL(reference || policy)
+    ours = _expected_gradient(lambda logp, old: kl_penalty(logp, old, ref), theta)
+    assert torch.allclose(ours, forward_kl, atol=1e-12)
+    # k3 alone, as the loss used it before: the other KL's gradient (what this test exists to catch)
+    plain = _expected_gradient(lambda logp, old: kl_k3(logp, ref), theta)
+    assert torch.allclose(plain, reverse, atol=1e-12) and not torch.allclose(plain, forward_kl, atol=1e-3)
+    # the value is unchanged: at pi = pi_old the expected penalty is the KL itself
+    logp = torch.log_softmax(theta, -1).detach()
+    assert torch.isclose((logp.exp() * kl_penalty(logp, logp, ref)).sum(), kl(theta, ref).detach())
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate's state is one per process: a test that sets its own precision starts and ends afresh."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_ppo_reference_runs_in_the_policys_mixed_precision_so_identical_weights_give_zero_kl(
+    tmp_path, tiny_policy, fresh_accelerate_state
+):
+    policy_dir, model, tokenizer = tiny_policy
+    cfg = _cfg(policy_dir, tmp_path, "algo=ppo", "rl.mixed_precision=bf16", "runtime.max_turns=3")
+    ppo = PPO(cfg, policy_dir, policy_dir, tmp_path / "rl", tracking.Tracker())
+    assert ppo.accelerator.mixed_precision == "bf16"
+    episodes = sample_episodes(cfg, model, tokenizer, {"Calculator-v0": list(range(4))}, step=0)
+    batch = build_batch(episodes, tokenizer, cfg.rl)
+    old = ppo.score(batch)
+    mask = batch.action_mask.bool()
+    assert torch.all(old["logp"][mask] == old["ref_logp"][mask])  # exactly: the KL is 0
+    # the reference outside autocast (as before) is another computation: the check above can fail
+    with torch.no_grad():
+        full = token_logprobs(ppo.reference, batch, cfg.rl.temperature)[0]
+    assert (full[mask] - old["logp"][mask]).abs().max() > 1e-4
+
+
+def test_grpo_processes_sample_distinct_episodes_for_the_same_prompts(tmp_path, tiny_policy, monkeypatch):
+    """A group split over two processes: each process's episodes come from its own streams (before, both ranks
+    drew the same tokens for the same prompt)."""
+    from accelerate import Accelerator
+
+    from rl_agents.grpo import make_trainer
+
+    policy_dir, _, _ = tiny_policy
+    cfg = _cfg(policy_dir, tmp_path, "algo=grpo", "algo.group_size=4", "rl.episodes_per_step=8",
+               "rl.minibatch_size=2", "rl.temperature=1.5")  # fmt: skip
+    trainer = make_trainer(cfg, policy_dir, policy_dir, tmp_path / "rl", tracking.Tracker())
+    prompts = ["Calculator-v0#11", "Calculator-v0#11", "Calculator-v0#12", "Calculator-v0#12"]
+    ranks = []
+    for rank in (0, 1):
+        monkeypatch.setattr(Accelerator, "process_index", property(lambda self, r=rank: r))
+        out = trainer.rollout_func(prompts, trainer)
+        ranks.append([tuple(ids) for ids in out["completion_ids"]])
+    assert len(set(ranks[0]) | set(ranks[1])) == 2 * len(prompts)  # eight distinct episodes
+    monkeypatch.setattr(Accelerator, "process_index", property(lambda self: 0))
+    assert [tuple(ids) for ids in trainer.rollout_func(prompts, trainer)["completion_ids"]] == ranks[0]
 
 
 # --- resume ---------------------------------------------------------------------------------------

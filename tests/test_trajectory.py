@@ -14,7 +14,10 @@ from rl_agents.trajectory import (
     Trajectory,
     TrajectoryFormatError,
     Turn,
+    agent_ids,
     encode_trajectory,
+    observation_ids,
+    prompt_ids,
     read_jsonl,
     sft_dataset,
     to_dataset,
@@ -114,4 +117,42 @@ def test_runtime_rollout_and_sft_formatting_give_identical_ids_and_masks(tiny_po
         # the runtime's sequence is e.ids (+ the last generated token, never fed back)
         last = trajectory.turns[-1].token_ids[-1]
         assert encoded.input_ids == e.ids + [last]
-        assert [i for i, m in zip(encoded.input_ids, encoded.agent_mask) if m] == generated
+        assert len(generated) == sum(encoded.agent_mask)
+        # the loss mask is off exactly on the prompt and the observations, each tokenised here on its own
+        context = prompt_ids(tokenizer, trajectory.task)
+        for turn in trajectory.turns[:-1]:
+            context += observation_ids(tokenizer, turn.observation)
+        assert [i for i, m in zip(encoded.input_ids, encoded.agent_mask) if not m] == context
+
+
+ENV_TURNS = {"Calculator-v0": 8, "SQL-v0": 8, "Shop-v0": 12, "Code-v0": 8, "FrozenLakeText-v0": 16, "TaxiText-v0": 24}
+
+
+@pytest.mark.parametrize("env_id", list(ENV_TURNS))
+def test_teacher_trajectories_are_the_ids_the_runtime_feeds_when_teacher_forced(env_id, tiny_policy):
+    """What BC trains on (a teacher episode, tokenised from its text) is, token for token, the sequence the
+    runtime builds when it is fed the teacher's turns and meets the environment's observations itself."""
+    from envs.calculator import CalculatorTeacher
+    from envs.code import CodeTeacher
+    from envs.gym_text import PlannerTeacher
+    from envs.shop import ShopTeacher
+    from envs.sql import SQLTeacher
+    from rl_agents.collect import teacher_episode
+
+    teachers = {"Calculator-v0": CalculatorTeacher, "SQL-v0": SQLTeacher, "Shop-v0": ShopTeacher,
+                "Code-v0": CodeTeacher, "FrozenLakeText-v0": PlannerTeacher, "TaxiText-v0": PlannerTeacher}  # fmt: skip
+    _, model, tokenizer = tiny_policy
+    env, seeds = gym.make(env_id, split="train"), [3, 4, 5]
+    taught = [teacher_episode(env, teachers[env_id](noise=0.3), s, env_id, ENV_TURNS[env_id]) for s in seeds]
+    assert max(len(t.turns) for t in taught) >= 2
+    forced = [[agent_ids(tokenizer, turn.agent) for turn in t.turns] for t in taught]
+    config = RuntimeConfig(batch_size=3, max_new_tokens=2048, max_turns=ENV_TURNS[env_id], max_context=8192)
+    runtime = Runtime(model, tokenizer, config)
+    envs = [gym.make(env_id, split="train") for _ in seeds]
+    raw = sorted(runtime._run_slots(envs, seeds, forced), key=lambda e: e.index)
+    for e, teacher in zip(raw, taught):
+        assert [t.observation for t in e.turns] == [t.observation for t in teacher.turns]
+        encoded = encode_trajectory(teacher, tokenizer)
+        assert encoded.input_ids == e.ids + [forced[e.index][-1][-1]]  # the last token is never fed back
+        agent = [i for i, m in zip(encoded.input_ids, encoded.agent_mask) if m]
+        assert agent == [i for turn in forced[e.index] for i in turn]
