@@ -1,11 +1,10 @@
 """The promises of the main job and of the rl stage, measured: run with `pytest -m slow` (the BC test about 8
 minutes on 2 cores; each RL test 20-30 minutes).
 
-The first is issue 2's acceptance target (BC >= 90% on Calculator-v0 held-out seeds; the default launch
-reaches 96.0% at seed 0), the others issue 3's (RL >= BC + 10 points with a noisy teacher on one
-environment, no loss beyond noise on the other), checked on the sampled policy: the README's RL results
-measured it there (Calculator +24.5 and +27.5 points, SQL +0.0 and +0.0) and show that greedy decoding
-gains nothing.
+The first is the main job's promise (BC >= 90% greedy on Calculator-v0's test tasks), the others the rl
+stage's (RL >= BC + 10 points with a noisy teacher on one environment, no loss beyond noise on the other),
+checked on the sampled policy at the rollout temperature (docs/results.md and docs/log.md say where each
+was last measured).
 """
 
 import json
@@ -17,10 +16,11 @@ from tests.test_pipeline import _run
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # the suite's 600 s limit is for unit tests; this is a whole launch
-def test_default_launch_clones_calculator_to_90_percent_on_held_out_seeds(tmp_path):
+def test_default_launch_clones_calculator_to_90_percent_on_test_tasks(tmp_path):
     _run("rl_agents.train", f"hydra.run.dir={tmp_path}", "logger=none", "progress=false", timeout=3500)
     data = json.loads((tmp_path / "eval.json").read_text())
-    assert data["seeds"]["start"] == 1_000_000 and data["seeds"]["count"] == 200
+    assert data["split"] == "test" and data["seeds"]["count"] == 200
+    assert all(p["seen_in_training"] == 0 for p in data["policies"].values())
     assert data["policies"]["teacher"]["success_rate"] == 1.0
     assert data["policies"]["bc"]["success_rate"] >= 0.9
 
