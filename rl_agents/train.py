@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from rl_agents import distributed, tracking
 from rl_agents.bc import BCConfig, train_bc
 from rl_agents.collect import collect
-from rl_agents.config import env_entries, validate_train
+from rl_agents.config import ConfigError, env_entries, validate_train
 from rl_agents.evaluate import check_held_out, evaluate_policy, make_teacher, write_eval
 from rl_agents.model import build_tiny_model, build_tokenizer, copy_pretrain, load_policy, lora_config, trajectory_texts
 from rl_agents.rl import train_rl
@@ -171,8 +171,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """The job's objective for Hydra sweepers (Optuna): held-out success of the last policy in eval.policies."""
-    result = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    """The job's objective for Hydra sweepers (Optuna): success of the last policy in eval.policies on the
+    evaluated tasks, which for a search must be validation tasks (``eval.split=val``)."""
+    hydra_cfg = HydraConfig.get()
+    if "optuna" in str(hydra_cfg.sweeper.get("_target_", "")).lower() and cfg.eval.split != "val":
+        raise ConfigError(
+            f"a hyper-parameter search chooses on validation tasks: eval.split={cfg.eval.split} must be val "
+            "(report the chosen configuration on test tasks afterwards)"
+        )
+    result = run(cfg, Path(hydra_cfg.runtime.output_dir))
     policies = result.get("policies", {})
     for name, metrics in policies.items():
         log.info("%s: success %.3f on %d episodes of %s tasks", name, metrics["success_rate"], metrics["episodes"],
