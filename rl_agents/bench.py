@@ -1,6 +1,6 @@
 """``python -m rl_agents.bench``: the compiled agent against an orchestrated one, and against the hardware.
 
-One run measures, with the same model on the same held-out seeds:
+One run measures, with the same model on the same test tasks:
 
 - **compiled**: the project's runtime (``rl_agents.runtime``): one growing token sequence per episode, the
   KV cache kept across turns, no tool documentation in the prompt (the workflow is in the weights);
