@@ -1,5 +1,5 @@
 """rl_agents: compile agent workflows into model weights."""
 
-import envs  # noqa: F401  (registers Calculator-v0 and SQL-v0 with Gymnasium)
+import envs  # noqa: F401  (registers the six tool environments with Gymnasium)
 
 __version__ = "0.1.0"

@@ -66,8 +66,6 @@ class RLConfig:
     save_steps: int = 20
     save_total_limit: int = 2
     logging_steps: int = 1
-    table_episodes: int = 8
-    """episodes in the W&B episode table logged at each save"""
     mixed_precision: str = "auto"
     """auto: bf16 autocast on a GPU that supports it, else none; no; bf16 (also on a CPU). The KL reference
     runs in the same precision as the policy"""
