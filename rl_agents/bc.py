@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
+from rl_agents import rundir
 from rl_agents.tracking import LogToPython
 from rl_agents.trajectory import Trajectory, sft_dataset
 
@@ -100,7 +100,7 @@ def make_trainer(
         train_dataset=sft_dataset(trajectories, tokenizer),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[LogToPython(), *(callbacks or [])],
+        callbacks=[LogToPython(), rundir.SafeCheckpoints(), *(callbacks or [])],
     )
 
 
@@ -120,21 +120,22 @@ def train_bc(
     out_dir = Path(out_dir)
     trainer = make_trainer(trajectories, model, tokenizer, out_dir, config, seed, peft_config, report_to, callbacks)
     checkpoints = trainer.args.output_dir
-    checkpoint = get_last_checkpoint(checkpoints) if resume and Path(checkpoints).is_dir() else None
+    checkpoint = rundir.last_checkpoint(checkpoints) if resume else None
     if resume and checkpoint is None:
-        log.warning("bc: resume=true but no checkpoint in %s; training from the start", checkpoints)
+        log.warning("bc: resume=true but no complete checkpoint in %s; training from the start", checkpoints)
     if checkpoint:
         log.info("bc: resuming from %s", checkpoint)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    with rundir.disk_full_reported(checkpoints):
+        trainer.train(resume_from_checkpoint=checkpoint)
 
     policy_dir = out_dir / "policy"
     if trainer.is_world_process_zero():  # one writer under a distributed launch
         trained = trainer.accelerator.unwrap_model(trainer.model)
         if peft_config is not None:
-            trained.save_pretrained(out_dir / "adapter")
+            with rundir.atomic_dir(out_dir / "adapter") as tmp:
+                trained.save_pretrained(tmp)
             trained = trained.merge_and_unload()
-        trained.save_pretrained(policy_dir)
-        tokenizer.save_pretrained(policy_dir)
+        rundir.save_policy(trained, tokenizer, policy_dir)
         log.info("bc: policy saved to %s", policy_dir)
     trainer.accelerator.wait_for_everyone()
     return policy_dir

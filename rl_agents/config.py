@@ -141,6 +141,8 @@ class TrainConfig:
     stages: list[str] = field(default_factory=lambda: ["collect", "bc", "eval"])
     resume: bool = False
     """continue an interrupted run in the same run dir (hydra.run.dir=...)"""
+    overwrite: bool = False
+    """start afresh in a run dir that already holds a run, removing its artifacts (a fresh run refuses otherwise)"""
     trajectories: str | None = None
     """a trajectory JSONL to clone instead of running the collect stage"""
     progress: bool = True

@@ -221,8 +221,13 @@ def decoding(cfg: DictConfig) -> str:
     return "greedy" if temperature is None else f"sampled, temperature {temperature:g}"
 
 
-def write_eval(path: Path, cfg: DictConfig, policies: dict[str, dict]) -> dict:
-    """Merge ``policies`` into ``eval.json`` (created if absent; same env and seeds required)."""
+def write_eval(path: Path, cfg: DictConfig, policies: dict[str, dict], sources: dict[str, Path] | None = None) -> dict:
+    """Merge ``policies`` into ``eval.json`` (created if absent; same env, seeds, split and decoding required).
+
+    ``sources`` names the policy directory each result came from: its digest is recorded, and an older entry
+    whose policy has changed since (re-trained, removed) is dropped rather than shown beside new results."""
+    from rl_agents.rundir import digest, write_text
+
     seeds = {"start": cfg.env.eval_seed_start, "count": cfg.eval.episodes}
     data = {
         "env": cfg.env.name,
@@ -232,13 +237,27 @@ def write_eval(path: Path, cfg: DictConfig, policies: dict[str, dict]) -> dict:
         "decoding": decoding(cfg),
         "policies": {},
     }
+    for name, source in (sources or {}).items():
+        policies[name]["policy_digest"] = digest(source)
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            log.warning("%s is not valid JSON: its old entries are dropped", path)
+            old = {}
         old.setdefault("decoding", "greedy")  # files written before sampled evaluation existed
-        if all(old.get(key) == data[key] for key in ("seeds", "env_ids", "split", "decoding")):
-            data["policies"] = old.get("policies", {})
+        if all(old.get(key) == data[key] for key in ("env", "seeds", "env_ids", "split", "decoding")):
+            parent = path.parent
+            for name, entry in old.get("policies", {}).items():
+                recorded = entry.get("policy_digest")
+                if recorded is not None and recorded != digest(parent / name / "policy"):
+                    log.warning(
+                        "eval.json: dropping the %s entry: %s/policy changed since it was evaluated", name, name
+                    )
+                    continue
+                data["policies"][name] = entry
     data["policies"].update(policies)
-    path.write_text(json.dumps(data, indent=2))
+    write_text(path, json.dumps(data, indent=2))
     return data
 
 

@@ -28,10 +28,9 @@ import torch
 from datasets import Dataset
 from omegaconf import DictConfig
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 
-from rl_agents import distributed
+from rl_agents import distributed, rundir
 from rl_agents.model import load_policy
 from rl_agents.rl import (
     append_rollouts,
@@ -169,7 +168,11 @@ def make_trainer(cfg: DictConfig, init: Path, ref: Path, out_dir: Path, tracker)
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         rollout_func=rollouts,
-        callbacks=[LogToPython("rl", out_dir / "metrics.jsonl"), EpisodeTable(rollouts, tracker)],
+        callbacks=[
+            LogToPython("rl", out_dir / "metrics.jsonl"),
+            EpisodeTable(rollouts, tracker),
+            rundir.SafeCheckpoints(),
+        ],
     )
 
 
@@ -178,17 +181,24 @@ def train_grpo(cfg: DictConfig, init: Path, ref: Path, out_dir: Path, tracker) -
     trainer = make_trainer(cfg, init, ref, out_dir, tracker)
     tokenizer = trainer.processing_class
     checkpoints = trainer.args.output_dir
-    checkpoint = get_last_checkpoint(checkpoints) if cfg.resume and Path(checkpoints).is_dir() else None
+    checkpoint = rundir.last_checkpoint(checkpoints) if cfg.resume else None
     if cfg.resume and checkpoint is None:
-        log.warning("rl: resume=true but no checkpoint in %s; training from the start", checkpoints)
-    trainer.train(resume_from_checkpoint=checkpoint)
+        log.warning("rl: resume=true but no complete checkpoint in %s; training from the start", checkpoints)
+    if trainer.is_world_process_zero():
+        # the reward curve and the rollout log keep the steps the checkpoint holds; later ones are redone
+        done = int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else 0
+        rundir.trim_history(out_dir / "metrics.jsonl", done)
+        for rollouts in (out_dir / "rollouts").glob("rank*.jsonl"):
+            rundir.trim_history(rollouts, done - 1)  # a rollout's step is the update it fed (0-based)
+    trainer.accelerator.wait_for_everyone()
+    with rundir.disk_full_reported(checkpoints):
+        trainer.train(resume_from_checkpoint=checkpoint)
 
     policy_dir = out_dir / "policy"
     if trainer.is_world_process_zero():  # one writer under a distributed launch
         trained = trainer.accelerator.unwrap_model(trainer.model)
         trained.config._name_or_path = str(policy_dir)
-        trained.save_pretrained(policy_dir)
-        tokenizer.save_pretrained(policy_dir)
+        rundir.save_policy(trained, tokenizer, policy_dir)
         log.info("rl: policy saved to %s", policy_dir)
     trainer.accelerator.wait_for_everyone()
     return policy_dir

@@ -47,6 +47,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModel, PreTrainedTokenizerBase, get_scheduler
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
 
+from rl_agents import rundir
 from rl_agents.model import load_policy
 from rl_agents.rl import append_rollouts, episode_metrics, mixed_precision, sample_episodes, step_seeds, turn_rewards
 from rl_agents.trajectory import Trajectory, encode_trajectory
@@ -285,22 +286,26 @@ class PPO:
         return self.out_dir / "checkpoints"
 
     def save_checkpoint(self) -> None:
+        """Models, optimizer, scheduler, RNG and step; ``ppo_state.json``, written last, makes it complete."""
         path = self.checkpoints / f"step-{self.step:06d}"
-        self.accelerator.save_state(str(path), safe_serialization=False)  # tied embeddings: torch format
-        (path / "ppo_state.json").write_text(json.dumps({"step": self.step}))
-        kept = sorted(p for p in self.checkpoints.glob("step-*") if (p / "ppo_state.json").is_file())
-        for old in kept[: -self.rl.save_total_limit]:
+        models = self.accelerator.unwrap_model(self.policy), self.accelerator.unwrap_model(self.critic)
+        rundir.check_free_space(self.checkpoints, sum(rundir.checkpoint_bytes(m) for m in models))
+        with rundir.disk_full_reported(path):
+            self.accelerator.save_state(str(path), safe_serialization=False)  # tied embeddings: torch format
+            rundir.write_text(path / "ppo_state.json", json.dumps({"step": self.step}))
+        for old in rundir.complete_checkpoints(self.checkpoints)[: -self.rl.save_total_limit]:
             shutil.rmtree(old)
         log.info("rl: checkpoint %s", path)
+        rundir.kill_point(f"rl.checkpoint-{self.step}")
 
     def resume(self) -> bool:
         """Load the last complete checkpoint (models, optimizer, scheduler, RNG, step); False if there is none."""
-        done = sorted(p for p in self.checkpoints.glob("step-*") if (p / "ppo_state.json").is_file())
-        if not done:
+        last = rundir.last_checkpoint(self.checkpoints)
+        if last is None:
             return False
-        self.accelerator.load_state(str(done[-1]))
-        self.step = json.loads((done[-1] / "ppo_state.json").read_text())["step"]
-        log.info("rl: resumed from %s (step %d)", done[-1], self.step)
+        self.accelerator.load_state(last)
+        self.step = json.loads((Path(last) / "ppo_state.json").read_text())["step"]
+        log.info("rl: resumed from %s (step %d)", last, self.step)
         return True
 
     # --- one iteration ----------------------------------------------------------------------
@@ -415,12 +420,8 @@ class PPO:
             log.warning("rl: resume=true but no checkpoint in %s; training from the start", self.checkpoints)
         history = self.out_dir / "metrics.jsonl"  # the reward curve: one line per step
         history.parent.mkdir(parents=True, exist_ok=True)
-        kept = (
-            [line for line in history.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            if history.is_file()
-            else []
-        )
-        history.write_text("".join(line + "\n" for line in kept))  # steps after the checkpoint are redone
+        rundir.trim_history(history, self.step)  # steps after the checkpoint are redone
+        rundir.trim_history(self.out_dir / "rollouts" / "rank0.jsonl", self.step - 1)
         with history.open("a") as f:
             while self.step < self.rl.steps:
                 metrics = self.iteration()
@@ -435,8 +436,7 @@ class PPO:
                     self.save_checkpoint()
                     self.tracker.log_episodes("rl", self.last_episodes)
         policy_dir = self.out_dir / "policy"
-        self.accelerator.unwrap_model(self.policy).save_pretrained(policy_dir)
-        self.tokenizer.save_pretrained(policy_dir)
+        rundir.save_policy(self.accelerator.unwrap_model(self.policy), self.tokenizer, policy_dir)
         log.info("rl: policy saved to %s", policy_dir)
         return policy_dir
 

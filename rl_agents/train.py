@@ -16,8 +16,11 @@ and RL restart from their last checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +28,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from rl_agents import distributed, tracking
+from rl_agents import distributed, rundir, tracking
 from rl_agents.bc import BCConfig, train_bc
 from rl_agents.collect import collect
 from rl_agents.config import ConfigError, env_entries, validate_train
 from rl_agents.evaluate import check_held_out, evaluate_policy, make_teacher, write_eval
 from rl_agents.model import build_tiny_model, build_tokenizer, copy_pretrain, load_policy, lora_config, trajectory_texts
-from rl_agents.rl import train_rl
+from rl_agents.rl import policy_dirs, train_rl
 from rl_agents.trajectory import SPECIAL_TOKENS, Trajectory, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -39,9 +42,13 @@ log = logging.getLogger(__name__)
 
 def stage_collect(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> list[Trajectory]:
     path = run_dir / "trajectories" / "train.jsonl"
-    if cfg.resume and path.is_file():
-        log.info("collect: reusing %s", path)
-        return read_jsonl(path)
+    outputs = {"trajectories": path}
+    if cfg.resume:
+        rundir.check_stage(run_dir, "collect", cfg)
+        if rundir.finished(run_dir, "collect", {}, outputs):
+            log.info("collect: reusing %s", path)
+            return read_jsonl(path)
+    rundir.start_stage(run_dir, "collect", cfg, {})
     entries = env_entries(cfg)
     total = sum(entry.weight for entry in entries.values())
     trajectories, stats = [], {}
@@ -54,7 +61,8 @@ def stage_collect(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> 
         )
         trajectories += kept
     write_jsonl(path, trajectories)
-    (path.parent / "collect_stats.json").write_text(json.dumps(stats, indent=2))
+    rundir.write_text(path.parent / "collect_stats.json", json.dumps(stats, indent=2))
+    rundir.finish_stage(run_dir, "collect", outputs, episodes=len(trajectories))
     tracker.log(stats, "collect")
     return trajectories
 
@@ -78,14 +86,38 @@ def initial_policy(cfg: DictConfig, run_dir: Path, trajectories: list[Trajectory
         )
         if m.copy_pretrain_steps:
             model = copy_pretrain(model, tokenizer, m.copy_pretrain_steps, cfg.seed, m.copy_pretrain_span)
-        model.save_pretrained(init_dir)
-        tokenizer.save_pretrained(init_dir)
+        with rundir.atomic_dir(init_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     return load_policy(init_dir, cfg.model.dtype, local_files_only=True)
 
 
-def stage_bc(cfg: DictConfig, run_dir: Path, trajectories: list[Trajectory], tracker: tracking.Tracker) -> Path:
+def _resume_or_start(
+    cfg: DictConfig, run_dir: Path, stage: str, inputs: dict, outputs: dict, partial: list[Path]
+) -> bool:
+    """True if ``stage`` is finished and valid (reuse it); else record its start, after discarding its partial
+    state (``partial``: checkpoints, histories) when that came from other inputs."""
+    if cfg.resume:
+        rundir.check_stage(run_dir, stage, cfg)
+        if rundir.finished(run_dir, stage, inputs, outputs):
+            return True
+        if rundir.inputs_changed(run_dir, stage, inputs) and distributed.is_main():
+            log.warning("%s: its inputs changed since it started: discarding %s", stage, [str(p) for p in partial])
+            for path in partial:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if distributed.is_main():
+        rundir.start_stage(run_dir, stage, cfg, inputs)
+    distributed.barrier()
+    return False
+
+
+def stage_bc(
+    cfg: DictConfig, run_dir: Path, data: Path, trajectories: list[Trajectory], tracker: tracking.Tracker
+) -> Path:
     policy_dir = run_dir / "bc" / "policy"
-    if cfg.resume and (policy_dir / "config.json").is_file():
+    inputs, outputs = {"trajectories": data}, {"policy": policy_dir}
+    partial = [run_dir / "bc" / "checkpoints", run_dir / "model" / "init"]
+    if _resume_or_start(cfg, run_dir, "bc", inputs, outputs, partial):
         log.info("bc: reusing the finished policy %s", policy_dir)
         return policy_dir
     if distributed.is_main():
@@ -98,17 +130,28 @@ def stage_bc(cfg: DictConfig, run_dir: Path, trajectories: list[Trajectory], tra
         p = cfg.peft
         peft = lora_config(p.r, p.alpha, p.dropout, p.target_modules, new_ids)
     bc_config = BCConfig(**OmegaConf.to_container(cfg.bc))
-    return train_bc(
+    policy = train_bc(
         trajectories, model, tokenizer, run_dir / "bc", bc_config, cfg.seed, cfg.resume, peft, tracker.report_to
     )
+    if distributed.is_main():
+        rundir.finish_stage(run_dir, "bc", outputs, episodes=len(trajectories), steps=cfg.bc.max_steps)
+    distributed.barrier()
+    return policy
 
 
 def stage_rl(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> Path:
     policy_dir = run_dir / "rl" / "policy"
-    if cfg.resume and (policy_dir / "config.json").is_file():
+    init, ref = policy_dirs(cfg, run_dir)
+    inputs, outputs = {"init": init, "reference": ref}, {"policy": policy_dir}
+    partial = [run_dir / "rl" / name for name in ("checkpoints", "metrics.jsonl", "rollouts")]
+    if _resume_or_start(cfg, run_dir, "rl", inputs, outputs, partial):
         log.info("rl: reusing the finished policy %s", policy_dir)
         return policy_dir
-    return train_rl(cfg, run_dir, tracker)
+    policy = train_rl(cfg, run_dir, tracker)
+    if distributed.is_main():
+        rundir.finish_stage(run_dir, "rl", outputs, steps=cfg.rl.steps)
+    distributed.barrier()
+    return policy
 
 
 def stage_eval(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> dict[str, Any]:
@@ -122,7 +165,8 @@ def stage_eval(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> dic
             metrics, episodes = evaluate_policy(cfg, name, run_dir / "eval", model, tokenizer, train_keys)
         results[name] = metrics
         tracker.log_eval(name, metrics, episodes)
-    return write_eval(run_dir / "eval.json", cfg, results)
+    sources = {name: run_dir / name / "policy" for name in results if name != "teacher"}
+    return write_eval(run_dir / "eval.json", cfg, results, sources)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -132,9 +176,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """
     validate_train(cfg, run_dir)
     main = distributed.is_main()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    with rundir.RunLock(run_dir) if main else contextlib.nullcontext():
+        if main:
+            rundir.prepare(run_dir, cfg.resume, cfg.overwrite)
+            rundir.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        distributed.barrier()
+        return _run_stages(cfg, run_dir, main)
+
+
+def _run_stages(cfg: DictConfig, run_dir: Path, main: bool) -> dict[str, Any]:
     tracker = tracking.start(cfg, run_dir, job="train") if main else tracking.Tracker()
     try:
         name = cfg.env.name
@@ -149,7 +199,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             stats = data.parent / "collect_stats.json"
             tracker.log_artifact("trajectories", f"trajectories-{name}", "dataset", [data, stats],
                                  {"episodes": len(trajectories)})  # fmt: skip
-            policy = stage_bc(cfg, run_dir, trajectories, tracker)
+            policy = stage_bc(cfg, run_dir, data, trajectories, tracker)
             tracker.log_artifact("bc", f"bc-policy-{name}", "model", [policy], {"max_steps": cfg.bc.max_steps},
                                  derived_from=["trajectories"])  # fmt: skip
         if "rl" in cfg.stages:
@@ -174,12 +224,16 @@ def main(cfg: DictConfig) -> float | None:
     """The job's objective for Hydra sweepers (Optuna): success of the last policy in eval.policies on the
     evaluated tasks, which for a search must be validation tasks (``eval.split=val``)."""
     hydra_cfg = HydraConfig.get()
-    if "optuna" in str(hydra_cfg.sweeper.get("_target_", "")).lower() and cfg.eval.split != "val":
-        raise ConfigError(
-            f"a hyper-parameter search chooses on validation tasks: eval.split={cfg.eval.split} must be val "
-            "(report the chosen configuration on test tasks afterwards)"
-        )
-    result = run(cfg, Path(hydra_cfg.runtime.output_dir))
+    try:
+        if "optuna" in str(hydra_cfg.sweeper.get("_target_", "")).lower() and cfg.eval.split != "val":
+            raise ConfigError(
+                f"a hyper-parameter search chooses on validation tasks: eval.split={cfg.eval.split} must be val "
+                "(report the chosen configuration on test tasks afterwards)"
+            )
+        result = run(cfg, Path(hydra_cfg.runtime.output_dir))
+    except (ConfigError, rundir.RunDirError, rundir.DiskFullError) as err:
+        log.error("%s", err)  # one message, no traceback: the key, the dir or the disk to fix
+        sys.exit(2)
     policies = result.get("policies", {})
     for name, metrics in policies.items():
         log.info("%s: success %.3f on %d episodes of %s tasks", name, metrics["success_rate"], metrics["episodes"],

@@ -88,14 +88,18 @@ class Trajectory:
 
 # --- storage ------------------------------------------------------------------------------------
 def write_jsonl(path: str | Path, trajectories: Iterable[Trajectory]) -> int:
-    """Write one trajectory a line; returns the number written."""
+    """Write one trajectory a line, atomically (a kill leaves the old file or the whole new one); returns the
+    number written."""
+    from rl_agents.rundir import kill_point, open_atomic
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    with path.open("w") as f:
+    with open_atomic(path) as f:
         for trajectory in trajectories:
             f.write(json.dumps(trajectory.to_dict()) + "\n")
             n += 1
+            if n == 1:
+                kill_point(f"write:{path.name}")
     return n
 
 

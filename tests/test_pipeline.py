@@ -98,19 +98,6 @@ def test_resume_reuses_finished_stages_and_bc_checkpoints(smoke_run):
     assert (smoke_run / "trajectories" / "train.jsonl").read_text() == before
 
 
-def test_interrupted_bc_resumes_from_its_last_checkpoint(tmp_path):
-    run_dir = tmp_path / "run"
-    base = ["budget=smoke", f"hydra.run.dir={run_dir}", "logger=none", "bc.save_steps=2"]
-    _run("rl_agents.train", *base, "bc.max_steps=2", "stages=[collect,bc]")
-    import shutil
-
-    shutil.rmtree(run_dir / "bc" / "policy")  # as if killed after the checkpoint, before the end
-    _run("rl_agents.train", *base, "bc.max_steps=4", "stages=[collect,bc]", "resume=true")
-    state = json.loads((run_dir / "bc" / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
-    assert state["global_step"] == 4
-    assert "resuming from" in (run_dir / "train.log").read_text()
-
-
 def test_evaluate_cli_on_a_saved_policy(smoke_run, tmp_path):
     out = tmp_path / "ev"
     _run("rl_agents.evaluate", f"checkpoint={smoke_run / 'bc' / 'policy'}", "env=sql", "eval.episodes=3",

@@ -424,7 +424,7 @@ def _weights(policy):
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_policy, monkeypatch, algo):
     policy_dir = tiny_policy[0]
     extra = [f"algo={algo}", "rl.steps=3", "rl.save_steps=1", "rl.episodes_per_step=4", "rl.minibatch_size=2",
-             "algo.learning_rate=1e-3", "rl.shaping.per_turn=-0.1", "rl.temperature=1.5"]  # fmt: skip
+             "algo.learning_rate=1e-3", "rl.shaping.per_turn=-0.1", "rl.temperature=1.5", "rl.logging_steps=1"]  # fmt: skip
     extra += ["algo.group_size=2"] if algo == "grpo" else []  # per_turn: rewards differ within a group
     whole = tmp_path / "whole"
     run(_cfg(policy_dir, whole, *extra), whole)
@@ -456,6 +456,9 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_polic
         run(_cfg(policy_dir, killed, *extra), killed)
     monkeypatch.undo()
     assert not (killed / "rl" / "policy").exists()
+    # the step-2 checkpoint as a kill during its save leaves it: the resume starts from step 1 and redoes step 2
+    last = "step-000002/ppo_state.json" if algo == "ppo" else "checkpoint-2/trainer_state.json"
+    (killed / "rl" / "checkpoints" / last).unlink()
     run(_cfg(policy_dir, killed, *extra, "resume=true"), killed)
 
     a, b = _weights(whole / "rl" / "policy"), _weights(killed / "rl" / "policy")
@@ -463,9 +466,13 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_polic
     assert any(not torch.equal(a[k], start[k]) for k in a), "training changed the policy"
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
-    if algo == "ppo":
-        steps = [json.loads(line)["step"] for line in (killed / "rl" / "metrics.jsonl").read_text().splitlines()]
-        assert steps == [1, 2, 3]
+    # the reward curve and the rollout log: every step once, as in the uninterrupted run
+    history = [json.loads(line) for line in (killed / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "loss" in h or algo == "ppo"] == [1, 2, 3]
+    rollouts = [
+        json.loads(line)["step"] for line in (killed / "rl" / "rollouts" / "rank0.jsonl").read_text().splitlines()
+    ]
+    assert rollouts == sorted(rollouts) and len(rollouts) == 3 * 4
 
 
 def test_split_by_weight_sums_to_n_and_follows_the_weights():
