@@ -424,7 +424,8 @@ def _weights(policy):
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_policy, monkeypatch, algo):
     policy_dir = tiny_policy[0]
     extra = [f"algo={algo}", "rl.steps=3", "rl.save_steps=1", "rl.episodes_per_step=4", "rl.minibatch_size=2",
-             "algo.learning_rate=1e-3", "rl.shaping.per_turn=-0.1", "rl.temperature=1.5", "rl.logging_steps=1"]  # fmt: skip
+             "algo.learning_rate=1e-3", "rl.shaping.per_turn=-0.1", "rl.temperature=1.5",
+             "rl.logging_steps=1"]  # fmt: skip
     extra += ["algo.group_size=2"] if algo == "grpo" else []  # per_turn: rewards differ within a group
     whole = tmp_path / "whole"
     run(_cfg(policy_dir, whole, *extra), whole)
