@@ -8,6 +8,8 @@ each argument list, returning each call's value or error. The layers, outermost 
   with it;
 - **process group**: the child leads a new session; on the wall-time limit, and always at the end, the
   whole group is killed with SIGKILL;
+- **dies with its parent**: the child's stdin is a pipe whose write end only the parent holds; when the
+  parent dies (even by SIGKILL) the child reads end of file, removes its directory and exits;
 - **resource limits** (``setrlimit`` in the child): CPU seconds, address space, file size (which also caps
   its output), open files, no core dumps, no new processes (for non-root users);
 - **an audit hook** (PEP 578) installed before the code runs: no processes (``os.system``, ``fork``,
@@ -99,7 +101,7 @@ def run_calls(code: str, function: str, calls: list[list[Any]], limits: SandboxL
                 [*prefix, sys.executable, "-I", "-S", "-B", str(HARNESS)],
                 cwd=workdir,
                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,  # never written: its end of file tells the child the parent is gone
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -142,6 +144,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
+    if proc.stdin is not None:
+        proc.stdin.close()
 
 
 def _read_head(path: Path, limit: int) -> str:

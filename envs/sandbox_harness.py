@@ -10,9 +10,11 @@ compares the returned values with the expected ones: the expected values never e
 import json
 import os
 import resource
+import shutil
 import signal
 import sys
 import sysconfig
+import threading
 
 WORKDIR = os.path.realpath(os.getcwd())
 READABLE = [WORKDIR] + sorted(
@@ -87,9 +89,26 @@ def _encode(value):
         return {"value_repr": repr(value)[:200]}
 
 
+def _die_with_parent() -> None:
+    """The parent holds the only write end of our stdin: end of file means it is gone (killed, crashed), so
+    this process removes its directory and exits rather than run on, orphaned, with its CPU limit idle."""
+
+    def watch() -> None:
+        try:
+            while os.read(0, 1024):
+                pass
+        except OSError:
+            pass
+        shutil.rmtree(WORKDIR, ignore_errors=True)
+        os._exit(137)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main() -> None:
     with open("input.json") as f:
         job = json.load(f)
+    _die_with_parent()  # before RLIMIT_NPROC, which also counts threads
     limits = job["limits"]
     results = open("results.jsonl", "w", buffering=1)  # opened before the hook; line-buffered
     signal.signal(signal.SIGXCPU, _on_sigxcpu)  # soft limit: end the call cleanly; hard limit: SIGKILL

@@ -13,7 +13,10 @@ database and answers; the answer is checked against the ground truth computed fr
 ## Tools
 ``sql(query: str)``: runs one read-only ``SELECT`` (an authorizer denies writes, ``ATTACH``, ``PRAGMA``
 and schema changes), stops after ``time_limit_s`` and returns at most ``max_rows`` rows, rendered as
-``col | col`` lines.
+``col | col`` lines. Every call is bounded: no string or blob may exceed ``max_value_bytes`` (SQLite's
+length limit, so ``randomblob(300000000)`` or a string-doubling CTE fails at once instead of allocating
+gigabytes), a shown cell is cut at ``MAX_CELL_CHARS`` characters, and SQLite's heap in this process is
+capped at ``HEAP_LIMIT_BYTES`` (a process-wide SQLite setting, applied only where none is set).
 
 ## Action Space / Observation Space
 ``Text``, as in :mod:`envs.base`.
@@ -80,11 +83,16 @@ QUESTIONS = [
 _ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
 
 
+MAX_CELL_CHARS = 200
+HEAP_LIMIT_BYTES = 256 << 20
+
+
 def render_rows(columns: list[str], rows: list[tuple], truncated: bool) -> str:
     def cell(v) -> str:
         if isinstance(v, float) and v.is_integer():
             return str(int(v))
-        return "NULL" if v is None else str(v)
+        text = "NULL" if v is None else (f"<blob of {len(v)} bytes>" if isinstance(v, bytes) else str(v))
+        return text if len(text) <= MAX_CELL_CHARS else text[:MAX_CELL_CHARS] + f"... ({len(text)} characters)"
 
     lines = [" | ".join(columns)] + [" | ".join(cell(v) for v in row) for row in rows]
     if truncated:
@@ -95,10 +103,11 @@ def render_rows(columns: list[str], rows: list[tuple], truncated: bool) -> str:
 class SQLEnv(ToolEnv):
     """Questions over a per-seed SQLite database, answered through a read-only ``sql`` tool."""
 
-    def __init__(self, time_limit_s: float = 1.0, max_rows: int = 20, **kwargs):
+    def __init__(self, time_limit_s: float = 1.0, max_rows: int = 20, max_value_bytes: int = 100_000, **kwargs):
         super().__init__(**kwargs)
         self.time_limit_s = time_limit_s
         self.max_rows = max_rows
+        self.max_value_bytes = max_value_bytes
         self.db: sqlite3.Connection | None = None
         self.tools = {
             "sql": Tool(
@@ -145,6 +154,10 @@ class SQLEnv(ToolEnv):
         ]
         db.executemany("INSERT INTO orders VALUES (?, ?, ?, ?)", orders)
         db.commit()
+        if db.execute("PRAGMA hard_heap_limit").fetchone()[0] == 0:
+            db.execute(f"PRAGMA hard_heap_limit={HEAP_LIMIT_BYTES}")
+        db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self.max_value_bytes)
+        db.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, 10_000)
         db.set_authorizer(lambda action, *args: sqlite3.SQLITE_OK if action in _ALLOWED else sqlite3.SQLITE_DENY)
         return db
 
@@ -158,7 +171,7 @@ class SQLEnv(ToolEnv):
             if "interrupted" in str(err):
                 raise ToolError(f"query exceeded the {self.time_limit_s}s time limit") from None
             raise ToolError(f"SQL error: {err}") from None
-        except (sqlite3.DatabaseError, sqlite3.Warning, ValueError, OverflowError) as err:
+        except (sqlite3.DatabaseError, sqlite3.Warning, ValueError, OverflowError, MemoryError) as err:
             raise ToolError(f"SQL error: {err}") from None
         finally:
             self.db.set_progress_handler(None, 0)

@@ -241,6 +241,46 @@ def test_sql_tool_stops_slow_queries_and_caps_rows():
     assert obs.splitlines()[0] == "name" and len(obs.splitlines()) == 1 + 5 + 1 and "first 5 rows" in obs
 
 
+SQL_BOMBS = [
+    "SELECT randomblob(300000000) FROM employees",
+    "SELECT length(randomblob(300000000)) FROM employees",
+    "SELECT printf('%.*c', 100000000, 'x')",
+    "WITH RECURSIVE r(s) AS (SELECT 'xx' UNION ALL SELECT s || s FROM r) SELECT length(s) FROM r",
+    "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r LIMIT 100000000) SELECT n FROM r ORDER BY n DESC",
+    "SELECT zeroblob(99999), zeroblob(99999), zeroblob(99999) FROM employees",
+]
+
+
+def test_one_sql_call_is_bounded_in_time_and_memory_whatever_the_query():
+    """The queries that took 9-45 s and gigabytes in one step each end within the time limit (plus the
+    interpreter's start) in a process that never grows past a few hundred MB, with an observation."""
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys, time, gymnasium as gym, envs\n"
+        "env = gym.make('SQL-v0')\n"
+        "for q in json.loads(sys.argv[1]):\n"
+        "    env.reset(seed=1); t = time.perf_counter()\n"
+        "    obs, *_ = env.step('<tool_call>' + json.dumps({'name': 'sql', 'arguments': {'query': q}}) + '</tool_call>')\n"
+        "    print(json.dumps({'s': time.perf_counter() - t, 'obs': obs}))\n"
+        "peak = [line for line in open('/proc/self/status') if line.startswith('VmHWM')][0].split()[1]\n"
+        "print(json.dumps({'peak_mb': int(peak) / 1024}))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(SQL_BOMBS)], cwd=root, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    *steps, memory = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(steps) == len(SQL_BOMBS)
+    for query, step in zip(SQL_BOMBS, steps):
+        assert step["s"] < 1.0 + 1.0, query  # time_limit_s is 1 s; no call may run past it by more than 1 s
+        assert len(step["obs"]) <= 2000, query
+    assert memory["peak_mb"] < 300  # the peak resident memory of this process (before the limits: several GB)
+    assert "too big" in steps[0]["obs"] and "too big" in steps[3]["obs"]
+    assert "<blob of 99999 bytes>" in steps[5]["obs"]
+
+
 def test_sql_database_is_an_in_memory_sqlite_per_seed():
     env = gym.make("SQL-v0")
     env.reset(seed=1)

@@ -2,6 +2,7 @@
 
 import os
 import time
+from pathlib import Path
 
 import gymnasium as gym
 
@@ -145,3 +146,42 @@ def test_hostile_submissions_only_fail_their_episode():
             + "}}</tool_call>"
         )
         assert obs.startswith("passed 0/") and not terminated and info["error"] is None, obs
+
+
+def _harnesses() -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and b"sandbox_harness.py" in open(f"/proc/{entry}/cmdline", "rb").read():
+                found.add(int(entry))
+        except OSError:
+            pass
+    return found
+
+
+def test_the_sandbox_dies_with_its_parent_and_leaves_no_directory(tmp_path):
+    """kill -9 of the process stepping Code-v0 must not leave its sandboxed child sleeping forever."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    before, dirs_before = _harnesses(), set(Path(tempfile.gettempdir()).glob("rl_agents_sandbox_*"))
+    script = (
+        "from envs.sandbox import SandboxLimits, run_calls\n"
+        "run_calls('import time\\ndef f():\\n    time.sleep(600)', 'f', [[]], SandboxLimits(wall_s=600))\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 30
+    while not (_harnesses() - before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    children = _harnesses() - before
+    assert children, "the sandbox never started"
+    time.sleep(0.5)  # the child is sleeping inside the code now
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _harnesses() & children and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _harnesses() & children, "the sandbox outlived its parent"
+    assert set(Path(tempfile.gettempdir()).glob("rl_agents_sandbox_*")) <= dirs_before
