@@ -399,7 +399,7 @@ def model_scale(cfg: DictConfig, tokenizer, runtime_cfg: RuntimeConfig, env_id: 
     for size in cfg.scale.sizes:
         hidden, layers = scale_size(size)
         model = build_tiny_model(
-            tokenizer, cfg.seed, hidden, layers, max(1, hidden // 32), 3 * hidden, config.max_context
+            tokenizer, cfg.seed, hidden, layers, max(1, hidden // 32), 3 * hidden, config.max_context or 2048
         )
         model.to(device).eval()
         Runtime(model, tokenizer, config).run(env_id, seeds[:1], _test_tasks(entry), forced=forced[:1])  # warm-up

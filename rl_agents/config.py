@@ -22,6 +22,7 @@ from rl_agents import distributed
 from rl_agents.bc import BCConfig
 from rl_agents.rl import ON_MALFORMED, GRPOAlgoConfig, PPOAlgoConfig, RLConfig
 from rl_agents.runtime import RuntimeConfig, check_workers
+from rl_agents.trajectory import SPECIAL_TOKENS
 
 STAGES = ("collect", "bc", "rl", "eval")
 POLICIES = ("teacher", "bc", "rl")
@@ -255,6 +256,17 @@ def _check_model(cfg: DictConfig) -> None:
         for key in (*sizes, "copy_pretrain_span"):
             if cfg.model[key] <= 0:
                 raise ConfigError(f"model.{key} must be positive, got {cfg.model[key]}")
+        minimum = 256 + 1 + len(SPECIAL_TOKENS)  # the byte alphabet, the pad token and the format's tokens
+        if cfg.model.vocab_size < minimum:
+            raise ConfigError(
+                f"model.vocab_size must be at least {minimum} (256 bytes and {1 + len(SPECIAL_TOKENS)} special "
+                f"tokens), got {cfg.model.vocab_size}"
+            )
+        if (cfg.runtime.max_context or 0) > cfg.model.max_position_embeddings:
+            raise ConfigError(
+                f"runtime.max_context={cfg.runtime.max_context} exceeds model.max_position_embeddings="
+                f"{cfg.model.max_position_embeddings} (null: the model's own)"
+            )
         if cfg.model.copy_pretrain_steps < 0:
             raise ConfigError(f"model.copy_pretrain_steps must be >= 0, got {cfg.model.copy_pretrain_steps}")
         if cfg.model.copy_pretrain_steps and 2 * cfg.model.copy_pretrain_span > cfg.model.max_position_embeddings:
@@ -278,7 +290,7 @@ def _check_logger(cfg: DictConfig) -> None:
 def _check_runtime(cfg: DictConfig) -> None:
     rt = cfg.runtime
     for key in ("max_new_tokens", "max_turns", "max_context", "batch_size"):
-        if rt[key] <= 0:
+        if rt[key] is not None and rt[key] <= 0:
             raise ConfigError(f"runtime.{key} must be positive, got {rt[key]}")
     if not rt.greedy and rt.temperature <= 0:
         raise ConfigError(f"runtime.temperature must be positive when sampling, got {rt.temperature}")
@@ -370,11 +382,38 @@ def _check_rl(cfg: DictConfig, run_dir: Path) -> None:
         raise ConfigError("the rl stage starts from the BC policy: add bc to stages, or set rl.init_from=DIR")
 
 
+def _at_least(cfg: DictConfig, keys: list[str], minimum: float, strict: bool = False) -> None:
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (value <= minimum if strict else value < minimum):
+            raise ConfigError(f"{key} must be {'>' if strict else '>='} {minimum:g}, got {value}")
+
+
+def _check_values(cfg: DictConfig) -> None:
+    """Counts >= 1, rates > 0, seeds >= 0, lengths the model can hold: before any work, the key named."""
+    _at_least(cfg, ["seed", "env.train_seed_start", "env.eval_seed_start"], 0)
+    counts = ["eval.episodes", "bc.max_steps", "bc.batch_size", "bc.gradient_accumulation_steps", "bc.save_steps",
+              "bc.logging_steps", "bc.save_total_limit"]  # fmt: skip
+    _at_least(cfg, (["collect.episodes"] if "collect" in cfg.stages else []) + counts, 1)
+    _at_least(cfg, ["bc.learning_rate"], 0, strict=True)
+    _at_least(cfg, ["bc.weight_decay", "bc.warmup_steps"], 0)
+    if cfg.bc.max_length < 32:
+        raise ConfigError(f"bc.max_length must be >= 32 tokens (a prompt and a turn), got {cfg.bc.max_length}")
+    if cfg.model.kind == "tiny" and cfg.bc.max_length > cfg.model.max_position_embeddings:
+        raise ConfigError(
+            f"bc.max_length={cfg.bc.max_length} exceeds model.max_position_embeddings="
+            f"{cfg.model.max_position_embeddings}"
+        )
+    if "rl" in cfg.stages and cfg.algo is not None:
+        _at_least(cfg, ["algo.learning_rate", "algo.critic_learning_rate"], 0, strict=True)
+
+
 def validate_train(cfg: DictConfig, run_dir: Path) -> None:
     """Every check a training run needs before its first stage."""
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown} in stages; known: {list(STAGES)}")
+    _check_values(cfg)
     _check_envs(cfg)
     _check_model(cfg)
     _check_logger(cfg)
@@ -419,6 +458,8 @@ def _check_checkpoint(checkpoint: str) -> None:
 
 
 def validate_evaluate(cfg: DictConfig) -> None:
+    _at_least(cfg, ["seed", "env.eval_seed_start"], 0)
+    _at_least(cfg, ["eval.episodes"], 1)
     _check_envs(cfg)
     _check_logger(cfg)
     _check_runtime(cfg)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rl_agents import tracking
 from rl_agents.collect import teacher_episode
-from rl_agents.config import env_entries, validate_evaluate
+from rl_agents.config import ConfigError, env_entries, validate_evaluate
 from rl_agents.model import load_policy
 from rl_agents.runtime import Runtime, RuntimeConfig
 from rl_agents.trajectory import Trajectory, read_jsonl, write_jsonl
@@ -264,9 +265,22 @@ def write_eval(path: Path, cfg: DictConfig, policies: dict[str, dict], sources: 
 # --- python -m rl_agents.evaluate ------------------------------------------------------------------
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    validate_evaluate(cfg)
+    from rl_agents.rundir import RunDirError, RunLock
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        validate_evaluate(cfg)
+        with RunLock(run_dir):
+            _evaluate(cfg, run_dir)
+    except (ConfigError, RunDirError, SeenTaskError) as err:
+        log.error("%s", err)  # one message, no traceback
+        sys.exit(2)
+
+
+def _evaluate(cfg: DictConfig, run_dir: Path) -> None:
+    from rl_agents.rundir import write_text
+
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     train_keys = check_held_out(cfg, None)
     tracker = tracking.start(cfg, run_dir, job="evaluate")
     results = {}

@@ -147,6 +147,13 @@ def load_policy(
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=local_files_only)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if all(t in tokenizer.get_vocab() for t in SPECIAL_TOKENS) and len(tokenizer) > rows:
+        # a tokenizer that already has the format's tokens comes from this pipeline: its model must fit it
+        raise ValueError(
+            f"{path}: the tokenizer has {len(tokenizer)} tokens and the model's embeddings {rows} rows: they do "
+            "not belong together (a model and tokenizer saved by different runs?)"
+        )
     add_special_tokens(tokenizer, model)
     return model, tokenizer
 

@@ -53,8 +53,9 @@ class RuntimeConfig:
     """longest agent turn, in tokens (truncation reason ``max_new_tokens``)"""
     max_turns: int = 8
     """most agent turns in an episode (truncation reason ``max_turns``)"""
-    max_context: int = 2048
-    """longest episode sequence, prompt and observations included (truncation reason ``context_length``)"""
+    max_context: int | None = None
+    """longest episode sequence, prompt and observations included (truncation reason ``context_length``);
+    null: the model's ``max_position_embeddings`` (a larger value is refused: the model has no positions there)"""
     batch_size: int = 16
     """episodes run in parallel, one environment each"""
     greedy: bool = True
@@ -511,6 +512,14 @@ class Runtime:
     ):
         self.model = model
         self.tokenizer = tokenizer
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if config.max_context is None or positions is None:
+            config = replace(config, max_context=config.max_context or positions or 2048)
+        elif config.max_context > positions:
+            raise ValueError(
+                f"runtime.max_context={config.max_context} exceeds the model's max_position_embeddings={positions}: "
+                "positions beyond it were never trained (set runtime.max_context <= it, or null for it)"
+            )
         self.config = config
         self.eot_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot_id

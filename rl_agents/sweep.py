@@ -34,7 +34,13 @@ def _jobs(sweep_dir: Path) -> list[tuple[dict[str, str], dict[str, Any]]]:
         overrides_path = eval_path.parent / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_path.read_text()) if overrides_path.is_file() else []
         pairs = dict(o.split("=", 1) if "=" in o else (o, "") for o in overrides)
-        jobs.append((pairs, json.loads(eval_path.read_text())))
+        try:
+            data = json.loads(eval_path.read_text())
+            data["policies"]  # noqa: B018 - the one key every summary needs
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            log.warning("sweep: skipping %s: not a valid eval.json (%s: %s)", eval_path, type(err).__name__, err)
+            continue
+        jobs.append((pairs, data))
     return jobs
 
 

@@ -84,10 +84,19 @@ def render(run_dir: str | Path, out: str | Path | None = None) -> Path:
     files = episode_files(run_dir)
     if not files:
         raise FileNotFoundError(f"{run_dir} holds no evaluation episodes (eval/episodes_*.jsonl): run the eval stage")
+    summary = run_dir / "eval.json"
+    counts = {name: p.get("episodes") for name, p in json.loads(summary.read_text())["policies"].items()} if (
+        summary.is_file()) else {}  # fmt: skip
     episodes = []
     for policy, path in files.items():
         tokenizer = policy_tokenizer(run_dir, policy)
-        episodes += [episode_record(policy, t, tokenizer) for t in read_jsonl(path)]
+        trajectories = read_jsonl(path)
+        if counts.get(policy) is not None and len(trajectories) != counts[policy]:
+            raise ValueError(
+                f"{path} holds {len(trajectories)} episodes and eval.json counts {counts[policy]} for {policy}: "
+                "an incomplete or replaced file (an interrupted evaluation?); evaluate again"
+            )
+        episodes += [episode_record(policy, t, tokenizer) for t in trajectories]
     data = json.dumps({"run": str(run_dir), "episodes": episodes}).replace("</", "<\\/")
     page = TEMPLATE.read_text().replace("__TITLE__", html.escape(run_dir.name)).replace("__DATA__", data)
     out = Path(out) if out else run_dir / "trace.html"

@@ -32,7 +32,7 @@ from rl_agents import distributed, rundir, tracking
 from rl_agents.bc import BCConfig, train_bc
 from rl_agents.collect import collect
 from rl_agents.config import ConfigError, env_entries, validate_train
-from rl_agents.evaluate import check_held_out, evaluate_policy, make_teacher, write_eval
+from rl_agents.evaluate import SeenTaskError, check_held_out, evaluate_policy, make_teacher, write_eval
 from rl_agents.model import build_tiny_model, build_tokenizer, copy_pretrain, load_policy, lora_config, trajectory_texts
 from rl_agents.rl import policy_dirs, train_rl
 from rl_agents.trajectory import SPECIAL_TOKENS, Trajectory, read_jsonl, write_jsonl
@@ -231,7 +231,7 @@ def main(cfg: DictConfig) -> float | None:
                 "(report the chosen configuration on test tasks afterwards)"
             )
         result = run(cfg, Path(hydra_cfg.runtime.output_dir))
-    except (ConfigError, rundir.RunDirError, rundir.DiskFullError) as err:
+    except (ConfigError, rundir.RunDirError, rundir.DiskFullError, SeenTaskError) as err:
         log.error("%s", err)  # one message, no traceback: the key, the dir or the disk to fix
         sys.exit(2)
     policies = result.get("policies", {})

@@ -466,3 +466,21 @@ def test_drafts_on_grouped_query_attention_decode_the_same_as_re_encoding(tiny_p
     for x, y in zip(runs[True], runs[False]):
         for s, t in zip(x.turns, y.turns):
             assert s.logprobs == pytest.approx(t.logprobs, abs=1e-4)
+
+
+def test_max_context_defaults_to_the_models_positions_and_refuses_more(tiny_policy):
+    _, model, tokenizer = tiny_policy
+    positions = model.config.max_position_embeddings
+    assert Runtime(model, tokenizer, RuntimeConfig()).config.max_context == positions
+    with pytest.raises(ValueError, match=f"runtime.max_context={positions + 1} exceeds"):
+        Runtime(model, tokenizer, RuntimeConfig(max_context=positions + 1))
+
+
+def test_a_tokenizer_that_does_not_belong_to_its_model_is_refused(tiny_policy, tmp_path):
+    """A saved policy whose tokenizer has more tokens than the model has rows is not patched with random rows."""
+    policy_dir, model, tokenizer = tiny_policy
+    smaller = type(model)(type(model.config)(**{**model.config.to_dict(), "vocab_size": len(tokenizer) - 5}))
+    smaller.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="do not belong together"):
+        load_policy(tmp_path, local_files_only=True)

@@ -27,3 +27,13 @@ def test_configurations_are_the_overrides_that_vary_and_seeds_are_averaged(tmp_p
     md = (sweep / "sweep.md").read_text()
     assert "Every job: `budget=smoke rl.steps=10`" in md
     assert "| all | rl | `algo=grpo` | 2 | 45.0% ± 7.1 | 40.0% | 50.0% |" in md
+
+
+def test_a_bad_eval_json_is_skipped_and_named_not_fatal(tmp_path, caplog):
+    sweep = tmp_path / "sweep"
+    _job(sweep, 0, ["seed=0"], 0.5)
+    _job(sweep, 1, ["seed=1"], 0.7)
+    (sweep / "1" / "eval.json").write_text('{"env": "calculator", "poli')  # cut short
+    rows = write_summary(sweep)
+    assert [r["runs"] for r in rows] == [1]
+    assert "skipping" in caplog.text and str(sweep / "1" / "eval.json") in caplog.text

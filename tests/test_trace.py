@@ -28,6 +28,19 @@ def test_trace_report_is_self_contained_and_holds_every_episode(smoke_run):
         assert "".join(text for text, _ in turn["tokens"]).startswith(turn["agent"])
 
 
+def test_an_episode_file_that_does_not_match_eval_json_is_refused(smoke_run, tmp_path):
+    """A file with fewer episodes than eval.json counts is not rendered as if it were the evaluation."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run / "eval", run / "eval")
+    shutil.copy(smoke_run / "eval.json", run / "eval.json")
+    shutil.copy(smoke_run / "config.yaml", run / "config.yaml")
+    shutil.copytree(smoke_run / "bc" / "policy", run / "bc" / "policy")
+    path = run / "eval" / "episodes_bc.jsonl"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:3]))
+    with pytest.raises(ValueError, match="holds 3 episodes and eval.json counts 8 for bc"):
+        render(run)
+
+
 def test_trace_cli_names_a_run_without_episodes(tmp_path):
     with pytest.raises(SystemExit, match="no evaluation episodes"):
         trace_main([str(tmp_path)])

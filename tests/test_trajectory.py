@@ -146,7 +146,7 @@ def test_teacher_trajectories_are_the_ids_the_runtime_feeds_when_teacher_forced(
     taught = [teacher_episode(env, teachers[env_id](noise=0.3), s, env_id, ENV_TURNS[env_id]) for s in seeds]
     assert max(len(t.turns) for t in taught) >= 2
     forced = [[agent_ids(tokenizer, turn.agent) for turn in t.turns] for t in taught]
-    config = RuntimeConfig(batch_size=3, max_new_tokens=2048, max_turns=ENV_TURNS[env_id], max_context=8192)
+    config = RuntimeConfig(batch_size=3, max_new_tokens=2048, max_turns=ENV_TURNS[env_id])
     runtime = Runtime(model, tokenizer, config)
     envs = [gym.make(env_id, split="train") for _ in seeds]
     raw = sorted(runtime._run_slots(envs, seeds, forced), key=lambda e: e.index)
