@@ -314,7 +314,9 @@ def turn_scaling(cfg: DictConfig, model, tokenizer, runtime_cfg: RuntimeConfig) 
     seeds, forced = long_teacher_episodes(cfg, tokenizer, max(cfg.turns), ts.episodes + 1)
     longest = max(len(t) for f in forced for t in f)
     config = replace(runtime_cfg, batch_size=1, max_new_tokens=max(runtime_cfg.max_new_tokens, longest))
-    agents = {"compiled": Runtime(model, tokenizer, config), "orchestrated": Orchestrated(model, tokenizer, config)}
+    compiled = Runtime(model, tokenizer, config)
+    config = compiled.config  # with max_context resolved against the model
+    agents = {"compiled": compiled, "orchestrated": Orchestrated(model, tokenizer, config)}
     for agent in agents.values():
         agent.config = replace(config, max_turns=max(cfg.turns))
         agent.run(ts.env_id, seeds[-1:], kwargs, forced=forced[-1:])  # the warm-up episode

@@ -179,6 +179,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     with rundir.RunLock(run_dir) if main else contextlib.nullcontext():
         if main:
             rundir.prepare(run_dir, cfg.resume, cfg.overwrite)
+            if cfg.resume:  # every recorded stage, run now or not: config.yaml must stay true of the whole dir
+                for stage in rundir.STAGE_KEYS:
+                    rundir.check_stage(run_dir, stage, cfg)
             rundir.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         distributed.barrier()
         return _run_stages(cfg, run_dir, main)

@@ -127,7 +127,7 @@ def test_sampled_evaluation_is_seeded_and_never_merged_with_greedy_results(smoke
 
 def test_config_error_fails_before_any_work(tmp_path):
     proc = _run("rl_agents.train", "+env.envs.Calcuator-v0.weight=1.0", f"hydra.run.dir={tmp_path / 'r'}", check=False)
-    assert proc.returncode != 0 and "unknown env 'Calcuator-v0'" in proc.stderr
+    assert proc.returncode != 0 and "unknown env 'Calcuator-v0'" in proc.stdout + proc.stderr
     assert not (tmp_path / "r" / "trajectories").exists()
 
 
@@ -289,5 +289,5 @@ def test_ppo_refuses_a_distributed_launch_before_any_work(tmp_path):
          f"hydra.run.dir={tmp_path / 'p'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert proc.returncode != 0 and "algo=ppo runs in one process" in proc.stderr
+    assert proc.returncode != 0 and "algo=ppo runs in one process" in proc.stdout + proc.stderr
     assert not (tmp_path / "p" / "trajectories").exists()
