@@ -31,6 +31,14 @@ def test_every_group_option_composes(group, tmp_path):
     validate_train(_compose([group]), tmp_path)
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml")))
+def test_every_experiment_composes_and_validates(name, tmp_path):
+    """Each published result's recipe (docs/results.md cites them) still composes and passes validation."""
+    cfg = _compose([f"experiment={name}"])
+    validate_train(cfg, tmp_path)
+    assert cfg.env.name == name.split("_")[0]
+
+
 def test_hf_model_and_openai_teacher_compose_with_their_settings(tmp_path):
     validate_train(
         _compose(["model=hf", "model.name_or_path=some/dir", "teacher=openai", "teacher.model=gpt"]), tmp_path
