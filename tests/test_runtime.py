@@ -8,7 +8,6 @@ import gymnasium as gym
 import pytest
 import torch
 
-import rl_agents.runtime as runtime_module
 from rl_agents.model import load_policy
 from rl_agents.runtime import (
     SLOT_ATTENTION,
@@ -17,9 +16,11 @@ from rl_agents.runtime import (
     Runtime,
     RuntimeConfig,
     SlotCache,
-    _groups,
     speculative_token,
 )
+from rl_agents.runtime import attention as runtime_attention
+from rl_agents.runtime import cache as runtime_cache
+from rl_agents.runtime.attention import _groups
 from rl_agents.trajectory import IM_END
 
 
@@ -86,20 +87,20 @@ def test_a_step_is_one_forward_pass_whatever_its_slots_feed(tiny_policy):
 
 
 def test_attention_groups_are_whole_regions_merged_where_a_call_costs_more_than_it_saves(monkeypatch):
-    monkeypatch.setattr(runtime_module, "REGION_SLOTS", 2)
+    monkeypatch.setattr(runtime_cache, "REGION_SLOTS", 2)
     needs = [40, 38, 0, 0, 9, 10, 12, 0]  # columns each slot's row reads; 0: no row (skipped where it can be)
-    monkeypatch.setattr(runtime_module, "CALL_COLUMNS", 0)
+    monkeypatch.setattr(runtime_attention, "CALL_COLUMNS", 0)
     assert _groups(needs) == [(0, 2, 40), (4, 6, 10), (6, 8, 12)]
-    monkeypatch.setattr(runtime_module, "CALL_COLUMNS", 10)  # two calls over regions of 10 and 12: one costs less
+    monkeypatch.setattr(runtime_attention, "CALL_COLUMNS", 10)  # two calls over regions of 10 and 12: one costs less
     assert _groups(needs) == [(0, 2, 40), (4, 8, 12)]
-    monkeypatch.setattr(runtime_module, "CALL_COLUMNS", 1000)  # one call, reading the empty region too
+    monkeypatch.setattr(runtime_attention, "CALL_COLUMNS", 1000)  # one call, reading the empty region too
     assert _groups(needs) == [(0, 8, 40)]
 
 
 def test_a_freed_slot_takes_the_longest_episode_of_the_next_region(monkeypatch):
     """Regions of 2 slots: freeing slot 0 moves region 1's longest episode into it, region 2's longest into the
     slot that one left, and the new episode starts in the last region; each moved episode keeps its tokens."""
-    monkeypatch.setattr(runtime_module, "REGION_SLOTS", 2)
+    monkeypatch.setattr(runtime_cache, "REGION_SLOTS", 2)
     cache = SlotCache(slots=6, num_layers=2)
     for layer in range(2):
         cache.buffers(layer, torch.zeros(1, 2, 1, 4))
@@ -124,12 +125,12 @@ def test_episodes_moved_between_regions_and_attended_by_groups_decode_the_same(
     """Regions of 2 slots, attended one call each (call_columns 0) or merged where cheaper: the same tokens as
     re-encoding."""
     _, model, tokenizer = tiny_policy
-    monkeypatch.setattr(runtime_module, "REGION_SLOTS", 2)
-    monkeypatch.setattr(runtime_module, "CALL_COLUMNS", call_columns)
+    monkeypatch.setattr(runtime_cache, "REGION_SLOTS", 2)
+    monkeypatch.setattr(runtime_attention, "CALL_COLUMNS", call_columns)
     moves, calls = [], []
-    move, groups = SlotCache.move, runtime_module._groups
+    move, groups = SlotCache.move, runtime_attention._groups
     monkeypatch.setattr(SlotCache, "move", lambda self, a, b: moves.append((a, b)) or move(self, a, b))
-    monkeypatch.setattr(runtime_module, "_groups", lambda needs: calls.append(len(out := groups(needs))) or out)
+    monkeypatch.setattr(runtime_attention, "_groups", lambda needs: calls.append(len(out := groups(needs))) or out)
     seeds, kwargs = list(range(100, 120)), {"fail_prob": 0.5}
     config = dict(batch_size=8, max_new_tokens=64, max_turns=4, draft_tokens=draft_tokens)
     cached = Runtime(model, tokenizer, RuntimeConfig(**config)).run("Calculator-v0", seeds, kwargs)
