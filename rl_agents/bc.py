@@ -13,7 +13,6 @@ need a dense block-diagonal attention mask with SDPA. Packing pays off on GPUs w
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,36 +20,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 
 from rl_agents import rundir
+from rl_agents.config import BCConfig
 from rl_agents.tracking import LogToPython
 from rl_agents.trajectory import Trajectory, sft_dataset
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BCConfig:
-    max_steps: int = 600
-    """optimizer steps"""
-    batch_size: int = 32
-    """sequences per step (per device)"""
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 3e-3
-    lr_scheduler_type: str = "cosine"
-    warmup_steps: float = 0.05
-    """a fraction of max_steps when below 1"""
-    weight_decay: float = 0.0
-    adam_beta2: float = 0.999
-    max_length: int = 1024
-    """longest training sequence, in tokens"""
-    packing: bool = False
-    """pack sequences (best-fit decreasing, padding-free) instead of padding them (best on GPUs)"""
-    group_by_length: bool = True
-    """batch episodes of similar length together (less padding); ignored when packing"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass: less memory for large models, slower steps (11% on the tiny one)"""
-    logging_steps: int = 10
-    save_steps: int = 200
-    save_total_limit: int = 2
 
 
 def make_trainer(

@@ -19,8 +19,6 @@ from hydra.utils import get_class
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rl_agents import distributed
-from rl_agents.bc import BCConfig
-from rl_agents.rl import ON_MALFORMED, GRPOAlgoConfig, PPOAlgoConfig, RLConfig
 from rl_agents.runtime import RuntimeConfig, check_workers
 from rl_agents.trajectory import SPECIAL_TOKENS
 
@@ -30,6 +28,137 @@ POLICIES = ("teacher", "bc", "rl")
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and what to do."""
+
+
+# --- schemas of the stages ---
+@dataclass
+class BCConfig:
+    max_steps: int = 600
+    """optimizer steps"""
+    batch_size: int = 32
+    """sequences per step (per device)"""
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-3
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 0.05
+    """a fraction of max_steps when below 1"""
+    weight_decay: float = 0.0
+    adam_beta2: float = 0.999
+    max_length: int = 1024
+    """longest training sequence, in tokens"""
+    packing: bool = False
+    """pack sequences (best-fit decreasing, padding-free) instead of padding them (best on GPUs)"""
+    group_by_length: bool = True
+    """batch episodes of similar length together (less padding); ignored when packing"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory for large models, slower steps (11% on the tiny one)"""
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int = 2
+
+
+ON_MALFORMED = ("feedback", "end", "penalize")
+
+
+@dataclass
+class ShapingConfig:
+    """Terms added to the environment's reward (0 turns a term off)."""
+
+    per_turn: float = 0.0
+    """added for every agent turn (negative: prefer short episodes)"""
+    tool_error: float = 0.0
+    """added for every well-formed call the tool refused (a bad expression, an SQL error)"""
+    truncated: float = 0.0
+    """added once when the episode was cut short (turn or context budget, or a malformed turn with on_malformed=end)"""
+
+
+@dataclass
+class RLConfig:
+    init_from: str | None = None
+    """the policy to start from (a saved policy dir); default: this run's bc/policy"""
+    ref_from: str | None = None
+    """the frozen KL reference; default: this run's bc/policy, else init_from"""
+    steps: int = 100
+    """optimizer updates (GRPO) or PPO iterations (each: sample episodes, then epochs of minibatches)"""
+    episodes_per_step: int = 64
+    """episodes sampled per step (GRPO: prompts x algo.group_size)"""
+    minibatch_size: int = 16
+    """episodes per forward/backward pass (PPO: per optimizer update; GRPO: accumulated to one update a step)"""
+    temperature: float = 1.0
+    """sampling temperature of the rollouts (and of the log-probabilities trained on)"""
+    on_malformed: str = "feedback"
+    """a malformed tool call: feedback (the error is the next observation), end (the episode ends), or
+    penalize (feedback, and malformed_penalty is subtracted from the reward for each one)"""
+    malformed_penalty: float = 0.2
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
+    save_steps: int = 20
+    save_total_limit: int = 2
+    logging_steps: int = 1
+    mixed_precision: str = "auto"
+    """auto: bf16 autocast on a GPU that supports it, else none; no; bf16 (also on a CPU). The KL reference
+    runs in the same precision as the policy"""
+
+
+@dataclass
+class AlgoConfig:
+    """What both algorithms have (the ``algo`` group: grpo or ppo)."""
+
+    name: str = "grpo"
+    beta: float = 0.05
+    """KL coefficient to the reference policy"""
+    learning_rate: float = 1e-4
+    lr_scheduler_type: str = "constant_with_warmup"
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class GRPOAlgoConfig(AlgoConfig):
+    name: str = "grpo"
+    group_size: int = 8
+    """episodes per prompt (the group whose rewards give the baseline)"""
+    num_iterations: int = 1
+    """optimizer passes over each generation batch (mu in the GRPO paper)"""
+    epsilon: float = 0.2
+    """clipping range of the importance ratio"""
+    loss_type: str = "dapo"
+    """TRL's loss aggregation: dapo (token-level), grpo (per sequence), dr_grpo, bnpo"""
+    scale_rewards: str = "group"
+    """advantage scaling: group, batch or none"""
+
+
+@dataclass
+class PPOAlgoConfig(AlgoConfig):
+    name: str = "ppo"
+    kl_in: str = "loss"
+    """where the KL penalty goes: reward (per-token -beta*KL in the reward) or loss (beta*KL added to the loss)"""
+    critic_learning_rate: float = 1e-3
+    epochs: int = 2
+    """passes over each step's episodes (in minibatches of rl.minibatch_size)"""
+    clip: float = 0.2
+    clip_high: float | None = None
+    """upper clip of the ratio, 1 + clip_high (None: clip); DAPO's clip-higher uses 0.28 with clip 0.2"""
+    value_clip: float = 0.2
+    vf_coef: float = 1.0
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    """GAE lambda of the policy's advantages"""
+    gae_level: str = "turn"
+    """what gamma and lambda discount: token (every agent token) or turn (once per turn, between turns only)"""
+    critic_lam: float | None = 1.0
+    """GAE lambda of the critic's value targets (None: lam); 1.0 regresses on the returns themselves, so the
+    critic does not learn its own bias back (decoupled GAE, VC-PPO: Yuan et al. 2025)"""
+    critic_warmup_steps: int = 0
+    """the first iterations train the critic only, the policy frozen (value pretraining, as verl's critic_warmup)"""
+    normalize_advantages: bool = True
+    positive_lm_coef: float = 0.0
+    """weight of a language-model loss (mean NLL of the action tokens) on the batch's successful episodes,
+    VAPO's positive-example LM loss (Yue et al. 2025, 0.1 there): self-imitation of what worked"""
+    target_kl: float | None = 0.02
+    """early stopping: an iteration's updates stop at the first minibatch whose approximate KL to the rollout
+    policy exceeds 1.5 x target_kl (Stable-Baselines3's rule); None: every epoch runs"""
 
 
 @dataclass

@@ -34,6 +34,7 @@ from rl_agents import tracking
 from rl_agents.collect import teacher_episode
 from rl_agents.config import ConfigError, env_entries, validate_evaluate
 from rl_agents.model import load_policy
+from rl_agents.rundir import RunDirError, RunLock, digest, write_text
 from rl_agents.runtime import Runtime, RuntimeConfig
 from rl_agents.trajectory import Trajectory, read_jsonl, write_jsonl
 
@@ -227,8 +228,6 @@ def write_eval(path: Path, cfg: DictConfig, policies: dict[str, dict], sources: 
 
     ``sources`` names the policy directory each result came from: its digest is recorded, and an older entry
     whose policy has changed since (re-trained, removed) is dropped rather than shown beside new results."""
-    from rl_agents.rundir import digest, write_text
-
     seeds = {"start": cfg.env.eval_seed_start, "count": cfg.eval.episodes}
     data = {
         "env": cfg.env.name,
@@ -265,8 +264,6 @@ def write_eval(path: Path, cfg: DictConfig, policies: dict[str, dict], sources: 
 # --- python -m rl_agents.evaluate ------------------------------------------------------------------
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from rl_agents.rundir import RunDirError, RunLock
-
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         validate_evaluate(cfg)
@@ -278,8 +275,6 @@ def main(cfg: DictConfig) -> None:
 
 
 def _evaluate(cfg: DictConfig, run_dir: Path) -> None:
-    from rl_agents.rundir import write_text
-
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     train_keys = check_held_out(cfg, None)
     tracker = tracking.start(cfg, run_dir, job="evaluate")

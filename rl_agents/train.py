@@ -33,8 +33,10 @@ from rl_agents.bc import BCConfig, train_bc
 from rl_agents.collect import collect
 from rl_agents.config import ConfigError, env_entries, validate_train
 from rl_agents.evaluate import SeenTaskError, check_held_out, evaluate_policy, make_teacher, write_eval
+from rl_agents.grpo import train_grpo
 from rl_agents.model import build_tiny_model, build_tokenizer, copy_pretrain, load_policy, lora_config, trajectory_texts
-from rl_agents.rl import policy_dirs, train_rl
+from rl_agents.ppo import train_ppo
+from rl_agents.rl import policy_dirs
 from rl_agents.trajectory import SPECIAL_TOKENS, Trajectory, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -147,7 +149,9 @@ def stage_rl(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> Path:
     if _resume_or_start(cfg, run_dir, "rl", inputs, outputs, partial):
         log.info("rl: reusing the finished policy %s", policy_dir)
         return policy_dir
-    policy = train_rl(cfg, run_dir, tracker)
+    log.info("rl: %s from %s, KL reference %s (beta %s)", cfg.algo.name, init, ref, cfg.algo.beta)
+    train = train_grpo if cfg.algo.name == "grpo" else train_ppo
+    policy = train(cfg, init, ref, run_dir / "rl", tracker)
     if distributed.is_main():
         rundir.finish_stage(run_dir, "rl", outputs, steps=cfg.rl.steps)
     distributed.barrier()

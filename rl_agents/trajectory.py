@@ -26,6 +26,8 @@ from typing import Any
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from rl_agents.rundir import kill_point, open_atomic
+
 FORMAT_VERSION = 1
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -90,8 +92,6 @@ class Trajectory:
 def write_jsonl(path: str | Path, trajectories: Iterable[Trajectory]) -> int:
     """Write one trajectory a line, atomically (a kill leaves the old file or the whole new one); returns the
     number written."""
-    from rl_agents.rundir import kill_point, open_atomic
-
     path = Path(path)
     n = 0
     with open_atomic(path) as f:

@@ -204,7 +204,7 @@ class Runtime:
         try:
             for _ in range(processes):
                 conn, child = context.Pipe()
-                args = (self.model, self.tokenizer, config, self.seed, threads, self._counter, child)
+                args = (type(self), self.model, self.tokenizer, config, self.seed, threads, self._counter, child)
                 process = context.Process(target=_worker, args=args, daemon=True)
                 process.start()  # the weights go to shared memory, not copied
                 child.close()

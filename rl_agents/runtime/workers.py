@@ -29,15 +29,14 @@ class _Indices:
         return (self.next if self.shared is None else self.shared.value) >= self.n
 
 
-def _worker(model, tokenizer, config: RuntimeConfig, seed: int, threads: int, counter, conn) -> None:
-    """A worker process of ``Runtime``: runs each job's episodes that it takes from ``counter``, and sends back
+def _worker(runtime_class, model, tokenizer, config: RuntimeConfig, seed: int, threads: int, counter, conn) -> None:
+    """A worker process of a ``Runtime`` (``runtime_class``, given by the parent so that this module needs nothing
+    of the engine): runs each job's episodes that it takes from ``counter``, and sends back
     ("ok", [(index, trajectory)], stats) or ("error", traceback)."""
     import traceback
 
-    from rl_agents.runtime.engine import Runtime
-
     torch.set_num_threads(threads)
-    runtime = Runtime(model, tokenizer, config, seed)
+    runtime = runtime_class(model, tokenizer, config, seed)
     with torch.no_grad():  # the first forward pass pays for allocation and kernel selection
         model(input_ids=torch.zeros(1, 8, dtype=torch.long))
     conn.send(("ready",))
