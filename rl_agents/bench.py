@@ -618,7 +618,11 @@ def quick_policy(cfg: DictConfig, run_dir: Path) -> Path:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
-    validate_bench(cfg)
+    try:
+        validate_bench(cfg)
+    except ConfigError as err:
+        log.error("%s", err)  # one message, no traceback
+        sys.exit(2)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.threads:
