@@ -16,6 +16,16 @@ Each process appends its episodes to ``rl/rollouts/rank<N>.jsonl`` (task, reward
 The KL reference is TRL's: a frozen copy loaded from the path the policy's config names. When the reference
 is not the starting policy (``rl.init_from`` differs from the BC policy), that path is pointed at the
 reference before the trainer is built: the smallest change that keeps TRL's own reference handling.
+
+Departures from GRPO as published (Shao et al. 2024, DeepSeekMath) and from TRL's single-turn use:
+
+1. An episode is many turns: the "completion" interleaves the agent's turns with tool observations, and
+   only the agent's tokens (``env_mask``) carry loss and KL.
+2. The group is (environment, seed): ``algo.group_size`` episodes of one task, whose mean reward is the baseline.
+3. Token-level aggregation (``algo.loss_type=dapo``, TRL's default) rather than the paper's per-sequence mean.
+4. The KL reference is the BC policy, not the SFT'd base, with TRL's bias-corrected k3 (its gradient is
+   KL(policy || reference)'s) at ``algo.beta`` 0.05.
+5. The reward is a sum of named terms (the environment's, plus optional shaping, ``rl.turn_terms``).
 """
 
 from __future__ import annotations

@@ -27,6 +27,17 @@ critic's value at t is the value of the state before it). The critic is a copy o
 with a scalar head (zero-initialised). Accelerate places the models and saves checkpoints (models, optimizer,
 scheduler, RNG); each iteration's episodes and minibatch order derive from ``(seed, step)``, so a resumed run
 continues exactly as an uninterrupted one.
+
+Departures from PPO as published (Schulman et al. 2017) and from CleanRL's ``ppo.py``:
+
+1. Actions are tokens of multi-turn episodes; observation tokens are context, and GAE skips them.
+2. A KL penalty to a frozen reference (the BC policy), in the loss by default, as k3 x the importance ratio.
+3. The critic's targets use their own lambda (1.0: VC-PPO's decoupled GAE), and gamma and lambda may apply
+   per turn (``algo.gae_level=turn``, the default).
+4. The critic is a copy of the policy's transformer with a zero-initialised scalar head, and the policy's and
+   the critic's gradients are clipped apart.
+5. Early stopping at ``algo.target_kl`` (Stable-Baselines3's rule), and VAPO's optional clip-higher and
+   positive-example LM loss.
 """
 
 from __future__ import annotations
@@ -83,12 +94,18 @@ class Batch:
     action_mask: torch.Tensor  # (B, T-1) 1.0 where token t+1 is the agent's
     rewards: torch.Tensor  # (B, T-1) each turn's reward on the turn's last token
 
-    def __getitem__(self, rows) -> Batch:
+    def select(self, rows, trim: bool = True) -> Batch:
+        """The episodes ``rows``; ``trim`` drops the columns that are padding in every one of them."""
         ids, attn = self.input_ids[rows], self.attention_mask[rows]
-        width = int(attn.sum(-1).max())  # drop the columns that are padding for every row of the subset
+        width = int(attn.sum(-1).max()) if trim else ids.shape[1]
         return Batch(
             ids[:, :width], attn[:, :width], self.action_mask[rows, : width - 1], self.rewards[rows, : width - 1]
         )
+
+    __getitem__ = select
+
+    def to(self, device) -> Batch:
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.action_mask, self.rewards)))
 
 
 def build_batch(episodes: list[Trajectory], tokenizer: PreTrainedTokenizerBase, rl: DictConfig) -> Batch:
@@ -308,7 +325,8 @@ class PPO:
         log.info("rl: resumed from %s (step %d)", last, self.step)
         return True
 
-    # --- one iteration ----------------------------------------------------------------------
+    # --- one iteration: phases 1-5 below, in run order ---------------------------------------
+    # 2. score: old and reference log-probabilities and values of the actions, in minibatches
     @torch.no_grad()
     def score(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Old log-probabilities, reference log-probabilities and values of a batch, in minibatches."""
@@ -316,7 +334,7 @@ class PPO:
         n, size = batch.input_ids.shape[0], self.rl.minibatch_size
         for i in range(0, n, size):
             rows = slice(i, i + size)
-            mb = Batch(batch.input_ids[rows], batch.attention_mask[rows], batch.action_mask[rows], batch.rewards[rows])
+            mb = batch.select(rows, trim=False)  # the parts are concatenated: every one keeps the batch's width
             parts["logp"].append(token_logprobs(self.policy, mb, self.rl.temperature)[0])
             with self.accelerator.autocast():  # the precision the prepared policy runs in (bf16 mixed precision)
                 parts["ref_logp"].append(token_logprobs(self.reference, mb, self.rl.temperature)[0])
@@ -324,28 +342,38 @@ class PPO:
         return {k: torch.cat(v) for k, v in parts.items()}
 
     def iteration(self) -> dict[str, float]:
-        algo, rl, acc = self.algo, self.rl, self.accelerator
+        """One PPO iteration, in the order it runs: rollout, score, advantages, update, metrics."""
         start = time.perf_counter()
-        episodes = sample_episodes(
-            self.cfg,
-            acc.unwrap_model(self.policy),
-            self.tokenizer,
-            step_seeds(self.cfg, self.step, rl.episodes_per_step),
-            self.step,
-        )
+        episodes, batch = self.rollout()
         rollout_s = time.perf_counter() - start
-        append_rollouts(self.out_dir / "rollouts" / "rank0.jsonl", self.step, 0, episodes)
-        batch = build_batch(episodes, self.tokenizer, rl)
-        batch = Batch(
-            *(t.to(acc.device) for t in (batch.input_ids, batch.attention_mask, batch.action_mask, batch.rewards))
-        )
-        mask = batch.action_mask
         old = self.score(batch)
+        kl, advantages, returns = self.advantages(batch, old)
+        stats, updates, learning_rates = self.update(batch, old, advantages, returns, episodes)
+        metrics = self.metrics(episodes, batch, old, kl, returns, stats, updates, learning_rates)
+        metrics.update(rollout_s=rollout_s, step_s=time.perf_counter() - start)
+        self.last_episodes = episodes
+        return metrics
+
+    # 1. rollout: this step's episodes, sampled by the runtime, flattened into action-aligned tensors
+    def rollout(self) -> tuple[list[Trajectory], Batch]:
+        acc = self.accelerator
+        seeds = step_seeds(self.cfg, self.step, self.rl.episodes_per_step)
+        episodes = sample_episodes(self.cfg, acc.unwrap_model(self.policy), self.tokenizer, seeds, self.step)
+        append_rollouts(self.out_dir / "rollouts" / "rank0.jsonl", self.step, 0, episodes)
+        return episodes, build_batch(episodes, self.tokenizer, self.rl).to(acc.device)
+
+    # 3. advantages: per-turn rewards (minus beta * KL per token with kl_in=reward), GAE over action tokens
+    def advantages(self, batch: Batch, old: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        algo, mask = self.algo, batch.action_mask
         kl = (old["logp"] - old["ref_logp"]) * mask  # sampled log-ratio: its expectation is KL(policy || reference)
         rewards = batch.rewards - algo.beta * kl if algo.kl_in == "reward" else batch.rewards
         advantages, returns = advantages_and_returns(rewards, old["values"], mask, algo)
-        positive = torch.tensor([float(e.success) for e in episodes], device=acc.device)
+        return kl, advantages, returns
 
+    # 4. update: epochs of minibatches, clipped policy and value losses, KL in the loss, early stop at target_kl
+    def update(self, batch, old, advantages, returns, episodes) -> tuple[dict[str, list[float]], int, list[float]]:
+        algo, rl, acc = self.algo, self.rl, self.accelerator
+        positive = torch.tensor([float(e.success) for e in episodes], device=acc.device)
         self.policy.train()
         self.critic.train()
         generator = torch.Generator().manual_seed(
@@ -398,8 +426,12 @@ class PPO:
         learning_rates = self.scheduler.get_last_lr()  # the rates this iteration's updates used
         self.scheduler.step()
         self.step += 1
+        return stats, updates, learning_rates
 
-        metrics = episode_metrics(episodes, rl)
+    # 5. metrics: the episodes' outcomes, the losses' means, KL, the critic's fit
+    def metrics(self, episodes, batch, old, kl, returns, stats, updates, learning_rates) -> dict[str, float]:
+        mask = batch.action_mask
+        metrics = episode_metrics(episodes, self.rl)
         metrics.update({k: sum(v) / len(v) for k, v in stats.items()})
         metrics["kl"] = metrics.pop("kl_loss")  # per token, k3, as TRL's GRPO logs it
         metrics.update(
@@ -409,10 +441,7 @@ class PPO:
             learning_rate=learning_rates[0],
             critic_learning_rate=learning_rates[1],
             updates=updates,  # optimizer steps taken (fewer than epochs x minibatches after an early stop)
-            rollout_s=rollout_s,
-            step_s=time.perf_counter() - start,
         )
-        self.last_episodes = episodes
         return metrics
 
     def train(self, resume: bool) -> Path:

@@ -37,40 +37,41 @@ def mixed_precision(setting: str) -> str:
 
 
 # --- rewards ------------------------------------------------------------------------------------
-def reward_terms(trajectory: Trajectory, rl: RLConfig | DictConfig) -> dict[str, float]:
-    """The reward of an episode, term by term: ``env`` (the environment's) and each active shaping term."""
-    turns = trajectory.turns
-    terms = {"env": float(trajectory.reward)}
-    if rl.on_malformed == "penalize":
-        terms["malformed"] = -rl.malformed_penalty * sum(t.error in MALFORMED_KINDS for t in turns)
-    s = rl.shaping
-    if s.per_turn:
-        terms["per_turn"] = s.per_turn * len(turns)
-    if s.tool_error:
-        terms["tool_error"] = s.tool_error * sum(t.error == "tool_error" for t in turns)
-    if s.truncated:
-        terms["truncated"] = s.truncated * bool(trajectory.metadata.get("truncation"))
-    return terms
-
-
 def term_names(rl: RLConfig | DictConfig) -> list[str]:
-    """The names ``reward_terms`` returns for this config (TRL needs them before the first episode)."""
+    """The reward's terms under this config: ``env`` (the environment's) and each active shaping term (TRL
+    needs the names before the first episode)."""
     names = ["env"] + (["malformed"] if rl.on_malformed == "penalize" else [])
     return names + [name for name in ("per_turn", "tool_error", "truncated") if rl.shaping[name]]
 
 
+def turn_terms(trajectory: Trajectory, rl: RLConfig | DictConfig) -> list[dict[str, float]]:
+    """Each turn's reward, term by term: the one place reward shaping is written (``reward_terms`` and
+    ``turn_rewards`` sum it by episode and by turn)."""
+    names, s = term_names(rl), rl.shaping
+    truncated = bool(trajectory.metadata.get("truncation"))
+    last = len(trajectory.turns) - 1
+    rows = []
+    for i, turn in enumerate(trajectory.turns):
+        terms = {
+            "env": float(turn.reward),
+            "malformed": -rl.malformed_penalty * (turn.error in MALFORMED_KINDS),
+            "per_turn": s.per_turn,
+            "tool_error": s.tool_error * (turn.error == "tool_error"),
+            "truncated": s.truncated * (truncated and i == last),
+        }
+        rows.append({name: float(terms[name]) for name in names})
+    return rows
+
+
+def reward_terms(trajectory: Trajectory, rl: RLConfig | DictConfig) -> dict[str, float]:
+    """The reward of an episode, term by term (the sums of ``turn_terms``)."""
+    rows = turn_terms(trajectory, rl)
+    return {name: sum(row[name] for row in rows) for name in term_names(rl)}
+
+
 def turn_rewards(trajectory: Trajectory, rl: RLConfig | DictConfig) -> list[float]:
     """The same reward, placed on the turn that earned it (for PPO's per-token credit assignment)."""
-    s = rl.shaping
-    rewards = []
-    for turn in trajectory.turns:
-        r = float(turn.reward) + s.per_turn + s.tool_error * (turn.error == "tool_error")
-        if rl.on_malformed == "penalize" and turn.error in MALFORMED_KINDS:
-            r -= rl.malformed_penalty
-        rewards.append(r)
-    if rewards and s.truncated and trajectory.metadata.get("truncation"):
-        rewards[-1] += s.truncated
-    return rewards
+    return [sum(row.values()) for row in turn_terms(trajectory, rl)]
 
 
 # --- episodes -----------------------------------------------------------------------------------
