@@ -75,6 +75,21 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_result(tmp_path, ref
     assert not list(tmp_path.rglob(".*.tmp-*"))  # what the kill left was cleaned up
 
 
+def test_a_grpo_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp_path):
+    """The same for GRPO (TRL's trainer): its reward curve keeps each step once, its weights match."""
+    grpo = ["algo=grpo", "rl.logging_steps=1"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    _ok(_train(whole, *grpo))
+    assert _train(killed, *grpo, kill_at="rl.checkpoint-1").returncode == -signal.SIGKILL
+    _ok(_train(killed, *grpo, "resume=true"))
+    for policy in ("bc/policy", "rl/policy"):
+        a = load_file(str(whole / policy / "model.safetensors"))
+        b = load_file(str(killed / policy / "model.safetensors"))
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), policy
+    history = [json.loads(line) for line in (killed / "rl/metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2]
+
+
 def test_incomplete_checkpoints_and_a_truncated_policy_are_not_taken_for_finished_work(tmp_path, reference):
     """A checkpoint cut short by a kill (or a full disk) is skipped and removed; a 0-byte config.json in a
     policy dir does not make the stage finished: the resume redoes the work and ends where the reference does."""

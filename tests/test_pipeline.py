@@ -127,7 +127,8 @@ def test_sampled_evaluation_is_seeded_and_never_merged_with_greedy_results(smoke
 
 def test_config_error_fails_before_any_work(tmp_path):
     proc = _run("rl_agents.train", "+env.envs.Calcuator-v0.weight=1.0", f"hydra.run.dir={tmp_path / 'r'}", check=False)
-    assert proc.returncode != 0 and "unknown env 'Calcuator-v0'" in proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "unknown env 'Calcuator-v0'" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr  # one message, no traceback
     assert not (tmp_path / "r" / "trajectories").exists()
 
 
