@@ -27,7 +27,6 @@ from typing import Any
 import gymnasium as gym
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rl_agents import tracking
@@ -36,6 +35,7 @@ from rl_agents.config import ConfigError, env_entries, validate_evaluate
 from rl_agents.model import load_policy
 from rl_agents.rundir import RunDirError, RunLock, digest, write_text
 from rl_agents.runtime import Runtime, RuntimeConfig
+from rl_agents.teachers import make_teacher
 from rl_agents.trajectory import Trajectory, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -145,16 +145,6 @@ def summarize(trajectories: list[Trajectory], wall_s: float, generated_tokens: i
         "error_kinds": dict(errors),
         "truncations": dict(truncations),
     }
-
-
-def make_teacher(cfg: DictConfig, env_id: str):
-    """The configured teacher for ``env_id``."""
-    if cfg.teacher.kind == "openai":
-        from rl_agents.teachers import OpenAITeacher
-
-        t = cfg.teacher
-        return OpenAITeacher(t.model, t.base_url, t.api_key_env, t.temperature, t.max_tokens, noise=t.noise)
-    return instantiate(env_entries(cfg)[env_id].teacher, noise=cfg.teacher.noise, think=cfg.teacher.think)
 
 
 def run_teacher(cfg: DictConfig, env_id: str, seeds: list[int]) -> tuple[list[Trajectory], float]:

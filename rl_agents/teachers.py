@@ -1,4 +1,5 @@
-"""Teachers that are not scripted: an LLM behind an OpenAI-compatible chat endpoint.
+"""The configured teacher of an environment (``make_teacher``: its scripted expert, or an LLM), and the LLM
+teacher: a model behind an OpenAI-compatible chat endpoint.
 
 The LLM is told the tools and the Hermes tool-call format in a system prompt and answers in plain text,
 so its replies are agent turns in exactly the format the compiled agent learns (no conversion from a
@@ -12,8 +13,10 @@ import os
 from typing import Any
 
 import numpy as np
+from hydra.utils import instantiate
 
 from envs.base import ToolEnv
+from rl_agents.config import env_entries
 
 SYSTEM_PROMPT = """You are an agent that solves the user's task with tools.
 You are provided with function signatures within <tools></tools> XML tags:
@@ -92,3 +95,12 @@ class OpenAITeacher:
     def act(self, env: ToolEnv, task: str, history: list[tuple[str, str]]) -> str:
         response = self.client.chat.completions.create(**self.request(env, task, history))
         return (response.choices[0].message.content or "").strip()
+
+
+def make_teacher(cfg, env_id: str):
+    """The teacher ``cfg`` configures for ``env_id``: ``teacher=openai``'s LLM, or the environment's scripted
+    teacher (``env.envs.<id>.teacher``, a Hydra node) with ``teacher.noise`` and ``teacher.think``."""
+    t = cfg.teacher
+    if t.kind == "openai":
+        return OpenAITeacher(t.model, t.base_url, t.api_key_env, t.temperature, t.max_tokens, noise=t.noise)
+    return instantiate(env_entries(cfg)[env_id].teacher, noise=t.noise, think=t.think)

@@ -32,11 +32,12 @@ from rl_agents import distributed, rundir, tracking
 from rl_agents.bc import BCConfig, train_bc
 from rl_agents.collect import collect
 from rl_agents.config import ConfigError, env_entries, validate_train
-from rl_agents.evaluate import SeenTaskError, check_held_out, evaluate_policy, make_teacher, write_eval
+from rl_agents.evaluate import SeenTaskError, check_held_out, evaluate_policy, write_eval
 from rl_agents.grpo import train_grpo
 from rl_agents.model import build_tiny_model, build_tokenizer, copy_pretrain, load_policy, lora_config, trajectory_texts
 from rl_agents.ppo import train_ppo
 from rl_agents.rl import policy_dirs
+from rl_agents.teachers import make_teacher
 from rl_agents.trajectory import SPECIAL_TOKENS, Trajectory, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
