@@ -111,13 +111,13 @@ def test_bench_cli_writes_the_report(smoke_run, tmp_path):
 
 def test_bench_refuses_a_bad_config_before_any_work(tmp_path):
     proc = _run("rl_agents.bench", "checkpoint=/nonexistent", f"hydra.run.dir={tmp_path / 'b'}", check=False)
-    assert proc.returncode != 0 and "checkpoint='/nonexistent'" in proc.stderr
+    assert proc.returncode == 2 and "checkpoint='/nonexistent'" in proc.stdout + proc.stderr
     proc = _run("rl_agents.bench", "parallel=[0]", f"hydra.run.dir={tmp_path / 'c'}", check=False)
-    assert proc.returncode != 0 and "parallel must be" in proc.stderr
+    assert proc.returncode == 2 and "parallel must be" in proc.stdout + proc.stderr
     proc = _run("rl_agents.bench", "rounds=0", f"hydra.run.dir={tmp_path / 'e'}", check=False)
-    assert proc.returncode != 0 and "rounds must be positive" in proc.stderr
+    assert proc.returncode == 2 and "rounds must be positive" in proc.stdout + proc.stderr
     proc = _run("rl_agents.bench", "scale.sizes=[256]", f"hydra.run.dir={tmp_path / 'd'}", check=False)
-    assert proc.returncode != 0 and "scale.sizes: '256' is not HIDDENxLAYERS" in proc.stderr
+    assert proc.returncode == 2 and "scale.sizes: '256' is not HIDDENxLAYERS" in proc.stdout + proc.stderr
 
 
 @pytest.mark.benchmark
