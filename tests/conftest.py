@@ -54,7 +54,7 @@ def tiny_policy(tmp_path_factory, calculator_data):
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """One ``budget=smoke`` run of the default stages on both first environments, through the CLI."""
-    from tests.cli import run_cli
+    from tests.helpers.cli import run_cli
 
     run_dir = tmp_path_factory.mktemp("smoke")
     run_cli("rl_agents.train", "budget=smoke", f"hydra.run.dir={run_dir}", "env=calculator_sql")

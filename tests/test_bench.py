@@ -12,7 +12,7 @@ from rl_agents.bench import Orchestrated, raw_decode_rate
 from rl_agents.collect import teacher_episode
 from rl_agents.runtime import Runtime, RuntimeConfig
 from rl_agents.trajectory import agent_ids
-from tests.cli import run_cli as _run
+from tests.helpers.cli import run_cli as _run
 
 KWARGS = {"fail_prob": 0.6, "max_episode_steps": 12}
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from rl_agents import rundir
-from tests.cli import ROOT
+from tests.helpers.cli import ROOT
 
 STAGES = ["budget=smoke", "logger=none", "algo=ppo", "stages=[collect,bc,rl,eval]", "eval.policies=[teacher,bc,rl]"]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from rl_agents.trajectory import read_jsonl
-from tests.cli import ROOT  # noqa: F401
-from tests.cli import run_cli as _run
+from tests.helpers.cli import ROOT  # noqa: F401
+from tests.helpers.cli import run_cli as _run
 
 
 def test_smoke_run_writes_every_artifact(smoke_run):
@@ -228,7 +228,7 @@ def test_the_same_seed_gives_the_same_eval_json_on_cpu(smoke_run, tmp_path):
 def test_wandb_run_read_back_has_artifact_lineage_and_whole_episode_tables(smoke_run):
     """The offline run the real library wrote: trajectories -> bc policy -> evaluation artifacts, each naming
     its parent, and episode tables whose transcripts hold every turn."""
-    from tests.wandb_records import run_records
+    from tests.helpers.wandb_records import run_records
 
     records = run_records(smoke_run)
     artifacts = {r.artifact.name: r.artifact for r in records if r.WhichOneof("record_type") == "artifact"}

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(module: str, *overrides: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
