@@ -196,7 +196,7 @@ def train_grpo(cfg: DictConfig, init: Path, ref: Path, out_dir: Path, tracker) -
         log.warning("rl: resume=true but no complete checkpoint in %s; training from the start", checkpoints)
     if trainer.is_world_process_zero():
         # the reward curve and the rollout log keep the steps the checkpoint holds; later ones are redone
-        done = int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else 0
+        done = rundir.checkpoint_step(checkpoint) if checkpoint else 0
         rundir.trim_history(out_dir / "metrics.jsonl", done)
         for rollouts in (out_dir / "rollouts").glob("rank*.jsonl"):
             rundir.trim_history(rollouts, done - 1)  # a rollout's step is the update it fed (0-based)

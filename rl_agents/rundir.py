@@ -12,12 +12,12 @@
   (pid, host, start time): a second run into the same dir stops at once with that name. The kernel drops
   the lock when its process dies, so a stale lock file never blocks anything.
 - **Whole checkpoints.** ``complete_checkpoints`` lists only checkpoints whose files are all there and
-  whose state file parses; ``prune_incomplete`` removes the others before a resume. ``check_free_space``
+  whose state file parses; ``last_checkpoint`` removes the others before a resume. ``check_free_space``
   refuses to start a save that the disk cannot hold, and ``disk_full_error`` turns the errors a full disk
   raises (``ENOSPC``, torch's ``unexpected pos``) into a message that says so.
 
 ``RL_AGENTS_KILL_AT=<point>`` makes the process kill itself with SIGKILL when it reaches a named point
-(``faults.kill_point``): the fault-injection tests use it to interrupt a run exactly where a crash would.
+(``kill_point``): the fault-injection tests use it to interrupt a run exactly where a crash would.
 """
 
 from __future__ import annotations
@@ -91,18 +91,17 @@ def open_atomic(path: str | Path, mode: str = "w") -> Iterator[Any]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(path)
-    try:
-        with tmp.open(mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if _is_disk_full(err):
-            raise disk_full_error(err, path) from err
-        raise
+    with disk_full_reported(path):
+        try:
+            with tmp.open(mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -120,23 +119,22 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = _temporary(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    try:
-        yield tmp
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                with file.open("rb") as f:
-                    os.fsync(f.fileno())
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if _is_disk_full(err):
-            raise disk_full_error(err, path) from err
-        raise
+    with disk_full_reported(path):
+        try:
+            yield tmp
+            for file in tmp.rglob("*"):
+                if file.is_file():
+                    with file.open("rb") as f:
+                        os.fsync(f.fileno())
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def clean_temporaries(run_dir: Path) -> None:
@@ -304,8 +302,13 @@ def check_stage(run_dir: Path, stage: str, cfg: DictConfig) -> None:
         )
 
 
-def start_stage(run_dir: Path, stage: str, cfg: DictConfig, inputs: dict[str, str | Path]) -> None:
-    """Record that ``stage`` started from ``inputs`` (name -> path) with the current config.
+def digests(paths: dict[str, str | Path]) -> dict[str, str | None]:
+    """``digest`` of each named path: what a stage record stores of its inputs and outputs."""
+    return {name: digest(path) for name, path in paths.items()}
+
+
+def start_stage(run_dir: Path, stage: str, cfg: DictConfig, inputs: dict[str, str | None]) -> None:
+    """Record that ``stage`` started from ``inputs`` (name -> digest, ``digests``) with the current config.
 
     A previous started record with other inputs means the stage's partial state (checkpoints) came from
     other data: it is discarded by the caller (``inputs_changed``)."""
@@ -314,15 +317,15 @@ def start_stage(run_dir: Path, stage: str, cfg: DictConfig, inputs: dict[str, st
         "status": "started",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": stage_config(cfg, stage),
-        "inputs": {name: digest(path) for name, path in inputs.items()},
+        "inputs": inputs,
     }
     write_text(_record_path(run_dir, stage), json.dumps(record, indent=2))
 
 
-def inputs_changed(run_dir: Path, stage: str, inputs: dict[str, str | Path]) -> bool:
-    """Whether a recorded (started or done) ``stage`` came from other inputs than these."""
+def inputs_changed(run_dir: Path, stage: str, inputs: dict[str, str | None]) -> bool:
+    """Whether a recorded (started or done) ``stage`` came from other inputs than these digests."""
     record = read_record(run_dir, stage)
-    return record is not None and record["inputs"] != {name: digest(path) for name, path in inputs.items()}
+    return record is not None and record["inputs"] != inputs
 
 
 def finish_stage(run_dir: Path, stage: str, outputs: dict[str, str | Path], **facts: Any) -> None:
@@ -333,25 +336,24 @@ def finish_stage(run_dir: Path, stage: str, outputs: dict[str, str | Path], **fa
     record.update(
         status="done",
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        outputs={name: digest(path) for name, path in outputs.items()},
+        outputs=digests(outputs),
         **facts,
     )
     write_text(_record_path(run_dir, stage), json.dumps(record, indent=2))
 
 
-def finished(run_dir: Path, stage: str, inputs: dict[str, str | Path], outputs: dict[str, str | Path]) -> bool:
-    """Whether ``stage`` is done and still valid: a done record whose inputs and outputs match the disk.
+def finished(run_dir: Path, stage: str, inputs: dict[str, str | None], outputs: dict[str, str | Path]) -> bool:
+    """Whether ``stage`` is done and still valid: a done record whose inputs (digests) and outputs match.
 
     Call ``check_stage`` first (a changed config is refused, not redone). A record that no longer matches
     (an output modified or partly written, an input re-made) is logged and the stage runs again."""
     record = read_record(run_dir, stage)
     if record is None or record["status"] != "done":
         return False
-    now_in = {name: digest(path) for name, path in inputs.items()}
-    if record["inputs"] != now_in:
-        log.warning("%s: its inputs changed since it finished (%s): running it again", stage, sorted(now_in))
+    if record["inputs"] != inputs:
+        log.warning("%s: its inputs changed since it finished (%s): running it again", stage, sorted(inputs))
         return False
-    now_out = {name: digest(path) for name, path in outputs.items()}
+    now_out = digests(outputs)
     if record["outputs"] != now_out:
         changed = [name for name in now_out if now_out[name] != record["outputs"].get(name)]
         log.warning("%s: %s no longer match(es) its record (modified or partly written): running it again",
@@ -424,7 +426,9 @@ class RunLock:
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors")
 
 
-def _step(path: Path) -> int:
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a checkpoint dir (``checkpoint-500``, ``step-000020``)."""
+    path = Path(path)
     return int(path.name.rsplit("-", 1)[1])
 
 
@@ -437,12 +441,12 @@ def _hf_complete(path: Path) -> bool:
         return False
     weights = any((path / name).is_file() for name in WEIGHT_FILES)
     others = all((path / name).is_file() for name in ("optimizer.pt", "scheduler.pt"))
-    return state.get("global_step") == _step(path) and weights and others
+    return state.get("global_step") == checkpoint_step(path) and weights and others
 
 
 def _ppo_complete(path: Path) -> bool:
     try:
-        return json.loads((path / "ppo_state.json").read_text())["step"] == _step(path)
+        return json.loads((path / "ppo_state.json").read_text())["step"] == checkpoint_step(path)
     except (OSError, json.JSONDecodeError, KeyError):
         return False
 
@@ -454,7 +458,7 @@ def complete_checkpoints(folder: str | Path) -> list[Path]:
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.rsplit("-", 1)[-1].isdigit()]
     done = [p for p in found if (_ppo_complete(p) if p.name.startswith("step-") else _hf_complete(p))]
-    return sorted(done, key=_step)
+    return sorted(done, key=checkpoint_step)
 
 
 def last_checkpoint(folder: str | Path) -> str | None:

@@ -45,13 +45,9 @@ log = logging.getLogger(__name__)
 
 def stage_collect(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> list[Trajectory]:
     path = run_dir / "trajectories" / "train.jsonl"
-    outputs = {"trajectories": path}
-    if cfg.resume:
-        rundir.check_stage(run_dir, "collect", cfg)
-        if rundir.finished(run_dir, "collect", {}, outputs):
-            log.info("collect: reusing %s", path)
-            return read_jsonl(path)
-    rundir.start_stage(run_dir, "collect", cfg, {})
+    if _resume_or_start(cfg, run_dir, "collect", {}, {"trajectories": path}, []):
+        log.info("collect: reusing %s", path)
+        return read_jsonl(path)
     entries = env_entries(cfg)
     total = sum(entry.weight for entry in entries.values())
     trajectories, stats = [], {}
@@ -65,7 +61,7 @@ def stage_collect(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> 
         trajectories += kept
     write_jsonl(path, trajectories)
     rundir.write_text(path.parent / "collect_stats.json", json.dumps(stats, indent=2))
-    rundir.finish_stage(run_dir, "collect", outputs, episodes=len(trajectories))
+    rundir.finish_stage(run_dir, "collect", {"trajectories": path}, episodes=len(trajectories))
     tracker.log(stats, "collect")
     return trajectories
 
@@ -98,10 +94,11 @@ def initial_policy(cfg: DictConfig, run_dir: Path, trajectories: list[Trajectory
 def _resume_or_start(
     cfg: DictConfig, run_dir: Path, stage: str, inputs: dict, outputs: dict, partial: list[Path]
 ) -> bool:
-    """True if ``stage`` is finished and valid (reuse it); else record its start, after discarding its partial
-    state (``partial``: checkpoints, histories) when that came from other inputs."""
+    """True if ``stage`` is finished and valid (reuse it); else the main process records its start, after
+    discarding its partial state (``partial``: checkpoints, histories) when that came from other inputs.
+    (Changed settings were refused before any stage ran: ``run``.)"""
+    inputs = rundir.digests(inputs)
     if cfg.resume:
-        rundir.check_stage(run_dir, stage, cfg)
         if rundir.finished(run_dir, stage, inputs, outputs):
             return True
         if rundir.inputs_changed(run_dir, stage, inputs) and distributed.is_main():
@@ -110,7 +107,6 @@ def _resume_or_start(
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if distributed.is_main():
         rundir.start_stage(run_dir, stage, cfg, inputs)
-    distributed.barrier()
     return False
 
 
@@ -120,7 +116,9 @@ def stage_bc(
     policy_dir = run_dir / "bc" / "policy"
     inputs, outputs = {"trajectories": data}, {"policy": policy_dir}
     partial = [run_dir / "bc" / "checkpoints", run_dir / "model" / "init"]
-    if _resume_or_start(cfg, run_dir, "bc", inputs, outputs, partial):
+    reuse = _resume_or_start(cfg, run_dir, "bc", inputs, outputs, partial)
+    distributed.barrier()
+    if reuse:
         log.info("bc: reusing the finished policy %s", policy_dir)
         return policy_dir
     if distributed.is_main():
@@ -147,7 +145,9 @@ def stage_rl(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> Path:
     init, ref = policy_dirs(cfg, run_dir)
     inputs, outputs = {"init": init, "reference": ref}, {"policy": policy_dir}
     partial = [run_dir / "rl" / name for name in ("checkpoints", "metrics.jsonl", "rollouts")]
-    if _resume_or_start(cfg, run_dir, "rl", inputs, outputs, partial):
+    reuse = _resume_or_start(cfg, run_dir, "rl", inputs, outputs, partial)
+    distributed.barrier()
+    if reuse:
         log.info("rl: reusing the finished policy %s", policy_dir)
         return policy_dir
     log.info("rl: %s from %s, KL reference %s (beta %s)", cfg.algo.name, init, ref, cfg.algo.beta)
