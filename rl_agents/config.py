@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,77 @@ from rl_agents import distributed
 from rl_agents.runtime import RuntimeConfig, check_workers
 from rl_agents.trajectory import SPECIAL_TOKENS
 
-STAGES = ("collect", "bc", "rl", "eval")
 POLICIES = ("teacher", "bc", "rl")
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and what to do."""
+
+
+# --- closed choices: composition refuses any other value, naming the key and the choices ---------
+class Stage(StrEnum):
+    collect = "collect"
+    bc = "bc"
+    rl = "rl"
+    eval = "eval"
+
+
+class Split(StrEnum):
+    """Which tasks: train (what every training stage sees), val (what defaults are chosen on), test (results)."""
+
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+class Keep(StrEnum):
+    """collect.keep: success (rejection sampling) or all (every teacher episode)."""
+
+    success = "success"
+    all = "all"
+
+
+class OnMalformed(StrEnum):
+    feedback = "feedback"
+    end = "end"
+    penalize = "penalize"
+
+
+class MixedPrecision(StrEnum):
+    auto = "auto"
+    no = "no"
+    bf16 = "bf16"
+
+
+class KLIn(StrEnum):
+    reward = "reward"
+    loss = "loss"
+
+
+class GAELevel(StrEnum):
+    token = "token"
+    turn = "turn"
+
+
+class ScaleRewards(StrEnum):
+    group = "group"
+    batch = "batch"
+    none = "none"
+
+
+class DType(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class WandbMode(StrEnum):
+    auto = "auto"
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
 
 
 # --- schemas of the stages ---
@@ -57,9 +123,6 @@ class BCConfig:
     save_total_limit: int = 2
 
 
-ON_MALFORMED = ("feedback", "end", "penalize")
-
-
 @dataclass
 class ShapingConfig:
     """Terms added to the environment's reward (0 turns a term off)."""
@@ -86,7 +149,7 @@ class RLConfig:
     """episodes per forward/backward pass (PPO: per optimizer update; GRPO: accumulated to one update a step)"""
     temperature: float = 1.0
     """sampling temperature of the rollouts (and of the log-probabilities trained on)"""
-    on_malformed: str = "feedback"
+    on_malformed: OnMalformed = OnMalformed.feedback
     """a malformed tool call: feedback (the error is the next observation), end (the episode ends), or
     penalize (feedback, and malformed_penalty is subtracted from the reward for each one)"""
     malformed_penalty: float = 0.2
@@ -94,7 +157,7 @@ class RLConfig:
     save_steps: int = 20
     save_total_limit: int = 2
     logging_steps: int = 1
-    mixed_precision: str = "auto"
+    mixed_precision: MixedPrecision = MixedPrecision.auto
     """auto: bf16 autocast on a GPU that supports it, else none; no; bf16 (also on a CPU). The KL reference
     runs in the same precision as the policy"""
 
@@ -124,14 +187,14 @@ class GRPOAlgoConfig(AlgoConfig):
     """clipping range of the importance ratio"""
     loss_type: str = "dapo"
     """TRL's loss aggregation: dapo (token-level), grpo (per sequence), dr_grpo, bnpo"""
-    scale_rewards: str = "group"
+    scale_rewards: ScaleRewards = ScaleRewards.group
     """advantage scaling: group, batch or none"""
 
 
 @dataclass
 class PPOAlgoConfig(AlgoConfig):
     name: str = "ppo"
-    kl_in: str = "loss"
+    kl_in: KLIn = KLIn.loss
     """where the KL penalty goes: reward (per-token -beta*KL in the reward) or loss (beta*KL added to the loss)"""
     critic_learning_rate: float = 1e-3
     epochs: int = 2
@@ -145,7 +208,7 @@ class PPOAlgoConfig(AlgoConfig):
     gamma: float = 1.0
     lam: float = 0.95
     """GAE lambda of the policy's advantages"""
-    gae_level: str = "turn"
+    gae_level: GAELevel = GAELevel.turn
     """what gamma and lambda discount: token (every agent token) or turn (once per turn, between turns only)"""
     critic_lam: float | None = 1.0
     """GAE lambda of the critic's value targets (None: lam); 1.0 regresses on the returns themselves, so the
@@ -189,7 +252,7 @@ class ModelConfig:
     kind: str = "tiny"
     """tiny: a small Llama built from this config; hf: a pretrained model (name or directory)"""
     name_or_path: str | None = None
-    dtype: str = "float32"
+    dtype: DType = DType.float32
     local_files_only: bool = False
     vocab_size: int = 2048
     number_chunk: int = 3
@@ -235,7 +298,7 @@ class LoggerConfig:
     """wandb or none"""
     project: str = "rl_agents"
     entity: str | None = None
-    mode: str = "auto"
+    mode: WandbMode = WandbMode.auto
     """auto: online when WANDB_API_KEY is set, else offline; or online / offline / disabled"""
     group: str | None = None
     tags: list[str] = field(default_factory=list)
@@ -248,7 +311,7 @@ class LoggerConfig:
 @dataclass
 class CollectConfig:
     episodes: int = 2000
-    keep: str = "success"
+    keep: Keep = Keep.success
     """success: rejection sampling, keep successful episodes; all: keep every episode"""
 
 
@@ -260,7 +323,7 @@ class EvalConfig:
     temperature: float | None = None
     """null: greedy decoding (the deployed agent); a temperature: sampled episodes (``runtime.top_p``,
     seeded by ``seed``), the stochastic policy that RL optimises"""
-    split: str = "test"
+    split: Split = Split.test
     """the tasks evaluated: test (what results report), val (what defaults and searches are chosen on), or train
     (the training distribution, for the generalisation gap; never a result)"""
 
@@ -268,7 +331,7 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    stages: list[str] = field(default_factory=lambda: ["collect", "bc", "eval"])
+    stages: list[Stage] = field(default_factory=lambda: [Stage.collect, Stage.bc, Stage.eval])
     resume: bool = False
     """continue an interrupted run in the same run dir (hydra.run.dir=...)"""
     overwrite: bool = False
@@ -378,8 +441,6 @@ def _check_model(cfg: DictConfig) -> None:
         raise ConfigError(f"model.kind must be 'tiny' or 'hf', got {cfg.model.kind!r}")
     if cfg.model.kind == "hf" and not cfg.model.name_or_path:
         raise ConfigError("model=hf needs model.name_or_path (a Hugging Face model name or a local directory)")
-    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     if cfg.model.kind == "tiny":
         sizes = ("vocab_size", "number_chunk", "hidden_size", "num_layers", "num_heads", "intermediate_size")
         for key in (*sizes, "copy_pretrain_span"):
@@ -412,8 +473,6 @@ def _check_model(cfg: DictConfig) -> None:
 def _check_logger(cfg: DictConfig) -> None:
     if cfg.logger.kind not in ("wandb", "none"):
         raise ConfigError(f"logger.kind must be 'wandb' or 'none', got {cfg.logger.kind!r}")
-    if cfg.logger.mode not in ("auto", "online", "offline", "disabled"):
-        raise ConfigError(f"logger.mode must be auto, online, offline or disabled, got {cfg.logger.mode!r}")
 
 
 def _check_runtime(cfg: DictConfig) -> None:
@@ -436,8 +495,6 @@ def _check_runtime(cfg: DictConfig) -> None:
         )
     if "eval" in cfg and cfg.eval.get("temperature") is not None and cfg.eval.temperature <= 0:
         raise ConfigError(f"eval.temperature must be positive (or null for greedy), got {cfg.eval.temperature}")
-    if "eval" in cfg and cfg.eval.split not in ("train", "val", "test"):
-        raise ConfigError(f"eval.split must be test, val or train (the generalisation gap), got {cfg.eval.split!r}")
 
 
 def _check_rl(cfg: DictConfig, run_dir: Path) -> None:
@@ -453,15 +510,11 @@ def _check_rl(cfg: DictConfig, run_dir: Path) -> None:
         )
     if rl.temperature <= 0:
         raise ConfigError(f"rl.temperature must be positive, got {rl.temperature}")
-    if rl.mixed_precision not in ("auto", "no", "bf16"):
-        raise ConfigError(f"rl.mixed_precision must be auto, no or bf16, got {rl.mixed_precision!r}")
     if cfg.runtime.processes > 1:
         raise ConfigError(
             "runtime.processes > 1 is for evaluation and the bench: RL rollouts run in one process (worker "
             "processes would roll out the weights they were started with, not the trained ones)"
         )
-    if rl.on_malformed not in ON_MALFORMED:
-        raise ConfigError(f"rl.on_malformed must be one of {', '.join(ON_MALFORMED)}, got {rl.on_malformed!r}")
     if algo.beta < 0:
         raise ConfigError(f"algo.beta must be >= 0, got {algo.beta}")
     if algo.name == "grpo":
@@ -481,12 +534,8 @@ def _check_rl(cfg: DictConfig, run_dir: Path) -> None:
             raise ConfigError(
                 "algo=ppo runs in one process; under a distributed launch use algo=grpo (TRL's data-parallel GRPO)"
             )
-        if algo.kl_in not in ("reward", "loss"):
-            raise ConfigError(f"algo.kl_in must be 'reward' or 'loss', got {algo.kl_in!r}")
         if algo.epochs <= 0:
             raise ConfigError(f"algo.epochs must be positive, got {algo.epochs}")
-        if algo.gae_level not in ("token", "turn"):
-            raise ConfigError(f"algo.gae_level must be 'token' or 'turn', got {algo.gae_level!r}")
         for key in ("lam", "critic_lam"):
             if algo[key] is not None and not 0 <= algo[key] <= 1:
                 raise ConfigError(f"algo.{key} must be in [0, 1], got {algo[key]}")
@@ -539,9 +588,6 @@ def _check_values(cfg: DictConfig) -> None:
 
 def validate_train(cfg: DictConfig, run_dir: Path) -> None:
     """Every check a training run needs before its first stage."""
-    unknown = [s for s in cfg.stages if s not in STAGES]
-    if unknown:
-        raise ConfigError(f"unknown stage(s) {unknown} in stages; known: {list(STAGES)}")
     _check_values(cfg)
     _check_envs(cfg)
     _check_model(cfg)
@@ -555,8 +601,6 @@ def validate_train(cfg: DictConfig, run_dir: Path) -> None:
             f"train seeds [{cfg.env.train_seed_start}, {cfg.env.train_seed_start + cfg.collect.episodes}) overlap "
             f"the held-out seeds from env.eval_seed_start={cfg.env.eval_seed_start}"
         )
-    if cfg.collect.keep not in ("success", "all"):
-        raise ConfigError(f"collect.keep must be 'success' or 'all', got {cfg.collect.keep!r}")
     if cfg.trajectories is not None and not Path(cfg.trajectories).is_file():
         raise ConfigError(f"trajectories={cfg.trajectories!r}: no such file")
     if cfg.trajectories is not None and collecting:

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from envs.base import ERROR_KINDS, MALFORMED_KINDS
-from rl_agents.config import ON_MALFORMED, GRPOAlgoConfig, PPOAlgoConfig, RLConfig, env_entries  # noqa: F401
+from rl_agents.config import RLConfig, env_entries
 from rl_agents.runtime import Runtime, RuntimeConfig
 from rl_agents.trajectory import Trajectory
 

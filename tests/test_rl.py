@@ -268,7 +268,7 @@ def test_ppo_decoupled_lambda_gives_the_critic_monte_carlo_returns():
     from omegaconf import OmegaConf
 
     from rl_agents.ppo import advantages_and_returns
-    from rl_agents.rl import PPOAlgoConfig
+    from rl_agents.config import PPOAlgoConfig
 
     mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]])
     rewards = torch.tensor([[0.0, 0.5, 0.0, 1.0]])
