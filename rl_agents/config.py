@@ -16,7 +16,7 @@ from typing import Any
 
 import gymnasium as gym
 from hydra.core.config_store import ConfigStore
-from hydra.utils import get_class
+from hydra.utils import get_class, get_method
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rl_agents import distributed
@@ -249,8 +249,12 @@ class EnvConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "tiny"
-    """tiny: a small Llama built from this config; hf: a pretrained model (name or directory)"""
+    _target_: str = "rl_agents.model.tiny_policy"
+    """the builder of the policy BC starts from, called as f(cfg, run_dir, trajectories) -> (model, tokenizer):
+    rl_agents.model.tiny_policy (model=tiny: a small Llama built from this config) or
+    rl_agents.model.pretrained_policy (model=hf: model.name_or_path, a Hub name or a directory)"""
+    kind: str | None = None
+    """removed: choose the group option (model=tiny, model=hf) or model._target_"""
     name_or_path: str | None = None
     dtype: DType = DType.float32
     local_files_only: bool = False
@@ -270,8 +274,12 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig:
-    kind: str = "scripted"
-    """scripted: each env's expert (env.envs.<id>.teacher); openai: an OpenAI-compatible endpoint"""
+    _target_: str = "rl_agents.teachers.scripted_teacher"
+    """the teacher's builder, called as f(cfg, env_id) -> teacher: rl_agents.teachers.scripted_teacher
+    (teacher=scripted: each env's expert, env.envs.<id>.teacher) or rl_agents.teachers.openai_teacher
+    (teacher=openai: an LLM behind an OpenAI-compatible endpoint)"""
+    kind: str | None = None
+    """removed: choose the group option (teacher=scripted, teacher=openai) or teacher._target_"""
     noise: float = 0.0
     """fraction of episodes in which a scripted teacher acts lazily or wrongly"""
     think: bool = True
@@ -294,8 +302,11 @@ class PeftConfig:
 
 @dataclass
 class LoggerConfig:
-    kind: str = "wandb"
-    """wandb or none"""
+    _target_: str = "rl_agents.tracking.wandb_tracking"
+    """the tracker's builder, called as f(cfg, run_dir, job) -> Tracker: rl_agents.tracking.wandb_tracking
+    (logger=wandb) or rl_agents.tracking.no_tracking (logger=none)"""
+    kind: str | None = None
+    """removed: choose the group option (logger=wandb, logger=none) or logger._target_"""
     project: str = "rl_agents"
     entity: str | None = None
     mode: WandbMode = WandbMode.auto
@@ -416,32 +427,51 @@ def _check_envs(cfg: DictConfig) -> None:
             raise ConfigError(f"env.envs.{env_id}.weight must be positive, got {entry.weight}")
 
 
+def _check_target(cfg: DictConfig, group: str) -> str:
+    """The group's ``_target_``, importable; the removed ``kind`` key is refused with its replacement named."""
+    node = cfg[group]
+    if node.get("kind") is not None:
+        raise ConfigError(
+            f"{group}.kind is gone: choose the option with the group ({group}=<option>, conf/{group}/) or name a "
+            f"builder with {group}._target_"
+        )
+    try:
+        get_method(node._target_)
+    except Exception as err:
+        raise ConfigError(f"{group}._target_={node._target_!r} cannot be imported: {err}") from None
+    return node._target_
+
+
+SCRIPTED_TEACHER = "rl_agents.teachers.scripted_teacher"
+OPENAI_TEACHER = "rl_agents.teachers.openai_teacher"
+TINY_MODEL = "rl_agents.model.tiny_policy"
+PRETRAINED_MODEL = "rl_agents.model.pretrained_policy"
+
+
 def _check_teacher(cfg: DictConfig) -> None:
-    kind = cfg.teacher.kind
-    if kind == "scripted":
+    target = _check_target(cfg, "teacher")
+    if target == SCRIPTED_TEACHER:
         for env_id, entry in env_entries(cfg).items():
-            target = entry.teacher.get("_target_")
-            if not target:
+            env_target = entry.teacher.get("_target_")
+            if not env_target:
                 raise ConfigError(f"env.envs.{env_id}.teacher has no _target_: teacher=scripted needs one")
             try:
-                get_class(target)
+                get_class(env_target)
             except Exception as err:
-                raise ConfigError(f"env.envs.{env_id}.teacher._target_={target!r} cannot be imported: {err}") from None
-    elif kind == "openai":
-        if not cfg.teacher.model:
-            raise ConfigError("teacher=openai needs teacher.model (the served model's name)")
-    else:
-        raise ConfigError(f"teacher.kind must be 'scripted' or 'openai', got {kind!r}")
+                raise ConfigError(
+                    f"env.envs.{env_id}.teacher._target_={env_target!r} cannot be imported: {err}"
+                ) from None
+    elif target == OPENAI_TEACHER and not cfg.teacher.model:
+        raise ConfigError("teacher=openai needs teacher.model (the served model's name)")
     if not 0.0 <= cfg.teacher.noise <= 1.0:
         raise ConfigError(f"teacher.noise must be in [0, 1], got {cfg.teacher.noise}")
 
 
 def _check_model(cfg: DictConfig) -> None:
-    if cfg.model.kind not in ("tiny", "hf"):
-        raise ConfigError(f"model.kind must be 'tiny' or 'hf', got {cfg.model.kind!r}")
-    if cfg.model.kind == "hf" and not cfg.model.name_or_path:
+    target = _check_target(cfg, "model")
+    if target == PRETRAINED_MODEL and not cfg.model.name_or_path:
         raise ConfigError("model=hf needs model.name_or_path (a Hugging Face model name or a local directory)")
-    if cfg.model.kind == "tiny":
+    if target == TINY_MODEL:
         sizes = ("vocab_size", "number_chunk", "hidden_size", "num_layers", "num_heads", "intermediate_size")
         for key in (*sizes, "copy_pretrain_span"):
             if cfg.model[key] <= 0:
@@ -471,8 +501,7 @@ def _check_model(cfg: DictConfig) -> None:
 
 
 def _check_logger(cfg: DictConfig) -> None:
-    if cfg.logger.kind not in ("wandb", "none"):
-        raise ConfigError(f"logger.kind must be 'wandb' or 'none', got {cfg.logger.kind!r}")
+    _check_target(cfg, "logger")
 
 
 def _check_runtime(cfg: DictConfig) -> None:
@@ -577,7 +606,7 @@ def _check_values(cfg: DictConfig) -> None:
     _at_least(cfg, ["bc.weight_decay", "bc.warmup_steps"], 0)
     if cfg.bc.max_length < 32:
         raise ConfigError(f"bc.max_length must be >= 32 tokens (a prompt and a turn), got {cfg.bc.max_length}")
-    if cfg.model.kind == "tiny" and cfg.bc.max_length > cfg.model.max_position_embeddings:
+    if cfg.model._target_ == TINY_MODEL and cfg.bc.max_length > cfg.model.max_position_embeddings:
         raise ConfigError(
             f"bc.max_length={cfg.bc.max_length} exceeds model.max_position_embeddings="
             f"{cfg.model.max_position_embeddings}"

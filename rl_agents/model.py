@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from rl_agents import rundir
 from rl_agents.trajectory import END_OF_TURN, SPECIAL_TOKENS, Trajectory
 
 log = logging.getLogger(__name__)
@@ -215,3 +216,29 @@ def copy_pretrain(
             log.info("copy pretraining step %d/%d: loss on the repeat %.4f", step, steps, loss.item())
     model.eval()
     return model
+
+
+# --- the model group's builders (``model._target_``): (cfg, run_dir, trajectories) -> (model, tokenizer) ---
+def tiny_policy(cfg, run_dir: Path, trajectories: list[Trajectory]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``model=tiny``: the small Llama of ``cfg.model`` with a tokenizer trained on the run's trajectories, copy
+    pretrained, saved once in ``<run_dir>/model/init`` and loaded from there like any checkpoint."""
+    init_dir = Path(run_dir) / "model" / "init"
+    if not (init_dir / "config.json").is_file():
+        m = cfg.model
+        tokenizer = build_tokenizer(trajectory_texts(trajectories), m.vocab_size, m.number_chunk, m.merge_across_words)
+        model = build_tiny_model(
+            tokenizer, cfg.seed, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size, m.max_position_embeddings
+        )
+        if m.copy_pretrain_steps:
+            model = copy_pretrain(model, tokenizer, m.copy_pretrain_steps, cfg.seed, m.copy_pretrain_span)
+        with rundir.atomic_dir(init_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    return load_policy(init_dir, cfg.model.dtype, local_files_only=True)
+
+
+def pretrained_policy(
+    cfg, run_dir: Path, trajectories: list[Trajectory]
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``model=hf``: a user's pretrained model, ``model.name_or_path`` (a Hub name or a local directory)."""
+    return load_policy(cfg.model.name_or_path, cfg.model.dtype, cfg.model.local_files_only)

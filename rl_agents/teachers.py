@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 import numpy as np
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 
 from envs.base import ToolEnv
 from rl_agents.config import env_entries
@@ -32,8 +32,6 @@ If a tool fails with a transient error, call it again."""
 
 class OpenAITeacher:
     """A teacher backed by any OpenAI-compatible chat completions endpoint (OpenAI, vLLM, TGI, Ollama...)."""
-
-    kind = "openai"
 
     def __init__(
         self,
@@ -98,9 +96,17 @@ class OpenAITeacher:
 
 
 def make_teacher(cfg, env_id: str):
-    """The teacher ``cfg`` configures for ``env_id``: ``teacher=openai``'s LLM, or the environment's scripted
-    teacher (``env.envs.<id>.teacher``, a Hydra node) with ``teacher.noise`` and ``teacher.think``."""
+    """The teacher ``cfg`` configures for ``env_id``: the teacher group's builder (``teacher._target_``)."""
+    return get_method(cfg.teacher._target_)(cfg, env_id)
+
+
+def scripted_teacher(cfg, env_id: str):
+    """``teacher=scripted``: the environment's own expert (``env.envs.<id>.teacher``, a Hydra node) with
+    ``teacher.noise`` and ``teacher.think``."""
+    return instantiate(env_entries(cfg)[env_id].teacher, noise=cfg.teacher.noise, think=cfg.teacher.think)
+
+
+def openai_teacher(cfg, env_id: str) -> OpenAITeacher:
+    """``teacher=openai``: one LLM behind an OpenAI-compatible endpoint, for every environment."""
     t = cfg.teacher
-    if t.kind == "openai":
-        return OpenAITeacher(t.model, t.base_url, t.api_key_env, t.temperature, t.max_tokens, noise=t.noise)
-    return instantiate(env_entries(cfg)[env_id].teacher, noise=t.noise, think=t.think)
+    return OpenAITeacher(t.model, t.base_url, t.api_key_env, t.temperature, t.max_tokens, noise=t.noise)

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
@@ -143,10 +144,18 @@ def sweep_group() -> str | None:
 
 
 def start(cfg: DictConfig, run_dir: Path, job: str) -> Tracker:
-    """Start the run's W&B logging (or none)."""
+    """Start the run's logging: the logger group's builder (``logger._target_``)."""
+    return get_method(cfg.logger._target_)(cfg, run_dir, job)
+
+
+def no_tracking(cfg: DictConfig, run_dir: Path, job: str) -> Tracker:
+    """``logger=none``: nothing is logged beyond the run dir's own files."""
+    return Tracker()
+
+
+def wandb_tracking(cfg: DictConfig, run_dir: Path, job: str) -> Tracker:
+    """``logger=wandb``: a Weights & Biases run in ``<run_dir>/wandb`` (offline unless ``WANDB_API_KEY`` is set)."""
     logger = cfg.logger
-    if logger.kind == "none":
-        return Tracker()
     import wandb
 
     mode = logger.mode

@@ -26,15 +26,16 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from rl_agents import distributed, rundir, tracking
 from rl_agents.bc import BCConfig, train_bc
 from rl_agents.collect import collect
-from rl_agents.config import ConfigError, env_entries, validate_train
+from rl_agents.config import TINY_MODEL, ConfigError, env_entries, validate_train
 from rl_agents.evaluate import SeenTaskError, check_held_out, evaluate_policy, write_eval
 from rl_agents.grpo import train_grpo
-from rl_agents.model import build_tiny_model, build_tokenizer, copy_pretrain, load_policy, lora_config, trajectory_texts
+from rl_agents.model import load_policy, lora_config
 from rl_agents.ppo import train_ppo
 from rl_agents.rl import policy_dirs
 from rl_agents.teachers import make_teacher
@@ -67,28 +68,9 @@ def stage_collect(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> 
 
 
 def initial_policy(cfg: DictConfig, run_dir: Path, trajectories: list[Trajectory]):
-    """The policy BC starts from: the tiny model (tokenizer trained on the run's data) or a pretrained one."""
-    if cfg.model.kind == "hf":
-        return load_policy(cfg.model.name_or_path, cfg.model.dtype, cfg.model.local_files_only)
-    init_dir = run_dir / "model" / "init"
-    if not (init_dir / "config.json").is_file():
-        m = cfg.model
-        tokenizer = build_tokenizer(trajectory_texts(trajectories), m.vocab_size, m.number_chunk, m.merge_across_words)
-        model = build_tiny_model(
-            tokenizer,
-            cfg.seed,
-            m.hidden_size,
-            m.num_layers,
-            m.num_heads,
-            m.intermediate_size,
-            m.max_position_embeddings,
-        )
-        if m.copy_pretrain_steps:
-            model = copy_pretrain(model, tokenizer, m.copy_pretrain_steps, cfg.seed, m.copy_pretrain_span)
-        with rundir.atomic_dir(init_dir) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-    return load_policy(init_dir, cfg.model.dtype, local_files_only=True)
+    """The policy BC starts from: the model group's builder (``model._target_``), e.g. the tiny model with a
+    tokenizer trained on the run's data (``rl_agents.model.tiny_policy``) or a pretrained one."""
+    return get_method(cfg.model._target_)(cfg, run_dir, trajectories)
 
 
 def _resume_or_start(
@@ -127,7 +109,9 @@ def stage_bc(
     model, tokenizer = initial_policy(cfg, run_dir, trajectories)
     peft = None
     if cfg.peft.enabled:
-        new_ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] if cfg.model.kind == "hf" else []
+        # a pretrained vocabulary gained the format's tokens at load: their embeddings train fully (the tiny
+        # model's tokenizer was built with them)
+        new_ids = [] if cfg.model._target_ == TINY_MODEL else [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
         p = cfg.peft
         peft = lora_config(p.r, p.alpha, p.dropout, p.target_modules, new_ids)
     bc_config = BCConfig(**OmegaConf.to_container(cfg.bc))

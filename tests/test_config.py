@@ -22,7 +22,8 @@ def _compose(overrides=(), name="train"):
 def test_default_config_composes_and_validates(tmp_path):
     cfg = _compose()
     assert list(cfg.stages) == ["collect", "bc", "eval"] and list(cfg.env.envs) == ["Calculator-v0"]
-    assert cfg.model.kind == "tiny" and cfg.logger.kind == "wandb" and cfg.teacher.kind == "scripted"
+    assert cfg.model._target_.endswith("tiny_policy") and cfg.logger._target_.endswith("wandb_tracking")
+    assert cfg.teacher._target_.endswith("scripted_teacher")
     validate_train(cfg, tmp_path)
 
 
@@ -101,7 +102,10 @@ def test_a_closed_choice_is_refused_with_the_choices_named(override, choices):
         (["stages=[collect,bc,rl]", "runtime.processes=2"], "RL rollouts run in one process"),
         (["+env.envs.Calculator-v0.bogus=1"], "unknown key"),
         (["env.envs.Calculator-v0.weight=0"], "weight must be positive"),
-        (["logger.kind=tensorboard"], "logger.kind"),
+        (["logger.kind=none"], "logger.kind is gone: choose the option with the group"),
+        (["model.kind=hf"], "model.kind is gone"),
+        (["logger._target_=my_pkg.nope"], "logger._target_='my_pkg.nope' cannot be imported"),
+        (["model._target_=rl_agents.model.nope"], "model._target_='rl_agents.model.nope' cannot be imported"),
         (["+env.envs.Calculator-v0.kwargs.split=test"], "the pipeline sets the split"),
         (["model.number_chunk=0"], "model.number_chunk"),
         (["model.num_heads=3"], "multiple of model.num_heads"),
