@@ -197,16 +197,29 @@ class Task:
 class ToolEnv(gym.Env):
     """Base class of the text tool environments (see the module docstring for the turn format).
 
-    Subclasses set ``tools`` in ``__init__`` and implement ``_new_task`` and, optionally, ``_grade`` and
-    ``task_key``. The step budget is Gymnasium's ``max_episode_steps`` (a ``TimeLimit`` added by
-    ``gymnasium.make``).
+    Subclasses set ``tools`` in ``__init__`` and implement ``_new_task`` (draw a task from ``self.np_random``)
+    and, optionally, ``_grade`` and ``task_key``; a tool may keep what the expert needs in ``Task.extra``.
+    A step after the episode terminated raises ``gymnasium.error.ResetNeeded``: an episode pays its reward once.
 
-    ``split`` (``train``, ``val``, ``test`` or None for any task) restricts the tasks ``reset`` draws to one
-    split (see the module docstring); ``reset(options={"split": ...})`` overrides it for one episode.
-    ``reset`` returns ``info`` with ``tools`` (the tools' JSON schemas), ``task_key`` and ``split`` (the
-    task's); ``step`` returns ``info`` with ``tool`` (the called tool's name or None), ``error`` (an
-    ``ERROR_KINDS`` entry or None), ``success``, ``error_counts`` and, after an answer, ``answer``. A step
-    after the episode terminated raises ``gymnasium.error.ResetNeeded``: an episode pays its reward once.
+    ## Arguments
+    Every tool environment accepts these keywords besides its own:
+
+    - ``max_action_chars=1000``: the longest agent turn; a longer one is an ``action_too_long`` error.
+    - ``max_observation_chars=2000``: observations are cut to this length (and to printable ASCII).
+    - ``render_mode=None``: or ``"ansi"`` (``render()`` returns the last observation).
+    - ``split=None``: ``"train"``, ``"val"`` or ``"test"`` restricts the tasks ``reset`` draws to one split
+      (None: any task); ``reset(options={"split": ...})`` overrides it for one episode.
+
+    ``gymnasium.make``'s ``max_episode_steps`` is the step budget (a ``TimeLimit``).
+
+    ## Information
+    The keys the runtime, the collector and the evaluation read (an environment may add its own):
+
+    - ``reset``: ``tools`` (the tools' JSON schemas, as in the prompt), ``task_key`` (what identifies the
+      task) and ``split`` (the task's split).
+    - ``step``: ``tool`` (the called tool's name, or None), ``error`` (an ``ERROR_KINDS`` entry, or None),
+      ``success`` (the episode's outcome once terminated, else False), ``error_counts`` (error kind -> count
+      so far this episode) and, after an ``<answer>``, ``answer`` (its text).
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}

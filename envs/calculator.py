@@ -1,35 +1,4 @@
-"""Calculator-v0: arithmetic a small model cannot do in its head, with a flaky calculator tool.
-
-## Description
-Each episode asks for the value of an integer expression of two or three 2-4 digit operands joined by
-``+``, ``-`` and ``*`` (for example "What is 4821 * 37 - 905?"). A small model cannot multiply four-digit
-numbers reliably in its weights; it must call the calculator, read the result and answer with it.
-
-## Tools
-``calculator(expression: str)``: evaluates arithmetic only (numbers, ``+ - * / // % **`` and
-parentheses, parsed with :mod:`ast`, never ``eval``). With probability ``fail_prob`` a call fails
-transiently with ``ERROR: timeout, try again`` (kind ``tool_timeout``): the agent must retry.
-
-## Action Space
-``Text(max_length=max_action_chars)``: the agent's turn (see :mod:`envs.base`).
-
-## Observation Space
-``Text(max_length=max_observation_chars)``: the question after ``reset``, then tool results or errors.
-
-## Rewards
-1.0 for a final answer equal to the expression's value (exactly: an integer off by one is wrong), 0.0
-otherwise.
-
-## Episode End
-Terminated by a final answer; truncated by the step budget (``max_episode_steps``, default 8).
-
-## Seeds and splits
-``reset(seed=s)`` fixes the question and the sequence of transient failures. A task is its expression
-(``task_key``); ``split="test"`` draws only expressions whose hash lands in the test split.
-
-## Version History
-- v0: initial version.
-"""
+"""Calculator-v0: integer arithmetic through a flaky calculator tool (documented on ``CalculatorEnv``)."""
 
 from __future__ import annotations
 
@@ -92,7 +61,53 @@ def format_number(value: int | float) -> str:
 
 
 class CalculatorEnv(ToolEnv):
-    """Arithmetic questions answered with a calculator tool that sometimes times out."""
+    """Calculator-v0: arithmetic a small model cannot do in its head, with a flaky calculator tool.
+
+    ## Description
+    Each episode asks for the value of an integer expression of two or three 2-4 digit operands joined by
+    ``+``, ``-`` and ``*`` (for example "What is 4821 * 37 - 905?"). A small model cannot multiply four-digit
+    numbers reliably in its weights; it must call the calculator, read the result and answer with it.
+
+    ## Tools
+    ``calculator(expression: str)``: evaluates arithmetic only (numbers, ``+ - * / // % **`` and
+    parentheses, parsed with :mod:`ast`, never ``eval``). With probability ``fail_prob`` a call fails
+    transiently with ``ERROR: timeout, try again`` (kind ``tool_timeout``): the agent must retry.
+
+    ## Action Space
+    ``Text(max_length=max_action_chars)``: the agent's turn (see :mod:`envs.base`).
+
+    ## Observation Space
+    ``Text(max_length=max_observation_chars)``: the question after ``reset``, then tool results or errors.
+
+    ## Arguments
+    ```python
+    gymnasium.make("Calculator-v0", fail_prob=0.2, max_operands=3, max_action_chars=1000,
+                   max_observation_chars=2000, render_mode=None, split=None, max_episode_steps=8)
+    ```
+    - ``fail_prob=0.2``: probability that a calculator call fails with a transient timeout; in [0, 1).
+    - ``max_operands=3``: expressions have 2 to ``max_operands`` operands.
+    - ``max_action_chars=1000``, ``max_observation_chars=2000``, ``render_mode=None`` (or ``"ansi"``),
+      ``split=None`` (``"train"``, ``"val"``, ``"test"``): :class:`envs.base.ToolEnv`'s, as in every tool env.
+    - ``max_episode_steps``: Gymnasium's step budget (a ``TimeLimit``).
+
+    ## Information
+    :class:`envs.base.ToolEnv`'s keys (``tools``, ``task_key``, ``split`` from ``reset``; ``tool``, ``error``,
+    ``success``, ``error_counts`` and ``answer`` from ``step``).
+
+    ## Rewards
+    1.0 for a final answer equal to the expression's value (exactly: an integer off by one is wrong), 0.0
+    otherwise.
+
+    ## Episode End
+    Terminated by a final answer; truncated by the step budget (``max_episode_steps``, default 8).
+
+    ## Seeds and splits
+    ``reset(seed=s)`` fixes the question and the sequence of transient failures. A task is its expression
+    (``task_key``); ``split="test"`` draws only expressions whose hash lands in the test split.
+
+    ## Version History
+    - v0: initial version.
+    """
 
     def __init__(self, fail_prob: float = 0.2, max_operands: int = 3, **kwargs):
         super().__init__(**kwargs)

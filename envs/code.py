@@ -1,37 +1,4 @@
-"""Code-v0: write a small Python function that passes hidden unit tests; the code runs only in a sandbox.
-
-## Description
-Each seed draws a task from a family of small programming problems with random constants ("Write a
-Python function count_above(xs) that returns how many numbers in xs are greater than 7."), a few visible
-example tests and a set of hidden tests: inputs generated from the seed, expected outputs from a reference
-solution. No hidden input is also an example, and no observation ever shows a hidden input.
-
-## Tools
-- ``run_tests(code: str)``: runs the *example* tests on ``code``; returns the pass count and the first
-  failing example in full (its input, what came back, what was expected), as a problem statement's
-  examples would show it.
-- ``submit(code: str)``: grades ``code`` on the *hidden* tests and ends the episode; the observation gives
-  only the pass count.
-
-A policy that hard-codes what ``run_tests`` reveals learns the examples, not the hidden tests: the reward
-comes only from code that computes the function. Code runs only in ``envs.sandbox`` (a separate process
-with CPU, wall, memory, file-size and output limits, no network, no processes, no files outside its own
-temporary directory); nothing the code does reaches the trainer, which only sees the returned values.
-
-## Rewards
-The fraction of hidden tests ``submit``'s code passes; success when all pass. An ``<answer>`` without a
-submission gives up (reward 0).
-
-## Episode End
-Terminated by ``submit`` (or an answer); truncated by the step budget (``max_episode_steps``, default 8).
-
-## Seeds and splits
-``reset(seed=s)`` fixes the task, its constants and the test inputs. A task is the problem with its
-constants (``task_key``: 691 of them, in 11 families), and ``split=...`` keeps the tasks of one split.
-
-## Version History
-- v0: initial version; examples apart from hidden tests, and wider constants, since the task split.
-"""
+"""Code-v0: a small Python function that passes hidden unit tests, run in a sandbox (documented on ``CodeEnv``)."""
 
 from __future__ import annotations
 
@@ -152,7 +119,57 @@ def reference(problem: Problem, params: dict[str, Any]) -> Callable:
 
 
 class CodeEnv(ToolEnv):
-    """Programming tasks graded by hidden unit tests run in a sandbox (see the module docstring)."""
+    """Code-v0: write a small Python function that passes hidden unit tests; the code runs only in a sandbox.
+
+    ## Description
+    Each seed draws a task from a family of small programming problems with random constants ("Write a
+    Python function count_above(xs) that returns how many numbers in xs are greater than 7."), a few visible
+    example tests and a set of hidden tests: inputs generated from the seed, expected outputs from a reference
+    solution. No hidden input is also an example, and no observation ever shows a hidden input.
+
+    ## Tools
+    - ``run_tests(code: str)``: runs the *example* tests on ``code``; returns the pass count and the first
+      failing example in full (its input, what came back, what was expected), as a problem statement's
+      examples would show it.
+    - ``submit(code: str)``: grades ``code`` on the *hidden* tests and ends the episode; the observation gives
+      only the pass count.
+
+    A policy that hard-codes what ``run_tests`` reveals learns the examples, not the hidden tests: the reward
+    comes only from code that computes the function. Code runs only in ``envs.sandbox`` (a separate process
+    with CPU, wall, memory, file-size and output limits, no network, no processes, no files outside its own
+    temporary directory); nothing the code does reaches the trainer, which only sees the returned values.
+
+    ## Arguments
+    ```python
+    gymnasium.make("Code-v0", n_tests=6, n_examples=3, wall_s=5.0, cpu_s=2, memory_mb=256, max_code_chars=2000,
+                   max_action_chars=1000, max_observation_chars=2000, render_mode=None, split=None,
+                   max_episode_steps=8)
+    ```
+    - ``n_tests=6``: hidden tests ``submit`` grades; ``n_examples=3``: example tests ``run_tests`` runs.
+    - ``wall_s=5.0``, ``cpu_s=2``, ``memory_mb=256``: the sandbox's limits for one ``run_tests`` or ``submit``.
+    - ``max_code_chars=2000``: the longest ``code`` argument accepted.
+    - ``max_action_chars=1000``, ``max_observation_chars=2000``, ``render_mode=None`` (or ``"ansi"``),
+      ``split=None`` (``"train"``, ``"val"``, ``"test"``): :class:`envs.base.ToolEnv`'s, as in every tool env.
+    - ``max_episode_steps``: Gymnasium's step budget (a ``TimeLimit``).
+
+    ## Information
+    :class:`envs.base.ToolEnv`'s keys (``tools``, ``task_key``, ``split`` from ``reset``; ``tool``, ``error``,
+    ``success``, ``error_counts`` and ``answer`` from ``step``).
+
+    ## Rewards
+    The fraction of hidden tests ``submit``'s code passes; success when all pass. An ``<answer>`` without a
+    submission gives up (reward 0).
+
+    ## Episode End
+    Terminated by ``submit`` (or an answer); truncated by the step budget (``max_episode_steps``, default 8).
+
+    ## Seeds and splits
+    ``reset(seed=s)`` fixes the task, its constants and the test inputs. A task is the problem with its
+    constants (``task_key``: 691 of them, in 11 families), and ``split=...`` keeps the tasks of one split.
+
+    ## Version History
+    - v0: initial version; examples apart from hidden tests, and wider constants, since the task split.
+    """
 
     def __init__(
         self,

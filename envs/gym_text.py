@@ -1,36 +1,8 @@
 """Gymnasium tasks with a discrete action space, played through tools: FrozenLakeText-v0 and TaxiText-v0.
 
-## Description
 ``GymTextEnv`` wraps a Gymnasium environment whose actions are ``Discrete(n)``: each action becomes a tool
 call (``move(direction)``, ``pickup()``, ...), the state is rendered as text, and the episode ends when
-the wrapped environment terminates. Subclasses say how to build the wrapped environment for a seed, which
-tool call is which action, and how to render the task and a state.
-
-- ``FrozenLakeText-v0``: ``FrozenLake-v1`` on a random 4x4 map per seed (``generate_random_map``, not
-  slippery by default). The map is in the task prompt; each observation gives the position and what lies
-  in each direction. Tool: ``move(direction)`` with left / down / right / up.
-- ``TaxiText-v0``: ``Taxi-v4`` from a random start per seed; the fixed map is in the prompt. Tools:
-  ``move(direction)`` with north / south / east / west, ``pickup()``, ``dropoff()``. An illegal pickup
-  or drop-off is a ``tool_error`` observation.
-
-## Tasks and splits
-A FrozenLake task is its map (``task_key``: the map's rows); a Taxi task is its start state (taxi position,
-passenger and destination: 300 tasks, so its test split holds about 30). ``split=...`` keeps one split.
-
-## Rewards
-1.0 when the wrapped task succeeds (FrozenLake: the goal is reached; Taxi: the passenger is dropped at the
-destination), 0.0 otherwise. The wrapped environment's own return is in ``info["env_return"]``.
-
-## Episode End
-Terminated when the wrapped environment terminates (or by an ``<answer>``, which gives up: reward 0);
-truncated by the step budget (``max_episode_steps``: 16 for FrozenLake, 24 for Taxi).
-
-## Teacher
-``PlannerTeacher`` runs value iteration on the wrapped environment's transition table ``P`` (privileged
-access) and takes the greedy action; when lazy it takes a random action in half of its turns.
-
-## Version History
-- v0: initial version.
+the wrapped environment terminates. Each environment is documented on its class.
 """
 
 from __future__ import annotations
@@ -59,7 +31,7 @@ def _direction_schema(directions: list[str]) -> dict[str, Any]:
 
 
 class GymTextEnv(ToolEnv):
-    """A discrete-action Gymnasium environment as a text tool environment (see the module docstring).
+    """A discrete-action Gymnasium environment as a text tool environment (FrozenLakeText-v0, TaxiText-v0).
 
     Subclasses set ``directions`` (move direction -> action index), ``commands`` (argument-less tool name ->
     action index), and implement ``_make_inner``, ``_describe`` and ``_render_state``; ``_success`` and
@@ -148,7 +120,47 @@ class GymTextEnv(ToolEnv):
 
 
 class FrozenLakeTextEnv(GymTextEnv):
-    """FrozenLake-v1 on a random map per seed, played with ``move(direction)``."""
+    """FrozenLakeText-v0: ``FrozenLake-v1`` on a random map per seed, played with ``move(direction)``.
+
+    ## Description
+    Each seed draws a map (``generate_random_map``, not slippery by default); the map is in the task prompt
+    and each observation gives the position and what lies in each direction. Tool: ``move(direction)`` with
+    left / down / right / up. A task is its map (``task_key``: the map's rows); ``split=...`` keeps one split.
+
+    ## Arguments
+    ```python
+    gymnasium.make("FrozenLakeText-v0", size=4, frozen_prob=0.8, is_slippery=False, max_action_chars=1000,
+                   max_observation_chars=2000, render_mode=None, split=None, max_episode_steps=16)
+    ```
+    - ``size=4``: the map's side.
+    - ``frozen_prob=0.8``: probability that a cell is ice (``generate_random_map``'s ``p``).
+    - ``is_slippery=False``: FrozenLake's slippery ice (a move may go sideways).
+    - ``max_action_chars=1000``, ``max_observation_chars=2000``, ``render_mode=None`` (or ``"ansi"``),
+      ``split=None`` (``"train"``, ``"val"``, ``"test"``): :class:`envs.base.ToolEnv`'s, as in every tool env.
+    - ``max_episode_steps``: Gymnasium's step budget (a ``TimeLimit``).
+
+    ## Action Space / Observation Space
+    ``Text``, as in :mod:`envs.base`.
+
+    ## Information
+    :class:`envs.base.ToolEnv`'s keys (``tools``, ``task_key``, ``split`` from ``reset``; ``tool``, ``error``,
+    ``success``, ``error_counts`` and ``answer`` from ``step``), and ``env_return``: the wrapped environment's
+    own return so far.
+
+    ## Rewards
+    1.0 when the wrapped task succeeds (the goal is reached), 0.0 otherwise.
+
+    ## Episode End
+    Terminated when the wrapped environment terminates (or by an ``<answer>``, which gives up: reward 0);
+    truncated by the step budget (``max_episode_steps``, default 16).
+
+    ## Teacher
+    ``PlannerTeacher`` runs value iteration on the wrapped environment's transition table ``P`` (privileged
+    access) and takes the greedy action; when lazy it takes a random action in half of its turns.
+
+    ## Version History
+    - v0: initial version.
+    """
 
     directions = {"left": 0, "down": 1, "right": 2, "up": 3}
     _offsets = {"left": (0, -1), "down": (1, 0), "right": (0, 1), "up": (-1, 0)}
@@ -206,7 +218,44 @@ TAXI_STANDS = ["R", "G", "Y", "B"]
 
 
 class TaxiTextEnv(GymTextEnv):
-    """Taxi-v4 from a random start per seed: fetch the passenger, drop them at the destination."""
+    """TaxiText-v0: ``Taxi-v4`` from a random start per seed: fetch the passenger, drop them at the destination.
+
+    ## Description
+    The fixed map is in the prompt. Tools: ``move(direction)`` with north / south / east / west, ``pickup()``,
+    ``dropoff()``; an illegal pickup or drop-off is a ``tool_error`` observation. A task is its start state
+    (taxi position, passenger and destination: 300 tasks, so its test split holds about 30).
+
+    ## Arguments
+    ```python
+    gymnasium.make("TaxiText-v0", max_action_chars=1000, max_observation_chars=2000, render_mode=None,
+                   split=None, max_episode_steps=24)
+    ```
+    - ``max_action_chars=1000``, ``max_observation_chars=2000``, ``render_mode=None`` (or ``"ansi"``),
+      ``split=None`` (``"train"``, ``"val"``, ``"test"``): :class:`envs.base.ToolEnv`'s, as in every tool env.
+    - ``max_episode_steps``: Gymnasium's step budget (a ``TimeLimit``).
+
+    ## Action Space / Observation Space
+    ``Text``, as in :mod:`envs.base`.
+
+    ## Information
+    :class:`envs.base.ToolEnv`'s keys (``tools``, ``task_key``, ``split`` from ``reset``; ``tool``, ``error``,
+    ``success``, ``error_counts`` and ``answer`` from ``step``), and ``env_return``: the wrapped environment's
+    own return so far.
+
+    ## Rewards
+    1.0 when the wrapped task succeeds (the passenger is dropped at the destination), 0.0 otherwise.
+
+    ## Episode End
+    Terminated when the wrapped environment terminates (or by an ``<answer>``, which gives up: reward 0);
+    truncated by the step budget (``max_episode_steps``, default 24).
+
+    ## Teacher
+    ``PlannerTeacher`` runs value iteration on the wrapped environment's transition table ``P`` (privileged
+    access) and takes the greedy action; when lazy it takes a random action in half of its turns.
+
+    ## Version History
+    - v0: initial version.
+    """
 
     directions = {"south": 0, "north": 1, "east": 2, "west": 3}
     commands = {"pickup": 4, "dropoff": 5}

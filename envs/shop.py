@@ -1,34 +1,4 @@
-"""Shop-v0: find and buy the product an instruction describes, in a catalogue generated per seed (after WebShop).
-
-## Description
-Each seed generates a catalogue of about 40 products (category, brand, features, colour and size options,
-price) and an instruction such as "Find waterproof lightweight running shoes in blue, size 9, under 60
-dollars." The catalogue holds near misses for the requested product: the same category with one of the
-features, or both features above the price limit. The agent searches, reads result and product pages,
-picks options and buys.
-
-## Tools
-- ``search(query: str)``: the five best keyword matches (``[id] title $price`` lines).
-- ``open(item_id: str)``: a product page (title, price, features, options); it becomes the current item.
-- ``choose(option: str, value: str)``: select an option (``color`` or ``size``) of the current item.
-- ``buy()``: buy the current item with the chosen options; ends the episode.
-
-## Rewards
-WebShop's: the share of the instruction's requirements the purchase meets, (features matched + options
-matched + price within the limit) / (features + options + 1), times 1 if the category matches, else 0.
-Success is a full match (reward 1.0). An ``<answer>`` without buying gives up (reward 0).
-
-## Episode End
-Terminated by ``buy()`` (or an answer); truncated by the step budget (``max_episode_steps``, default 12).
-An expert needs five tool calls: search, open, choose colour, choose size, buy.
-
-## Seeds and splits
-``reset(seed=s)`` fixes the catalogue and the instruction; a task is the instruction with its catalogue
-(``task_key``), and ``split=...`` keeps the tasks of one split.
-
-## Version History
-- v0: initial version.
-"""
+"""Shop-v0: find and buy the product an instruction describes (after WebShop; documented on ``ShopEnv``)."""
 
 from __future__ import annotations
 
@@ -98,7 +68,51 @@ def purchase_reward(goal: Goal, product: Product, chosen: dict[str, str]) -> flo
 
 
 class ShopEnv(ToolEnv):
-    """A web shop: search, open product pages, choose options, buy (see the module docstring)."""
+    """Shop-v0: find and buy the product an instruction describes, in a catalogue generated per seed (after WebShop).
+
+    ## Description
+    Each seed generates a catalogue of about 40 products (category, brand, features, colour and size options,
+    price) and an instruction such as "Find waterproof lightweight running shoes in blue, size 9, under 60
+    dollars." The catalogue holds near misses for the requested product: the same category with one of the
+    features, or both features above the price limit. The agent searches, reads result and product pages,
+    picks options and buys.
+
+    ## Tools
+    - ``search(query: str)``: the five best keyword matches (``[id] title $price`` lines).
+    - ``open(item_id: str)``: a product page (title, price, features, options); it becomes the current item.
+    - ``choose(option: str, value: str)``: select an option (``color`` or ``size``) of the current item.
+    - ``buy()``: buy the current item with the chosen options; ends the episode.
+
+    ## Arguments
+    ```python
+    gymnasium.make("Shop-v0", n_products=40, max_action_chars=1000, max_observation_chars=2000,
+                   render_mode=None, split=None, max_episode_steps=12)
+    ```
+    - ``n_products=40``: catalogue size per seed (near misses included).
+    - ``max_action_chars=1000``, ``max_observation_chars=2000``, ``render_mode=None`` (or ``"ansi"``),
+      ``split=None`` (``"train"``, ``"val"``, ``"test"``): :class:`envs.base.ToolEnv`'s, as in every tool env.
+    - ``max_episode_steps``: Gymnasium's step budget (a ``TimeLimit``).
+
+    ## Information
+    :class:`envs.base.ToolEnv`'s keys (``tools``, ``task_key``, ``split`` from ``reset``; ``tool``, ``error``,
+    ``success``, ``error_counts`` and ``answer`` from ``step``).
+
+    ## Rewards
+    WebShop's: the share of the instruction's requirements the purchase meets, (features matched + options
+    matched + price within the limit) / (features + options + 1), times 1 if the category matches, else 0.
+    Success is a full match (reward 1.0). An ``<answer>`` without buying gives up (reward 0).
+
+    ## Episode End
+    Terminated by ``buy()`` (or an answer); truncated by the step budget (``max_episode_steps``, default 12).
+    An expert needs five tool calls: search, open, choose colour, choose size, buy.
+
+    ## Seeds and splits
+    ``reset(seed=s)`` fixes the catalogue and the instruction; a task is the instruction with its catalogue
+    (``task_key``), and ``split=...`` keeps the tasks of one split.
+
+    ## Version History
+    - v0: initial version.
+    """
 
     def __init__(self, n_products: int = 40, **kwargs):
         super().__init__(**kwargs)

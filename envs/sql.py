@@ -1,39 +1,4 @@
-"""SQL-v0: questions over a small company database, answered by querying it (after AgentBench's DB task).
-
-## Description
-Each seed generates a SQLite database (stdlib :mod:`sqlite3`, in memory) with three tables::
-
-    departments(id, name, city)
-    employees(id, name, dept_id, salary, hire_year)
-    orders(id, employee_id, amount, year)
-
-and one question about it ("How many employees work in the Sales department?"). The agent queries the
-database and answers; the answer is checked against the ground truth computed from the same database.
-
-## Tools
-``sql(query: str)``: runs one read-only ``SELECT`` (an authorizer denies writes, ``ATTACH``, ``PRAGMA``
-and schema changes), stops after ``time_limit_s`` and returns at most ``max_rows`` rows, rendered as
-``col | col`` lines. Every call is bounded: no string or blob may exceed ``max_value_bytes`` (SQLite's
-length limit, so ``randomblob(300000000)`` or a string-doubling CTE fails at once instead of allocating
-gigabytes), a shown cell is cut at ``MAX_CELL_CHARS`` characters, and SQLite's heap in this process is
-capped at ``HEAP_LIMIT_BYTES`` (a process-wide SQLite setting, applied only where none is set).
-
-## Action Space / Observation Space
-``Text``, as in :mod:`envs.base`.
-
-## Rewards
-1.0 for a correct final answer (numbers compared numerically), 0.0 otherwise.
-
-## Episode End
-Terminated by a final answer; truncated by the step budget (``max_episode_steps``, default 8).
-
-## Seeds and splits
-``reset(seed=s)`` fixes the database and the question; a task is the question with its database
-(``task_key``), and ``split=...`` keeps the tasks of one split.
-
-## Version History
-- v0: initial version.
-"""
+"""SQL-v0: questions over a per-seed company database, answered by querying it (documented on ``SQLEnv``)."""
 
 from __future__ import annotations
 
@@ -101,7 +66,58 @@ def render_rows(columns: list[str], rows: list[tuple], truncated: bool) -> str:
 
 
 class SQLEnv(ToolEnv):
-    """Questions over a per-seed SQLite database, answered through a read-only ``sql`` tool."""
+    """SQL-v0: questions over a small company database, answered by querying it (after AgentBench's DB task).
+
+    ## Description
+    Each seed generates a SQLite database (stdlib :mod:`sqlite3`, in memory) with three tables::
+
+        departments(id, name, city)
+        employees(id, name, dept_id, salary, hire_year)
+        orders(id, employee_id, amount, year)
+
+    and one question about it ("How many employees work in the Sales department?"). The agent queries the
+    database and answers; the answer is checked against the ground truth computed from the same database.
+
+    ## Tools
+    ``sql(query: str)``: runs one read-only ``SELECT`` (an authorizer denies writes, ``ATTACH``, ``PRAGMA``
+    and schema changes), stops after ``time_limit_s`` and returns at most ``max_rows`` rows, rendered as
+    ``col | col`` lines. Every call is bounded: no string or blob may exceed ``max_value_bytes`` (SQLite's
+    length limit, so ``randomblob(300000000)`` or a string-doubling CTE fails at once instead of allocating
+    gigabytes), a shown cell is cut at ``MAX_CELL_CHARS`` characters, and SQLite's heap in this process is
+    capped at ``HEAP_LIMIT_BYTES`` (a process-wide SQLite setting, applied only where none is set).
+
+    ## Action Space / Observation Space
+    ``Text``, as in :mod:`envs.base`.
+
+    ## Arguments
+    ```python
+    gymnasium.make("SQL-v0", time_limit_s=1.0, max_rows=20, max_value_bytes=100_000, max_action_chars=1000,
+                   max_observation_chars=2000, render_mode=None, split=None, max_episode_steps=8)
+    ```
+    - ``time_limit_s=1.0``: wall-clock limit of one statement.
+    - ``max_rows=20``: rows one ``sql`` call returns at most.
+    - ``max_value_bytes=100_000``: the longest string or blob a statement may build (SQLite's length limit).
+    - ``max_action_chars=1000``, ``max_observation_chars=2000``, ``render_mode=None`` (or ``"ansi"``),
+      ``split=None`` (``"train"``, ``"val"``, ``"test"``): :class:`envs.base.ToolEnv`'s, as in every tool env.
+    - ``max_episode_steps``: Gymnasium's step budget (a ``TimeLimit``).
+
+    ## Information
+    :class:`envs.base.ToolEnv`'s keys (``tools``, ``task_key``, ``split`` from ``reset``; ``tool``, ``error``,
+    ``success``, ``error_counts`` and ``answer`` from ``step``).
+
+    ## Rewards
+    1.0 for a correct final answer (numbers compared numerically), 0.0 otherwise.
+
+    ## Episode End
+    Terminated by a final answer; truncated by the step budget (``max_episode_steps``, default 8).
+
+    ## Seeds and splits
+    ``reset(seed=s)`` fixes the database and the question; a task is the question with its database
+    (``task_key``), and ``split=...`` keeps the tasks of one split.
+
+    ## Version History
+    - v0: initial version.
+    """
 
     def __init__(self, time_limit_s: float = 1.0, max_rows: int = 20, max_value_bytes: int = 100_000, **kwargs):
         super().__init__(**kwargs)

@@ -518,3 +518,36 @@ def test_code_reward_cannot_be_won_by_hard_coding_what_run_tests_reveals(seed):
     assert terminated and reward == 0.0 and not info["success"], obs
     hidden = {json.dumps(args) for args, _ in env.unwrapped.tests}
     assert not hidden & {json.dumps(args) for args, _ in env.unwrapped.examples}
+
+
+@pytest.mark.parametrize("env_id", ["Calculator-v0", "SQL-v0", "Shop-v0", "Code-v0", "FrozenLakeText-v0", "TaxiText-v0"])
+def test_each_env_documents_its_gym_make_call_with_every_keyword_and_default(env_id):
+    """Gymnasium's convention: the env class's docstring gives the exact ``gymnasium.make`` call under ``##
+    Arguments``, every keyword with its default, and an ``## Information`` section; the defaults live in
+    ``__init__`` only (conf/env/*.yaml sets only what it changes)."""
+    import inspect
+
+    import yaml
+
+    cls = type(gym.make(env_id).unwrapped)
+    doc = inspect.getdoc(cls)
+    assert "## Arguments" in doc and "## Information" in doc
+    call = re.search(r'gymnasium\.make\("' + re.escape(env_id) + r'"(.*?)\)\n', doc, re.S)
+    assert call, doc
+    documented = dict(re.findall(r"(\w+)=([^,\s)]+)", call.group(1)))
+    keywords = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass):
+            for name, p in inspect.signature(klass.__init__).parameters.items():
+                if p.default is not inspect.Parameter.empty:
+                    keywords[name] = p.default
+    assert set(documented) == set(keywords) | {"max_episode_steps"}
+    for name, default in keywords.items():
+        assert documented[name] == repr(default).replace("100000", "100_000"), name
+    assert documented["max_episode_steps"] == str(gym.spec(env_id).max_episode_steps)
+    conf = Path(__file__).resolve().parents[1] / "conf" / "env"
+    for path in conf.glob("*.yaml"):
+        data = yaml.safe_load(path.read_text())
+        entries = (data.get("env", data) or {}).get("envs", {})
+        for key, value in ((entries.get(env_id) or {}).get("kwargs") or {}).items():
+            assert value != keywords[key], f"{path.name} repeats {env_id}'s default {key}={value!r}"
