@@ -4,6 +4,8 @@ runtime switches a model to while it runs."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -40,6 +42,38 @@ def _groups(needs: list[int]) -> list[tuple[int, int, int]]:
     return best[-1][1]
 
 
+@dataclass
+class _Batched:
+    """The rows of a pass attended together (each feeds at most ``batch_limit`` tokens)."""
+
+    queries: int
+    """queries per slot: the longest batched row (shorter rows are padded to it)"""
+    dense: bool
+    """one token for every slot, in slot order: the packed tokens are the query rows as they are"""
+    groups: list[tuple[int, int, int]]
+    """(first slot, end slot, width) of each attention call (``_groups``)"""
+    mask: torch.Tensor | None = None
+    """(slots, 1, queries, width): query j of slot s sees columns up to its own; None: every column"""
+    token: torch.Tensor | None = None
+    """where each batched token sits when not dense: its packed index, its slot and its query index there"""
+    slot: torch.Tensor | None = None
+    query: torch.Tensor | None = None
+
+
+@dataclass
+class _Single:
+    """A row attended alone (a prompt, an observation): its packed tokens over its slot's own columns."""
+
+    first: int
+    """its first packed token"""
+    count: int
+    slot: int
+    columns: int
+    """the slot's columns it reads (the cache's earlier ones and its own)"""
+    mask: torch.Tensor | None
+    """None: causal (the slot's cache was empty)"""
+
+
 class _Pass:
     """The layout of one packed forward pass: the fed tokens of every slot that takes part, in one row.
 
@@ -57,7 +91,7 @@ class _Pass:
 
     def __init__(self, rows: list[int], counts: list[int], lengths: list[int], batch_limit: int, device):
         token_rows, token_columns, batched = [], [], []
-        self.singles = []  # (first packed token, count, slot, columns, mask or None: causal) of rows attended alone
+        self.singles: list[_Single] = []  # the rows attended alone
         first = 0
         for s, n in zip(rows, counts):
             c = lengths[s]
@@ -67,11 +101,11 @@ class _Pass:
                 batched.append((first, s, n))
             else:  # query i sees the slot's c earlier columns and the row's tokens up to its own
                 mask = torch.arange(c + n)[None, :] <= torch.arange(c, c + n)[:, None] if c else None
-                self.singles.append((first, n, s, c + n, None if mask is None else mask.to(device)))
+                self.singles.append(_Single(first, n, s, c + n, None if mask is None else mask.to(device)))
             first += n
         self.write_at = (torch.tensor(token_rows, device=device), torch.tensor(token_columns, device=device))
         self.columns = max(token_columns) + 1  # the cache columns this pass needs
-        self.batched = None
+        self.batched: _Batched | None = None
         if not batched:
             return
         slots, queries = len(lengths), max(n for _, _, n in batched)
@@ -81,13 +115,11 @@ class _Pass:
         for _, s, n in batched:
             needs[s] = lengths[s] + n
         groups = _groups(needs)  # ranges of slots attended together, each over its own width
-        self.batched = {"queries": queries, "dense": dense, "mask": None, "groups": groups}
+        self.batched = _Batched(queries, dense, groups)
         if not dense:  # where each batched token sits: packed index, slot, and query index in its slot
-            self.batched |= {
-                "token": torch.tensor([f + j for f, _, n in batched for j in range(n)], device=device),
-                "slot": torch.tensor([s for _, s, n in batched for _ in range(n)], device=device),
-                "query": torch.tensor([j for _, _, n in batched for j in range(n)], device=device),
-            }
+            self.batched.token = torch.tensor([f + j for f, _, n in batched for j in range(n)], device=device)
+            self.batched.slot = torch.tensor([s for _, s, n in batched for _ in range(n)], device=device)
+            self.batched.query = torch.tensor([j for _, _, n in batched for j in range(n)], device=device)
         if not (dense and len(set(lengths)) == 1):
             # query j of slot s sees columns up to lengths[s] + j (slots without a batched row: column 0 only,
             # a finite result that is discarded)
@@ -96,7 +128,7 @@ class _Pass:
                 base[s] = lengths[s]
             last = torch.tensor(base)[:, None] + torch.arange(queries)[None, :]
             allowed = torch.arange(width)[None, None, :] <= last[:, :, None]
-            self.batched["mask"] = allowed[:, None].to(device)
+            self.batched.mask = allowed[:, None].to(device)
 
     @staticmethod
     def _attend_groups(query, key, value, mask, groups, scale, gqa) -> torch.Tensor:
@@ -124,26 +156,27 @@ class _Pass:
         rows = query[0].transpose(0, 1)  # (tokens, heads, head_dim)
         b = self.batched
         if b is not None:
-            if b["dense"]:
-                o = self._attend_groups(rows[:, :, None], key, value, b["mask"], b["groups"], scale, gqa)
+            if b.dense:
+                o = self._attend_groups(rows[:, :, None], key, value, b.mask, b.groups, scale, gqa)
                 return o.transpose(1, 2).transpose(0, 1)  # (1, slots, heads, head_dim)
-            q = rows.new_zeros(key.shape[0], b["queries"], *rows.shape[1:])
-            q[b["slot"], b["query"]] = rows[b["token"]]
-            o = self._attend_groups(q.transpose(1, 2), key, value, b["mask"], b["groups"], scale, gqa)
+            q = rows.new_zeros(key.shape[0], b.queries, *rows.shape[1:])
+            q[b.slot, b.query] = rows[b.token]
+            o = self._attend_groups(q.transpose(1, 2), key, value, b.mask, b.groups, scale, gqa)
         out = torch.empty_like(rows)
         if b is not None:
-            out[b["token"]] = o.transpose(1, 2)[b["slot"], b["query"]]
-        for first, n, s, c, mask in self.singles:
+            out[b.token] = o.transpose(1, 2)[b.slot, b.query]
+        for one in self.singles:
+            s, end = one.slot, one.first + one.count
             o = F.scaled_dot_product_attention(
-                query[:, :, first : first + n],
-                key[s : s + 1, :, :c],
-                value[s : s + 1, :, :c],
-                attn_mask=mask,
-                is_causal=mask is None,
+                query[:, :, one.first : end],
+                key[s : s + 1, :, : one.columns],
+                value[s : s + 1, :, : one.columns],
+                attn_mask=one.mask,
+                is_causal=one.mask is None,
                 scale=scale,
                 enable_gqa=gqa,
             )
-            out[first : first + n] = o[0].transpose(0, 1)
+            out[one.first : end] = o[0].transpose(0, 1)
         return out[None]
 
 

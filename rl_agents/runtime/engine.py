@@ -37,7 +37,7 @@ from rl_agents.runtime.attention import _NO_MASK, SLOT_ATTENTION, _Pass
 from rl_agents.runtime.cache import SlotCache
 from rl_agents.runtime.config import RuntimeConfig, check_workers
 from rl_agents.runtime.drafting import NgramDrafter, NgramIndex, speculative_token
-from rl_agents.runtime.workers import _Indices, _worker
+from rl_agents.runtime.workers import Done, Failed, Job, _Indices, _worker
 from rl_agents.trajectory import (
     END_OF_TURN,
     FORMAT_VERSION,
@@ -213,7 +213,7 @@ class Runtime:
             main.__dict__.pop("__spec__", None)
             main.__dict__.update(saved)
         for process, conn in self._workers:
-            self._reply(process, conn)  # ("ready",)
+            self._reply(process, conn)  # Ready
 
     def _reply(self, process, conn):
         """A worker's next message; a worker that died or failed stops them all with a ``RuntimeError``."""
@@ -222,21 +222,21 @@ class Runtime:
         except EOFError:
             self.close()
             raise RuntimeError(f"a runtime worker process died (exit code {process.exitcode})") from None
-        if reply[0] == "error":
+        if isinstance(reply, Failed):
             self.close()
-            raise RuntimeError(f"a runtime worker process failed:\n{reply[1]}")
+            raise RuntimeError(f"a runtime worker process failed:\n{reply.traceback}")
         return reply
 
     def _run_workers(self, env_id, seeds, env_kwargs, policy, forced) -> list[tuple[int, Trajectory]]:
         self._counter.value = 0
-        job = (gym.spec(env_id), list(seeds), env_kwargs, policy, forced, self.runs, self.first_index)
+        job = Job(gym.spec(env_id), list(seeds), env_kwargs, policy, forced, self.runs, self.first_index)
         for _, conn in self._workers:
             conn.send(job)
         done = []
         for process, conn in self._workers:
-            reply = self._reply(process, conn)
-            done += reply[1]
-            for key, value in reply[2].items():
+            reply: Done = self._reply(process, conn)
+            done += reply.episodes
+            for key, value in reply.stats.items():
                 self.stats[key] = self.stats.get(key, 0) + value
         return done
 

@@ -3,10 +3,50 @@ episodes it takes from a counter shared with the others (``_Indices``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import gymnasium as gym
 import torch
 
 from rl_agents.runtime.config import RuntimeConfig
+
+
+# --- the messages between the runtime and its workers (a None job stops a worker) ------------------
+@dataclass
+class Job:
+    """Parent -> worker: run these episodes (the worker takes their indices from the shared counter)."""
+
+    spec: gym.envs.registration.EnvSpec
+    """the environment's spec (sent whole: a user env registered in the parent only is registered from it)"""
+    seeds: list[int]
+    env_kwargs: dict | None
+    policy: str
+    forced: Any
+    """teacher-forced turns per episode, or None"""
+    runs: int
+    """the parent's run counter and the run's first global episode index: the sampling streams depend on them"""
+    first_index: int
+
+
+@dataclass
+class Ready:
+    """Worker -> parent: the model is loaded and warmed up."""
+
+
+@dataclass
+class Done:
+    """Worker -> parent: the episodes this worker ran, as (index in the job, trajectory), and its stats."""
+
+    episodes: list
+    stats: dict[str, float]
+
+
+@dataclass
+class Failed:
+    """Worker -> parent: the job raised; the parent raises it, with this traceback."""
+
+    traceback: str
 
 
 class _Indices:
@@ -32,23 +72,23 @@ class _Indices:
 def _worker(runtime_class, model, tokenizer, config: RuntimeConfig, seed: int, threads: int, counter, conn) -> None:
     """A worker process of a ``Runtime`` (``runtime_class``, given by the parent so that this module needs nothing
     of the engine): runs each job's episodes that it takes from ``counter``, and sends back
-    ("ok", [(index, trajectory)], stats) or ("error", traceback)."""
+    ``Done`` or ``Failed`` for each ``Job``."""
     import traceback
 
     torch.set_num_threads(threads)
     runtime = runtime_class(model, tokenizer, config, seed)
     with torch.no_grad():  # the first forward pass pays for allocation and kernel selection
         model(input_ids=torch.zeros(1, 8, dtype=torch.long))
-    conn.send(("ready",))
+    conn.send(Ready())
     while (job := conn.recv()) is not None:
-        spec, seeds, env_kwargs, policy, forced, runs, first_index = job
         try:
-            if spec.id not in gym.registry:  # registered in the parent only (not by an import)
-                gym.registry[spec.id] = spec
+            if job.spec.id not in gym.registry:  # registered in the parent only (not by an import)
+                gym.registry[job.spec.id] = job.spec
             before = dict(runtime.stats)
-            runtime.runs, runtime.first_index = runs, first_index
-            done = runtime._episodes(spec.id, seeds, env_kwargs, policy, forced, _Indices(len(seeds), counter))
+            runtime.runs, runtime.first_index = job.runs, job.first_index
+            indices = _Indices(len(job.seeds), counter)
+            done = runtime._episodes(job.spec.id, job.seeds, job.env_kwargs, job.policy, job.forced, indices)
             stats = {k: v - before.get(k, 0) for k, v in runtime.stats.items() if k != "wall_s"}
-            conn.send(("ok", done, stats))
+            conn.send(Done(done, stats))
         except Exception:  # noqa: BLE001  (sent to the parent, which raises it)
-            conn.send(("error", traceback.format_exc()))
+            conn.send(Failed(traceback.format_exc()))
