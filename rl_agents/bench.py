@@ -55,7 +55,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rl_agents.collect import teacher_episode
 from rl_agents.config import ConfigError, EnvConfig, ModelConfig, env_entries, scale_size, validate_bench
 from rl_agents.model import build_tiny_model, load_policy
-from rl_agents.runtime import NgramDrafter, Runtime, RuntimeConfig
+from rl_agents.runtime import NgramDrafter, Runtime, RuntimeConfig, verify_draft
 from rl_agents.teachers import SYSTEM_PROMPT
 from rl_agents.trajectory import (
     END_OF_TURN,
@@ -171,12 +171,13 @@ class Orchestrated:
         generated: list[int] = []
         while True:
             choices = out.logits[0, -1 - len(draft) :].argmax(-1).tolist()
-            for j, choice in enumerate(choices):
-                token = choice if forced is None else forced[min(len(generated), len(forced) - 1)]
+
+            def choose(j: int, proposed: int | None, choices=choices) -> tuple[int, float]:  # greedy, or replayed
+                return (choices[j] if forced is None else forced[min(len(generated), len(forced) - 1)]), 0.0
+
+            for token, _ in verify_draft(draft, choose):  # the runtime's rule: the draft up to its first miss
                 generated.append(token)
                 if token == self.eot_id or len(generated) >= self.config.max_new_tokens:
-                    break
-                if j == len(draft) or token != draft[j]:
                     break
             if generated[-1] == self.eot_id or len(generated) >= self.config.max_new_tokens:
                 break

@@ -94,8 +94,6 @@ class WandbMode(StrEnum):
     disabled = "disabled"
 
 
-
-
 # --- schemas of the stages ---
 @dataclass
 class BCConfig:

@@ -227,7 +227,13 @@ def tiny_policy(cfg, run_dir: Path, trajectories: list[Trajectory]) -> tuple[Pre
         m = cfg.model
         tokenizer = build_tokenizer(trajectory_texts(trajectories), m.vocab_size, m.number_chunk, m.merge_across_words)
         model = build_tiny_model(
-            tokenizer, cfg.seed, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size, m.max_position_embeddings
+            tokenizer,
+            cfg.seed,
+            m.hidden_size,
+            m.num_layers,
+            m.num_heads,
+            m.intermediate_size,
+            m.max_position_embeddings,
         )
         if m.copy_pretrain_steps:
             model = copy_pretrain(model, tokenizer, m.copy_pretrain_steps, cfg.seed, m.copy_pretrain_span)

@@ -111,7 +111,9 @@ def stage_bc(
     if cfg.peft.enabled:
         # a pretrained vocabulary gained the format's tokens at load: their embeddings train fully (the tiny
         # model's tokenizer was built with them)
-        new_ids = [] if cfg.model._target_ == TINY_MODEL else [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+        new_ids = (
+            [] if cfg.model._target_ == TINY_MODEL else [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+        )
         p = cfg.peft
         peft = lora_config(p.r, p.alpha, p.dropout, p.target_modules, new_ids)
     bc_config = BCConfig(**OmegaConf.to_container(cfg.bc))

@@ -72,7 +72,9 @@ def test_schema_rejects_unknown_keys_and_bad_types(override):
     assert override.split("=")[0].split(".")[-1] in str(err.value) + str(err.value.__cause__)
 
 
-@pytest.mark.parametrize(("override", "choices"), [("algo.kl_in=both", "reward, loss"), ("algo.gae_level=step", "token, turn")])
+@pytest.mark.parametrize(
+    ("override", "choices"), [("algo.kl_in=both", "reward, loss"), ("algo.gae_level=step", "token, turn")]
+)
 def test_a_closed_choice_is_refused_with_the_choices_named(override, choices):
     with pytest.raises((ConfigCompositionException, ValidationError)) as err:
         _compose(["algo=ppo", override])

@@ -520,7 +520,9 @@ def test_code_reward_cannot_be_won_by_hard_coding_what_run_tests_reveals(seed):
     assert not hidden & {json.dumps(args) for args, _ in env.unwrapped.examples}
 
 
-@pytest.mark.parametrize("env_id", ["Calculator-v0", "SQL-v0", "Shop-v0", "Code-v0", "FrozenLakeText-v0", "TaxiText-v0"])
+@pytest.mark.parametrize(
+    "env_id", ["Calculator-v0", "SQL-v0", "Shop-v0", "Code-v0", "FrozenLakeText-v0", "TaxiText-v0"]
+)
 def test_each_env_documents_its_gym_make_call_with_every_keyword_and_default(env_id):
     """Gymnasium's convention: the env class's docstring gives the exact ``gymnasium.make`` call under ``##
     Arguments``, every keyword with its default, and an ``## Information`` section; the defaults live in

@@ -267,8 +267,8 @@ def test_ppo_decoupled_lambda_gives_the_critic_monte_carlo_returns():
     """critic_lam=1: the value targets are the returns-to-go whatever the values; the advantages keep lam."""
     from omegaconf import OmegaConf
 
-    from rl_agents.ppo import advantages_and_returns
     from rl_agents.config import PPOAlgoConfig
+    from rl_agents.ppo import advantages_and_returns
 
     mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]])
     rewards = torch.tensor([[0.0, 0.5, 0.0, 1.0]])

@@ -17,6 +17,7 @@ from rl_agents.runtime import (
     RuntimeConfig,
     SlotCache,
     speculative_token,
+    verify_draft,
 )
 from rl_agents.runtime import attention as runtime_attention
 from rl_agents.runtime import cache as runtime_cache
@@ -485,3 +486,19 @@ def test_a_tokenizer_that_does_not_belong_to_its_model_is_refused(tiny_policy, t
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="do not belong together"):
         load_policy(tmp_path, local_files_only=True)
+
+
+def test_a_verified_draft_is_kept_up_to_its_first_miss_and_the_choice_there():
+    """The one acceptance rule of the runtime and the bench's orchestrated agent: position j's choice is emitted
+    and the draft stops at the first position whose choice differs (after a full match: one more token)."""
+    policy = [5, 6, 9, 1]  # what the model chooses at each position of the verifying pass
+    seen = []
+
+    def choose(j, proposed):
+        seen.append((j, proposed))
+        return policy[j], -0.5
+
+    assert [t for t, _ in verify_draft([5, 6, 7], choose)] == [5, 6, 9]
+    assert seen == [(0, 5), (1, 6), (2, 7)]  # the verifier never looks past the miss
+    assert [t for t, _ in verify_draft([5, 6, 9], choose)] == [5, 6, 9, 1]  # all kept, then the next token
+    assert [t for t, _ in verify_draft([], choose)] == [5]  # no draft: one token, as without drafting

@@ -13,7 +13,7 @@ others are parts a reader can skip:
 from rl_agents.runtime.attention import SLOT_ATTENTION, slot_attention
 from rl_agents.runtime.cache import REGION_SLOTS, SlotCache
 from rl_agents.runtime.config import RuntimeConfig, check_workers
-from rl_agents.runtime.drafting import NgramDrafter, NgramIndex, speculative_token
+from rl_agents.runtime.drafting import NgramDrafter, NgramIndex, speculative_token, verify_draft
 from rl_agents.runtime.engine import Runtime
 
 __all__ = [
@@ -27,4 +27,5 @@ __all__ = [
     "check_workers",
     "slot_attention",
     "speculative_token",
+    "verify_draft",
 ]

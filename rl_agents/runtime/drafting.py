@@ -1,9 +1,10 @@
 """Speculative decoding without a draft model: n-gram drafts taken from the episode itself (``NgramDrafter``),
-verified by the packed pass, and the token a sampled step keeps given a draft (``speculative_token``)."""
+which tokens of a draft a verifying forward pass keeps (``verify_draft``: the runtime's and the bench's
+orchestrated agent's one rule), and the token a sampled step keeps given a draft (``speculative_token``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,6 +24,26 @@ def speculative_token(probs: torch.Tensor, proposed: int | None, generator: torc
     residual = probs.clone()
     residual[proposed] = 0.0
     return int(torch.multinomial(residual, 1, generator=generator))
+
+
+def verify_draft(
+    draft: list[int], choose: Callable[[int, int | None], tuple[int, float]]
+) -> Iterator[tuple[int, float]]:
+    """Draft-and-verify: the tokens one forward pass over a draft emits.
+
+    The pass gives a distribution at each of the ``len(draft) + 1`` positions (after the fed token, after
+    each draft token). ``choose(j, proposed)`` picks position ``j``'s token and its log-probability (the
+    argmax, a forced token, or ``speculative_token``), given the draft's token there (None after the whole
+    draft). Each choice is yielded; the draft is kept up to the first position whose choice differs from it,
+    which is the last one emitted. The caller leaves the loop earlier where its sequence ends (an end of turn,
+    a token budget).
+    """
+    for j in range(len(draft) + 1):
+        proposed = draft[j] if j < len(draft) else None
+        token, logprob = choose(j, proposed)
+        yield token, logprob
+        if token != proposed:
+            return
 
 
 def _ngrams_before(tokens: list[int], j: int, ngram: int) -> Iterator[tuple[int, ...]]:

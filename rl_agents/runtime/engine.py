@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
+from functools import partial
 from itertools import chain
 
 import gymnasium as gym
@@ -36,7 +37,7 @@ from rl_agents.runtime import cache as slot_cache
 from rl_agents.runtime.attention import _NO_MASK, SLOT_ATTENTION, _Pass
 from rl_agents.runtime.cache import SlotCache
 from rl_agents.runtime.config import RuntimeConfig, check_workers
-from rl_agents.runtime.drafting import NgramDrafter, NgramIndex, speculative_token
+from rl_agents.runtime.drafting import NgramDrafter, NgramIndex, speculative_token, verify_draft
 from rl_agents.runtime.workers import Done, Failed, Job, _Indices, _worker
 from rl_agents.trajectory import (
     END_OF_TURN,
@@ -442,25 +443,22 @@ class Runtime:
         if not cfg.greedy:
             probs = self._top_p(logp.exp())
             probs = probs / probs.sum(dim=-1, keepdim=True)
+
+        def choose(e: _Episode, row: int, j: int, proposed: int | None) -> tuple[int, float]:
+            forced = self._forced(e, logits, row, j)
+            if forced is not None:
+                return forced
+            token = choice[row][j] if cfg.greedy else speculative_token(probs[row, j], proposed, e.generator)
+            return token, float(logp[row, j, token])
+
         for row, s in enumerate(rows):
             e, draft = slots[s], drafts[row]
             e.pending = []
-            for j in range(len(draft) + 1):
-                proposed = draft[j] if j < len(draft) else None
-                forced = self._forced(e, logits, row, j)
-                if forced is not None:
-                    token, logprob = forced
-                else:
-                    if cfg.greedy:
-                        token = choice[row][j]
-                    else:
-                        token = speculative_token(probs[row, j], proposed, e.generator)
-                    logprob = float(logp[row, j, token])
+            for j, (token, logprob) in enumerate(verify_draft(draft, partial(choose, e, row))):
                 turns = len(e.turns)
                 self._advance(e, token, logprob)
-                if token != proposed:
-                    break
-                self.stats["accepted_tokens"] += 1
+                if j < len(draft) and token == draft[j]:
+                    self.stats["accepted_tokens"] += 1
                 if e.done or len(e.turns) > turns:
                     break
 
