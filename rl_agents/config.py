@@ -97,12 +97,12 @@ class WandbMode(StrEnum):
 # --- schemas of the stages ---
 @dataclass
 class BCConfig:
-    max_steps: int = 600
+    max_steps: int = 2000
     """optimizer steps"""
     batch_size: int = 32
     """sequences per step (per device)"""
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 3e-3
+    learning_rate: float = 2e-3
     lr_scheduler_type: str = "cosine"
     warmup_steps: float = 0.05
     """a fraction of max_steps when below 1"""
@@ -117,7 +117,7 @@ class BCConfig:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory for large models, slower steps (11% on the tiny one)"""
     logging_steps: int = 10
-    save_steps: int = 200
+    save_steps: int = 500
     save_total_limit: int = 2
 
 
@@ -319,7 +319,7 @@ class LoggerConfig:
 
 @dataclass
 class CollectConfig:
-    episodes: int = 2000
+    episodes: int = 32_000
     keep: Keep = Keep.success
     """success: rejection sampling, keep successful episodes; all: keep every episode"""
 

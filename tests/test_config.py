@@ -171,3 +171,18 @@ def test_evaluate_config_needs_a_real_checkpoint(tmp_path):
     cfg = _compose([f"checkpoint={tmp_path}"], name="evaluate")
     with pytest.raises(ConfigError, match="not a saved policy"):
         validate_evaluate(cfg)
+
+
+def test_the_default_budget_is_the_schemas_own_defaults():
+    """budget/default.yaml writes out the schema's defaults (so that budget=smoke can swap them): a library user
+    constructing the dataclasses gets the same run as the command line."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from rl_agents.config import TrainConfig
+
+    budget = yaml.safe_load((Path(CONF) / "budget" / "default.yaml").read_text())
+    schema = OmegaConf.structured(TrainConfig)
+    for group, values in budget.items():
+        for key, value in values.items():
+            assert schema[group][key] == value, f"{group}.{key}: schema {schema[group][key]}, budget {value}"
