@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import operator
 
-from envs.base import Task, Tool, ToolEnv, ToolError
+from envs.base import Task, Tool, ToolEnv, ToolError, answers_match
 from envs.teacher import ScriptedTeacher, answer, tool_call
 
 _BINOPS = {
@@ -152,13 +152,13 @@ class CalculatorTeacher(ScriptedTeacher):
     """Expert: call the calculator on the expression, retry after a timeout, answer with the result."""
 
     def expert(self, env: CalculatorEnv, history: list[tuple[str, str]]) -> str:
+        """From any state (DAgger labels the policy's): answer once the last observation is the expression's
+        value, else call the calculator on the expression (again, after a timeout or a wrong call)."""
         expression = env.task.extra["expression"]
-        if not history:
-            return self.thought("Use the calculator.") + tool_call("calculator", expression=expression)
-        last = history[-1][1]
-        if last.startswith("ERROR"):
-            return self.thought("The tool failed; retry.") + tool_call("calculator", expression=expression)
-        return answer(last.strip())
+        if history and answers_match(history[-1][1].strip(), env.task.answer, env.task.tolerance):
+            return answer(history[-1][1].strip())
+        thought = "The tool failed; retry." if history and history[-1][1].startswith("ERROR") else "Use the calculator."
+        return self.thought(thought) + tool_call("calculator", expression=expression)
 
     def lazy_act(self, env: CalculatorEnv, history: list[tuple[str, str]]) -> str:
         """A lazy teacher guesses, drops an operand, or gives up after an error."""

@@ -284,7 +284,21 @@ class ShopTeacher(ScriptedTeacher):
         return goal.target
 
     def expert(self, env: ShopEnv, history: list[tuple[str, str]]) -> str:
-        return self._next(env, history)
+        """From any state (DAgger labels the policy's): with the target not open, open it if a search listed
+        it, else search; then choose each requested option the open product does not have chosen; then buy."""
+        goal = env.goal
+        if env.current is None or env.current.item_id != goal.target:
+            listed = re.compile(rf"^\[{goal.target}\]", re.MULTILINE)
+            searched = (obs for t, obs in history if '"search"' in t and not obs.startswith("ERROR"))
+            if not any(listed.search(obs) for obs in searched):
+                query = f"{' '.join(goal.features)} {goal.category}"
+                return self.thought("Search for it.") + tool_call("search", query=query)
+            return self.thought("Open the best match.") + tool_call("open", item_id=goal.target)
+        for option in ("color", "size"):
+            value = goal.options[option]
+            if env.chosen.get(option) != value and value in env.current.options()[option]:
+                return tool_call("choose", option=option, value=value)
+        return tool_call("buy")
 
     def lazy_act(self, env: ShopEnv, history: list[tuple[str, str]]) -> str:
         return self._next(env, history)

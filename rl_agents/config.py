@@ -23,7 +23,7 @@ from rl_agents import distributed
 from rl_agents.runtime import RuntimeConfig, check_workers
 from rl_agents.trajectory import SPECIAL_TOKENS
 
-POLICIES = ("teacher", "bc", "rl")
+POLICIES = ("teacher", "bc", "dagger", "rl")
 
 
 class ConfigError(ValueError):
@@ -34,6 +34,7 @@ class ConfigError(ValueError):
 class Stage(StrEnum):
     collect = "collect"
     bc = "bc"
+    dagger = "dagger"
     rl = "rl"
     eval = "eval"
 
@@ -158,6 +159,25 @@ class RLConfig:
     mixed_precision: MixedPrecision = MixedPrecision.auto
     """auto: bf16 autocast on a GPU that supports it, else none; no; bf16 (also on a CPU). The KL reference
     runs in the same precision as the policy"""
+
+
+@dataclass
+class DAggerConfig:
+    """The dagger stage (rl_agents/dagger.py): rounds of policy rollouts, teacher labels and BC on the aggregate."""
+
+    rounds: int = 2
+    episodes: int = 1000
+    """policy episodes per round, on train tasks the collect stage did not draw"""
+    beta: float = 0.0
+    """a round-i episode is the teacher's own with probability beta**i (0: the policy's only, after the BC data)"""
+    steps: int = 500
+    """BC steps per round, continuing from the previous round's policy on the teacher's data and every round's"""
+    learning_rate: float | None = None
+    """null: bc.learning_rate"""
+    temperature: float | None = None
+    """null: greedy rollouts (the states the deployed agent visits); a temperature: sampled ones"""
+    val_episodes: int = 200
+    """validation-task episodes after each round (greedy success in dagger/metrics.jsonl); 0: none"""
 
 
 @dataclass
@@ -357,6 +377,7 @@ class TrainConfig:
     bc: BCConfig = field(default_factory=BCConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dagger: DAggerConfig = field(default_factory=DAggerConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     algo: Any = None
     """the RL algorithm (group algo: grpo or ppo; typed by GRPOAlgoConfig / PPOAlgoConfig)"""
@@ -587,6 +608,40 @@ def _check_rl(cfg: DictConfig, run_dir: Path) -> None:
         raise ConfigError("the rl stage starts from the BC policy: add bc to stages, or set rl.init_from=DIR")
 
 
+def _check_dagger(cfg: DictConfig, run_dir: Path) -> None:
+    d = cfg.dagger
+    _at_least(cfg, ["dagger.rounds", "dagger.episodes", "dagger.steps"], 1)
+    _at_least(cfg, ["dagger.val_episodes"], 0)
+    if not 0.0 <= d.beta <= 1.0:
+        raise ConfigError(f"dagger.beta must be in [0, 1], got {d.beta}")
+    for key in ("learning_rate", "temperature"):
+        if d[key] is not None and d[key] <= 0:
+            raise ConfigError(f"dagger.{key} must be positive (or null), got {d[key]}")
+    last = cfg.env.train_seed_start + cfg.collect.episodes + d.rounds * d.episodes
+    if last > cfg.env.eval_seed_start:
+        raise ConfigError(
+            f"the dagger rounds' seeds run to {last}, past env.eval_seed_start={cfg.env.eval_seed_start}: "
+            "fewer dagger.rounds or dagger.episodes"
+        )
+    if "bc" not in cfg.stages and not (run_dir / "bc" / "policy" / "config.json").is_file():
+        raise ConfigError(
+            "the dagger stage starts from the BC policy: add bc to stages (stages=[collect,bc,dagger,eval])"
+        )
+    if (
+        "collect" not in cfg.stages
+        and cfg.trajectories is None
+        and not (run_dir / "trajectories" / "train.jsonl").is_file()
+    ):
+        raise ConfigError(
+            "the dagger stage aggregates on the teacher's trajectories: add collect, or trajectories=PATH"
+        )
+    _check_teacher(cfg)
+    if cfg.peft.enabled:
+        raise ConfigError("the dagger stage trains full weights for now: run it with peft=none")
+    if distributed.world_size() > 1:
+        raise ConfigError("the dagger stage runs in one process: launch it without torchrun / accelerate")
+
+
 def _at_least(cfg: DictConfig, keys: list[str], minimum: float, strict: bool = False) -> None:
     for key in keys:
         value = OmegaConf.select(cfg, key)
@@ -641,9 +696,11 @@ def validate_train(cfg: DictConfig, run_dir: Path) -> None:
     unknown_policies = [p for p in cfg.eval.policies if p not in POLICIES]
     if unknown_policies:
         raise ConfigError(f"unknown eval.policies {unknown_policies}; known: {', '.join(POLICIES)}")
+    if "dagger" in cfg.stages:
+        _check_dagger(cfg, run_dir)
     if "rl" in cfg.stages:
         _check_rl(cfg, run_dir)
-    for stage in ("bc", "rl"):
+    for stage in ("bc", "dagger", "rl"):
         if "eval" in cfg.stages and stage in cfg.eval.policies and stage not in cfg.stages:
             if not (run_dir / stage / "policy" / "config.json").is_file():
                 raise ConfigError(

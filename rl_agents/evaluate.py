@@ -55,18 +55,24 @@ class SeenTaskError(RuntimeError):
     """Evaluated tasks that a training stage saw."""
 
 
+def _run_training_files(run_dir: Path) -> list[Path]:
+    """A run's training trajectories: the teacher's, and every DAgger round's labelled samples."""
+    return [run_dir / "trajectories" / "train.jsonl", *sorted(run_dir.glob("dagger/round-*/samples.jsonl"))]
+
+
 def training_trajectory_files(cfg: DictConfig, run_dir: Path | None) -> list[Path]:
-    """The teacher trajectories the evaluated policies were trained on: this run's, ``trajectories=PATH``,
-    and those of the runs that ``rl.init_from``, ``rl.ref_from`` or ``checkpoint`` come from."""
+    """The trajectories the evaluated policies were trained on: this run's (the teacher's and DAgger's),
+    ``trajectories=PATH``, and those of the runs that ``rl.init_from``, ``rl.ref_from`` or ``checkpoint`` come
+    from."""
     candidates = []
     if run_dir is not None:
-        candidates.append(run_dir / "trajectories" / "train.jsonl")
+        candidates += _run_training_files(run_dir)
     if cfg.get("trajectories"):
         candidates.append(Path(cfg.trajectories))
     policies = [cfg.rl.get("init_from"), cfg.rl.get("ref_from")] if "rl" in cfg else []
     for policy in [*policies, cfg.get("checkpoint")]:
         if policy:  # <run>/<stage>/policy
-            candidates.append(Path(policy).resolve().parent.parent / "trajectories" / "train.jsonl")
+            candidates += _run_training_files(Path(policy).resolve().parent.parent)
     seen, files = set(), []
     for path in candidates:
         if path.is_file() and path.resolve() not in seen:

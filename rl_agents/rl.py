@@ -178,8 +178,9 @@ def episode_metrics(episodes: list[Trajectory], rl: RLConfig | DictConfig) -> di
 
 # --- the stage ----------------------------------------------------------------------------------
 def policy_dirs(cfg: DictConfig, run_dir: Path) -> tuple[Path, Path]:
-    """The policy RL starts from and its KL reference."""
-    bc = run_dir / "bc" / "policy"
+    """The policy RL starts from and its KL reference: by default the run's supervised policy (DAgger's when
+    the run has the dagger stage, else BC's)."""
+    bc = run_dir / ("dagger" if "dagger" in cfg.stages else "bc") / "policy"  # the supervised policy
     init = Path(cfg.rl.init_from) if cfg.rl.init_from else bc
     ref = Path(cfg.rl.ref_from) if cfg.rl.ref_from else (bc if (bc / "config.json").is_file() else init)
     return init, ref

@@ -49,6 +49,7 @@ ARTIFACTS = ("config.yaml", "stages", "trajectories", "model", "bc", "rl", "eval
 STAGE_KEYS = {
     "collect": ("seed", "env", "teacher", "collect", "runtime.max_turns"),
     "bc": ("seed", "model", "peft", "bc"),
+    "dagger": ("seed", "env", "teacher", "dagger", "runtime", "bc"),
     "rl": ("seed", "algo", "rl", "runtime"),
 }
 

@@ -33,6 +33,7 @@ from rl_agents import distributed, rundir, tracking
 from rl_agents.bc import BCConfig, train_bc
 from rl_agents.collect import collect
 from rl_agents.config import TINY_MODEL, ConfigError, env_entries, validate_train
+from rl_agents.dagger import train_dagger
 from rl_agents.evaluate import SeenTaskError, check_held_out, evaluate_policy, write_eval
 from rl_agents.grpo import train_grpo
 from rl_agents.model import load_policy, lora_config
@@ -145,6 +146,20 @@ def stage_rl(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> Path:
     return policy
 
 
+def stage_dagger(
+    cfg: DictConfig, run_dir: Path, data: Path, trajectories: list[Trajectory], tracker: tracking.Tracker
+) -> Path:
+    policy_dir = run_dir / "dagger" / "policy"
+    init = run_dir / "bc" / "policy"
+    inputs, outputs = {"trajectories": data, "bc_policy": init}, {"policy": policy_dir}
+    if _resume_or_start(cfg, run_dir, "dagger", inputs, outputs, [run_dir / "dagger"]):
+        log.info("dagger: reusing the finished policy %s", policy_dir)
+        return policy_dir
+    policy = train_dagger(cfg, run_dir, trajectories, init, tracker.report_to, tracker)
+    rundir.finish_stage(run_dir, "dagger", outputs, rounds=cfg.dagger.rounds)
+    return policy
+
+
 def stage_eval(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> dict[str, Any]:
     train_keys = check_held_out(cfg, run_dir)
     results = {}
@@ -196,6 +211,12 @@ def _run_stages(cfg: DictConfig, run_dir: Path, main: bool) -> dict[str, Any]:
             policy = stage_bc(cfg, run_dir, data, trajectories, tracker)
             tracker.log_artifact("bc", f"bc-policy-{name}", "model", [policy], {"max_steps": cfg.bc.max_steps},
                                  derived_from=["trajectories"])  # fmt: skip
+        if "dagger" in cfg.stages:
+            data = Path(cfg.trajectories) if cfg.trajectories else run_dir / "trajectories" / "train.jsonl"
+            trajectories = trajectories if trajectories is not None else read_jsonl(data)
+            policy = stage_dagger(cfg, run_dir, data, trajectories, tracker)
+            tracker.log_artifact("dagger", f"dagger-policy-{name}", "model", [policy], {"rounds": cfg.dagger.rounds},
+                                 derived_from=["bc"])  # fmt: skip
         if "rl" in cfg.stages:
             policy = stage_rl(cfg, run_dir, tracker)
             tracker.log_artifact("rl", f"rl-policy-{name}", "model", [policy],

@@ -1,0 +1,179 @@
+"""DAgger: teachers label any state, labelled episodes become samples with each state a target once, and the
+stage runs, resumes and is evaluated like the others."""
+
+import json
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from hydra.utils import instantiate
+
+from envs.calculator import CalculatorTeacher
+from envs.teacher import answer, tool_call
+from rl_agents.dagger import dagger_samples, label_episode, same_action
+from rl_agents.trajectory import Trajectory, Turn, encode_trajectory
+from tests.helpers.cli import run_cli
+
+CALL = tool_call("calculator", expression="2 + 3")
+
+# A wrong turn for each environment: what a policy gets wrong (a malformed turn, a wrong tool call).
+WRONG = {
+    "Calculator-v0": [tool_call("calculator", expression="1 + 1"), "no action"],
+    "SQL-v0": [tool_call("sql", query="SELECT 1"), "<tool_call>{bad json</tool_call>"],
+    "Shop-v0": [  # a search for something else, a product that is not the one asked for, bought
+        tool_call("search", query="red hat"),
+        lambda env: tool_call("open", item_id=next(i for i in env.catalogue if i != env.goal.target)),
+        tool_call("choose", option="color", value="red"),
+        tool_call("buy"),
+    ],
+    "Code-v0": [tool_call("run_tests", code="def f(x):\n    return 0"), "no action"],
+    "FrozenLakeText-v0": [tool_call("move", direction="up"), tool_call("move", direction="left")],
+    "TaxiText-v0": [tool_call("move", direction="north"), tool_call("pickup")],
+}
+TEACHERS = {
+    "Calculator-v0": "envs.calculator.CalculatorTeacher",
+    "SQL-v0": "envs.sql.SQLTeacher",
+    "Shop-v0": "envs.shop.ShopTeacher",
+    "Code-v0": "envs.code.CodeTeacher",
+    "FrozenLakeText-v0": "envs.gym_text.PlannerTeacher",
+    "TaxiText-v0": "envs.gym_text.PlannerTeacher",
+}
+
+
+def test_same_action_compares_what_a_turn_does_not_its_thoughts():
+    assert same_action("<think>a</think>" + CALL, "<think>b</think>" + CALL)
+    assert not same_action(CALL, tool_call("calculator", expression="2 + 4"))
+    assert same_action(answer("5"), answer(" 5 ")) and not same_action(answer("5"), CALL)
+    assert not same_action("no action", "no action")  # neither does anything: never agreement
+
+
+def test_each_labelled_state_is_a_target_exactly_once_and_the_policys_mistakes_stay_context():
+    policy = ["P0", "P1", "P2", "P3"]
+    labels = ["P0", "L1", "P2", "L3"]  # agrees, disagrees, agrees, disagrees
+    same = {("P0", "P0"), ("P2", "P2")}
+    episode = Trajectory("task", [Turn(agent=p, observation=f"o{i}") for i, p in enumerate(policy)])
+    import rl_agents.dagger as dagger
+
+    real = dagger.same_action
+    dagger.same_action = lambda a, b: (a, b) in same
+    try:
+        samples, disagreements = dagger_samples(episode, labels)
+    finally:
+        dagger.same_action = real
+    assert disagreements == 2
+    targets = [(t.agent, i) for s in samples for i, t in enumerate(s.turns) if t.imitate]
+    assert sorted(a for a, _ in targets) == ["L1", "L3", "P0", "P2"]  # every state once, the teacher's turn there
+    assert [[t.agent for t in s.turns] for s in samples] == [["P0", "L1"], ["P0", "P1", "P2", "L3"]]
+    assert [[t.imitate for t in s.turns] for s in samples] == [[True, True], [False, False, True, True]]
+    assert all(t.observation == f"o{i}" for s in samples for i, t in enumerate(s.turns[:-1]))
+
+
+def test_context_turns_carry_no_loss_in_the_encoded_sequence(tiny_policy):
+    _, _, tokenizer = tiny_policy
+    sample = Trajectory("What is 2 + 3?", [Turn(agent="no action", observation="ERROR: x", imitate=False), Turn(CALL)])
+    encoded = encode_trajectory(sample, tokenizer)
+    learned = [i for i, m in zip(encoded.input_ids, encoded.agent_mask) if m]
+    assert tokenizer.decode(learned) == CALL + "<|im_end|>"
+
+
+@pytest.mark.parametrize("env_id", list(WRONG))
+def test_the_noise_free_teacher_recovers_from_the_states_a_wrong_policy_leads_to(env_id):
+    """DAgger's premise: the expert's label at a state the policy led to is the right thing to do from there.
+    After each prefix of wrong turns, following the teacher's labels from that state solves the task."""
+    solved, tried = 0, 0
+    for seed in range(8):
+        for k in range(1, len(WRONG[env_id]) + 1):
+            env = gym.make(env_id, split="train")
+            teacher = instantiate({"_target_": TEACHERS[env_id]})
+            task, _ = env.reset(seed=seed)
+            teacher.begin(env.unwrapped, np.random.default_rng([seed, 1]))
+            history, done, success = [], False, False
+            for turn in WRONG[env_id][:k]:
+                turn = turn(env.unwrapped) if callable(turn) else turn
+                observation, _, terminated, truncated, info = env.step(turn)
+                history.append((turn, observation))
+                done, success = terminated or truncated, info.get("success", False)
+                if done:
+                    break
+            if done:  # a wrong turn that ended the episode (a purchase): no state left to label
+                continue
+            tried += 1
+            for _ in range(20):
+                label = teacher.act(env.unwrapped, task, history)
+                observation, _, terminated, truncated, info = env.step(label)
+                history.append((label, observation))
+                if terminated or truncated:
+                    success = info.get("success", False)
+                    break
+            solved += bool(success)
+    assert tried >= 8 and solved == tried
+
+
+def test_labels_replay_the_policys_episode_and_stop_where_the_environment_differs():
+    env = gym.make("Calculator-v0", fail_prob=0.0, split="train")
+    task, _ = env.reset(seed=3)
+    wrong = tool_call("calculator", expression="1 + 1")
+    observation = env.step(wrong)[0]
+    episode = Trajectory(task, [Turn(wrong, observation), Turn(answer("2"), "Incorrect.")], metadata={"seed": 3})
+    labels = label_episode(env, CalculatorTeacher(), episode)
+    expression = env.unwrapped.task.extra["expression"]
+    assert len(labels) == 2 and all(same_action(x, tool_call("calculator", expression=expression)) for x in labels)
+    episode.turns[0].observation = "something else"  # the environment would not repeat this episode
+    assert len(label_episode(env, CalculatorTeacher(), episode)) == 1
+
+
+DAGGER = [
+    "budget=smoke",
+    "logger=none",
+    "stages=[collect,bc,dagger,eval]",
+    "eval.policies=[teacher,bc,dagger]",
+    "dagger.rounds=2",
+    "dagger.episodes=6",
+    "dagger.steps=2",
+    "dagger.val_episodes=4",
+]
+
+
+def test_the_dagger_stage_runs_end_to_end_resumes_and_counts_its_tasks_as_seen(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli("rl_agents.train", *DAGGER, f"hydra.run.dir={run_dir}")
+    rounds = [json.loads(line) for line in (run_dir / "dagger" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["episodes"] == 6 and r["states"] >= 6 and 0 <= r["disagreement_rate"] <= 1 for r in rounds)
+    assert all(r["val_success"] is not None for r in rounds) and rounds[1]["targets"] > rounds[0]["targets"]
+    samples = [json.loads(line) for line in (run_dir / "dagger" / "round-1" / "samples.jsonl").read_text().splitlines()]
+    seeds = {s["metadata"]["seed"] for s in samples}
+    assert seeds and min(seeds) >= 24  # after the collect stage's 24 seeds: new train tasks
+    results = json.loads((run_dir / "eval.json").read_text())
+    assert set(results["policies"]) == {"teacher", "bc", "dagger"}
+    assert all(p["seen_in_training"] == 0 for p in results["policies"].values())
+    assert (run_dir / "stages" / "dagger.json").is_file()
+
+    before = (run_dir / "dagger" / "round-2" / "policy" / "model.safetensors").stat().st_mtime_ns
+    proc = run_cli("rl_agents.train", *DAGGER, f"hydra.run.dir={run_dir}", "resume=true")
+    assert "dagger: reusing the finished policy" in proc.stdout + proc.stderr
+    assert (run_dir / "dagger" / "round-2" / "policy" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_dagger_run_whose_rounds_would_reach_the_evaluation_seeds_is_refused(tmp_path):
+    proc = run_cli("rl_agents.train", *DAGGER, "dagger.episodes=600000", f"hydra.run.dir={tmp_path / 'r'}", check=False)
+    assert proc.returncode == 2 and "env.eval_seed_start" in proc.stdout + proc.stderr
+
+
+def test_dagger_samples_count_as_training_tasks_of_the_run(tmp_path):
+    from omegaconf import OmegaConf
+
+    from rl_agents.evaluate import training_trajectory_files
+
+    (tmp_path / "trajectories").mkdir()
+    (tmp_path / "trajectories" / "train.jsonl").write_text("")
+    for i in (1, 2):
+        (tmp_path / "dagger" / f"round-{i}").mkdir(parents=True)
+        (tmp_path / "dagger" / f"round-{i}" / "samples.jsonl").write_text("")
+    files = training_trajectory_files(OmegaConf.create({}), tmp_path)
+    assert [Path(f).relative_to(tmp_path).as_posix() for f in files] == [
+        "trajectories/train.jsonl",
+        "dagger/round-1/samples.jsonl",
+        "dagger/round-2/samples.jsonl",
+    ]
