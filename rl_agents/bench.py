@@ -53,7 +53,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rl_agents.collect import teacher_episode
-from rl_agents.config import ConfigError, EnvConfig, ModelConfig, env_entries, scale_size, validate_bench
+from rl_agents.config import ConfigError, EnvConfig, ModelConfig, env_entries
 from rl_agents.model import build_tiny_model, load_policy
 from rl_agents.runtime import NgramDrafter, Runtime, RuntimeConfig, verify_draft
 from rl_agents.teachers import SYSTEM_PROMPT
@@ -68,6 +68,7 @@ from rl_agents.trajectory import (
     Turn,
     agent_ids,
 )
+from rl_agents.validate import scale_size, validate_bench
 
 log = logging.getLogger(__name__)
 

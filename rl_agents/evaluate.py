@@ -31,12 +31,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from rl_agents import tracking
 from rl_agents.collect import teacher_episode
-from rl_agents.config import ConfigError, env_entries, validate_evaluate
+from rl_agents.config import ConfigError, env_entries
 from rl_agents.model import load_policy
 from rl_agents.rundir import RunDirError, RunLock, digest, write_text
 from rl_agents.runtime import Runtime, RuntimeConfig
 from rl_agents.teachers import make_teacher
 from rl_agents.trajectory import Trajectory, read_jsonl, write_jsonl
+from rl_agents.validate import validate_evaluate
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from rl_agents import distributed, rundir, tracking
 from rl_agents.bc import BCConfig, train_bc
 from rl_agents.collect import collect
-from rl_agents.config import TINY_MODEL, ConfigError, env_entries, validate_train
+from rl_agents.config import TINY_MODEL, ConfigError, env_entries
 from rl_agents.dagger import train_dagger
 from rl_agents.evaluate import SeenTaskError, check_held_out, evaluate_policy, write_eval
 from rl_agents.grpo import train_grpo
@@ -41,6 +41,7 @@ from rl_agents.ppo import train_ppo
 from rl_agents.rl import policy_dirs
 from rl_agents.teachers import make_teacher
 from rl_agents.trajectory import SPECIAL_TOKENS, Trajectory, read_jsonl, write_jsonl
+from rl_agents.validate import validate_train
 
 log = logging.getLogger(__name__)
 

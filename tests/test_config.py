@@ -9,7 +9,8 @@ from omegaconf import open_dict
 from omegaconf.errors import ValidationError
 
 import rl_agents.config  # noqa: F401  (registers the schemas)
-from rl_agents.config import ConfigError, validate_evaluate, validate_train
+from rl_agents.config import ConfigError
+from rl_agents.validate import validate_evaluate, validate_train
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -125,7 +126,7 @@ def test_a_closed_choice_is_refused_with_the_choices_named(override, choices):
         (["stages=[collect,bc,rl]", "algo=ppo", "rl.steps=5", "algo.critic_warmup_steps=5"], "critic_warmup_steps=5"),
         (["stages=[collect,bc,rl]", "rl.init_from=/nope"], "rl.init_from='/nope'"),
         (["stages=[collect,bc,rl]", "peft=lora"], "peft=none"),
-        (["eval.policies=[teacher,dagger]"], "unknown eval.policies"),
+        (["eval.policies=[teacher,mystery]"], "unknown eval.policies"),
         (["eval.temperature=0"], "eval.temperature"),
         (["collect.episodes=0"], "collect.episodes must be >= 1, got 0"),
         (["eval.episodes=-1"], "eval.episodes must be >= 1, got -1"),

@@ -6,6 +6,8 @@
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,15 +62,25 @@ def test_imports_go_one_way():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-def test_the_schema_module_imports_no_trainer():
-    """rl_agents.config (the schemas and checks) is read before any stage: it must not pull in a trainer."""
+@pytest.mark.parametrize("module", ["rl_agents.config", "rl_agents.validate"])
+def test_the_schema_and_its_checks_import_no_trainer(module):
+    """The schemas (rl_agents.config) and their checks (rl_agents.validate) are read before any stage: neither
+    may pull in a trainer."""
     graph = import_graph()
-    reachable, todo = set(), ["rl_agents.config"]
+    reachable, todo = set(), [module]
     while todo:
         for nxt in graph[todo.pop()] - reachable:
             reachable.add(nxt)
             todo.append(nxt)
-    assert not reachable & {"rl_agents.bc", "rl_agents.grpo", "rl_agents.ppo", "rl_agents.rl", "rl_agents.train"}
+    trainers = {
+        "rl_agents.bc",
+        "rl_agents.dagger",
+        "rl_agents.grpo",
+        "rl_agents.ppo",
+        "rl_agents.rl",
+        "rl_agents.train",
+    }
+    assert not reachable & trainers
 
 
 def test_the_cycle_finder_finds_cycles():
