@@ -8,7 +8,7 @@ with the key's name. ``rl_agents.validate`` then checks what a schema cannot, be
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from enum import StrEnum
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -24,6 +24,17 @@ class ConfigError(ValueError):
 
 
 # --- closed choices: composition refuses any other value, naming the key and the choices ---------
+class StrEnum(str, Enum):
+    """An enum whose members are their string values (``enum.StrEnum``, which Python 3.10 lacks): they compare
+    equal to, format and serialise as those strings."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
 class Stage(StrEnum):
     collect = "collect"
     bc = "bc"
