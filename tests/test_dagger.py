@@ -177,3 +177,20 @@ def test_dagger_samples_count_as_training_tasks_of_the_run(tmp_path):
         "dagger/round-1/samples.jsonl",
         "dagger/round-2/samples.jsonl",
     ]
+
+
+def test_an_llm_teacher_labels_the_policys_states_from_the_policys_history():
+    """DAgger with teacher=openai: at each state the endpoint is asked with the policy's own history."""
+    from rl_agents.teachers import OpenAITeacher
+    from tests.test_teachers import FakeClient
+
+    env = gym.make("Calculator-v0", fail_prob=0.0, split="train")
+    task, _ = env.reset(seed=5)
+    wrong = tool_call("calculator", expression="1 + 1")
+    episode = Trajectory(task, [Turn(wrong, env.step(wrong)[0]), Turn(answer("2"), "Incorrect.")], metadata={"seed": 5})
+    right = tool_call("calculator", expression=env.unwrapped.task.extra["expression"])
+    client = FakeClient([right, right])
+    labels = label_episode(env, OpenAITeacher(model="m", client=client), episode)
+    assert labels == [right, right]
+    first, second = (r["messages"] for r in client.requests)
+    assert len(first) == 2 and second[2] == {"role": "assistant", "content": wrong}  # the policy's turn, as history
