@@ -512,10 +512,11 @@ def _speedup(scaling: dict[str, Any]) -> float:
 
 # --- reports ------------------------------------------------------------------------------------
 def _runtime_lines() -> int:
-    """Lines of code of the runtime module (the compiled agent's whole infrastructure)."""
+    """Non-blank lines of the runtime package, every module of it (the compiled agent's whole infrastructure)."""
     from rl_agents import runtime
 
-    return sum(1 for line in Path(runtime.__file__).read_text().splitlines() if line.strip())
+    files = Path(runtime.__file__).parent.glob("*.py")
+    return sum(1 for path in files for line in path.read_text().splitlines() if line.strip())
 
 
 def markdown(result: dict[str, Any], command: str) -> str:

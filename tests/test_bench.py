@@ -3,6 +3,7 @@ and the CLI writes bench.json, bench.md and bench.png with the documented keys."
 
 import json
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,3 +179,13 @@ def test_micro_rollouts_by_cache_regions(benchmark, tiny_policy, monkeypatch, re
     runtime = Runtime(model, tokenizer, RuntimeConfig(batch_size=32, max_new_tokens=256, max_turns=16))
     episodes = benchmark.pedantic(runtime.run, ("Calculator-v0", seeds), {"forced": forced}, rounds=5, warmup_rounds=1)
     assert [e.success for e in episodes] == [e.success for e in taught]  # the teacher's episodes, replayed
+
+
+def test_the_reported_runtime_size_counts_every_module_of_the_package():
+    from rl_agents import runtime
+    from rl_agents.bench import _runtime_lines
+
+    package = Path(runtime.__file__).parent
+    engine = sum(1 for line in (package / "engine.py").read_text().splitlines() if line.strip())
+    init = sum(1 for line in (package / "__init__.py").read_text().splitlines() if line.strip())
+    assert _runtime_lines() > engine + init  # the engine, the package's __init__ and the other modules
