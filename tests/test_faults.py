@@ -122,7 +122,7 @@ def test_a_resume_with_other_settings_is_refused_with_the_key_named(tmp_path):
     message = _output(proc)
     assert "collect stage" in message and "env.name: 'calculator' -> 'sql'" in message
     proc = _train(tmp_path, "stages=[collect,bc]", "resume=true", "bc.learning_rate=0.1")
-    assert proc.returncode == 2 and "bc.learning_rate: 0.003 -> 0.1" in _output(proc)
+    assert proc.returncode == 2 and "bc.learning_rate: 0.002 -> 0.1" in _output(proc)
     # nor can a later stage evaluate this run's policy under another environment's name
     proc = _train(tmp_path, "stages=[eval]", "eval.policies=[bc]", "resume=true", "env=sql")
     assert proc.returncode == 2 and "env.name: 'calculator' -> 'sql'" in _output(proc)
