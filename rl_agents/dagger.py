@@ -79,6 +79,8 @@ def label_episode(env: gym.Env, teacher: Any, episode: Trajectory) -> list[str]:
     labels, history = [], []
     for turn in episode.turns:
         labels.append(teacher.act(env.unwrapped, task, history))
+        if turn.observation is None:  # a turn the runtime cut (token or context budget): never stepped
+            break
         observation, _, terminated, truncated, _ = env.step(turn.agent)
         if observation != turn.observation:
             log.warning("dagger: the replay of seed %d diverged at turn %d; labelled up to it", seed, len(labels))

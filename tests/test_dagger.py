@@ -110,7 +110,7 @@ def test_the_noise_free_teacher_recovers_from_the_states_a_wrong_policy_leads_to
     assert tried >= 8 and solved == tried
 
 
-def test_labels_replay_the_policys_episode_and_stop_where_the_environment_differs():
+def test_labels_replay_the_policys_episode_and_stop_where_the_environment_differs(caplog):
     env = gym.make("Calculator-v0", fail_prob=0.0, split="train")
     task, _ = env.reset(seed=3)
     wrong = tool_call("calculator", expression="1 + 1")
@@ -120,7 +120,11 @@ def test_labels_replay_the_policys_episode_and_stop_where_the_environment_differ
     expression = env.unwrapped.task.extra["expression"]
     assert len(labels) == 2 and all(same_action(x, tool_call("calculator", expression=expression)) for x in labels)
     episode.turns[0].observation = "something else"  # the environment would not repeat this episode
-    assert len(label_episode(env, CalculatorTeacher(), episode)) == 1
+    assert len(label_episode(env, CalculatorTeacher(), episode)) == 1 and "diverged" in caplog.text
+    caplog.clear()
+    episode.turns[0].observation, episode.turns[1].observation = observation, None  # a turn the runtime cut
+    assert len(label_episode(env, CalculatorTeacher(), episode)) == 2  # its state is labelled, not stepped
+    assert "diverged" not in caplog.text
 
 
 DAGGER = [
