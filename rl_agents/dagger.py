@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,6 @@ def train_dagger(
             tracker.log({k: v for k, v in stats.items() if v is not None}, "dagger")
         log.info("dagger round %d: val success %s", index, stats["val_success"])
     rundir.write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rounds))
-    model, tokenizer = load_policy(policy, cfg.model.dtype, local_files_only=True)
-    rundir.save_policy(model, tokenizer, out / "policy")
+    with rundir.atomic_dir(out / "policy") as tmp:  # the last round's policy, as files: no reload and re-save
+        shutil.copytree(policy, tmp, dirs_exist_ok=True)
     return out / "policy"
