@@ -619,7 +619,7 @@ def quick_policy(cfg: DictConfig, run_dir: Path) -> Path:
     return train_dir / "bc" / "policy"
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path="pkg://rl_agents.conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
     try:
         validate_bench(cfg)

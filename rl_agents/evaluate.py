@@ -259,7 +259,7 @@ def write_eval(path: Path, cfg: DictConfig, policies: dict[str, dict], sources: 
 
 
 # --- python -m rl_agents.evaluate ------------------------------------------------------------------
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path="pkg://rl_agents.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

@@ -235,7 +235,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, main: bool) -> dict[str, Any]:
         distributed.barrier()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://rl_agents.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """The job's objective for Hydra sweepers (Optuna): success of the last policy in eval.policies on the
     evaluated tasks, which for a search must be validation tasks (``eval.split=val``)."""
