@@ -32,7 +32,8 @@ def build_wheel(tmp_path: Path) -> Path:
 
 def test_the_wheel_holds_every_module_and_config(tmp_path):
     names = set(zipfile.ZipFile(build_wheel(tmp_path)).namelist())
-    sources = {p.relative_to(ROOT).as_posix() for package in ("rl_agents", "envs") for p in (ROOT / package).rglob("*.py")}
+    modules = [p for package in ("rl_agents", "envs") for p in (ROOT / package).rglob("*.py")]
+    sources = {p.relative_to(ROOT).as_posix() for p in modules}
     configs = {"rl_agents/" + p.relative_to(ROOT).as_posix() for p in (ROOT / "conf").rglob("*.yaml")}
     assert sources <= names, sources - names
     assert configs <= names, configs - names
