@@ -372,6 +372,10 @@ class TrainConfig:
     trajectories: str | None = None
     """a trajectory JSONL to clone instead of running the collect stage"""
     progress: bool = True
+    """progress bars (collection, and transformers', datasets' and the Hub's); false silences them all"""
+    threads: int | None = None
+    """torch's CPU threads in this process; null: the CPUs it may use (affinity, cgroup quota), shared among the
+    processes of a distributed launch and the parallel jobs of a joblib sweep"""
     env: EnvConfig = field(default_factory=EnvConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -395,6 +399,8 @@ class EvaluateConfig:
     """the policy's key in eval.json"""
     seed: int = 0
     progress: bool = True
+    threads: int | None = None
+    """torch's CPU threads; null: OMP_NUM_THREADS if set, else the CPUs this process may use"""
     env: EnvConfig = field(default_factory=EnvConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -29,7 +29,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from rl_agents import tracking
+from rl_agents import distributed, tracking
 from rl_agents.collect import teacher_episode
 from rl_agents.config import ConfigError, env_entries
 from rl_agents.model import load_policy
@@ -264,6 +264,7 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         validate_evaluate(cfg)
+        distributed.process_settings(cfg.threads, cfg.progress)
         with RunLock(run_dir):
             _evaluate(cfg, run_dir)
     except (ConfigError, RunDirError, SeenTaskError) as err:

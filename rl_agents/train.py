@@ -26,6 +26,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
@@ -176,12 +177,14 @@ def stage_eval(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> dic
     return write_eval(run_dir / "eval.json", cfg, results, sources)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict[str, Any]:
     """Run the configured stages in ``run_dir``; returns eval.json's content (empty without eval).
 
     Under a distributed launch only the main process collects, evaluates and writes (``rl_agents.distributed``).
+    ``parallel_jobs``: the jobs a sweep's launcher runs at once on this machine (they share its CPUs).
     """
     validate_train(cfg, run_dir)
+    distributed.process_settings(cfg.threads, cfg.progress, parallel_jobs)
     main = distributed.is_main()
     with rundir.RunLock(run_dir) if main else contextlib.nullcontext():
         if main:
@@ -246,7 +249,8 @@ def main(cfg: DictConfig) -> float | None:
                 f"a hyper-parameter search chooses on validation tasks: eval.split={cfg.eval.split} must be val "
                 "(report the chosen configuration on test tasks afterwards)"
             )
-        result = run(cfg, Path(hydra_cfg.runtime.output_dir))
+        parallel = hydra_cfg.launcher.get("n_jobs", 1) if hydra_cfg.mode == RunMode.MULTIRUN else 1
+        result = run(cfg, Path(hydra_cfg.runtime.output_dir), max(1, parallel))
     except (ConfigError, rundir.RunDirError, rundir.DiskFullError, SeenTaskError) as err:
         log.error("%s", err)  # one message, no traceback: the key, the dir or the disk to fix
         sys.exit(2)

@@ -4,7 +4,6 @@ that names the key. ``validate_train``, ``validate_evaluate`` and ``validate_ben
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import gymnasium as gym
@@ -22,6 +21,7 @@ from rl_agents.config import (
     env_entries,
 )
 from rl_agents.runtime import check_workers
+from rl_agents.runtime.workers import env_spec
 from rl_agents.trajectory import SPECIAL_TOKENS
 
 
@@ -30,12 +30,10 @@ def _check_envs(cfg: DictConfig) -> None:
     if not cfg.env.envs:
         raise ConfigError("env.envs is empty: name at least one environment id")
     for env_id, entry in env_entries(cfg).items():
-        module, _, name = env_id.rpartition(":")
         try:
-            if module:  # gymnasium's "module:EnvId-v0" form: importing the module registers the env
-                importlib.import_module(module)
-            gym.spec(name)
+            env_spec(env_id)
         except ImportError as err:
+            module = env_id.rpartition(":")[0]
             raise ConfigError(f"env.envs: cannot import {module!r} for {env_id!r}: {err}") from None
         except gym.error.Error as err:
             ours = sorted(k for k, s in gym.registry.items() if str(s.entry_point).startswith("envs."))
@@ -90,6 +88,8 @@ def _check_model(cfg: DictConfig) -> None:
     target = _check_target(cfg, "model")
     if target == PRETRAINED_MODEL and not cfg.model.name_or_path:
         raise ConfigError("model=hf needs model.name_or_path (a Hugging Face model name or a local directory)")
+    if target == PRETRAINED_MODEL:
+        _check_pretrained(cfg.model.name_or_path, cfg.model.local_files_only)
     if target == TINY_MODEL:
         sizes = ("vocab_size", "number_chunk", "hidden_size", "num_layers", "num_heads", "intermediate_size")
         for key in (*sizes, "copy_pretrain_span"):
@@ -268,8 +268,31 @@ def _check_values(cfg: DictConfig) -> None:
         _at_least(cfg, ["algo.learning_rate", "algo.critic_learning_rate"], 0, strict=True)
 
 
+def _check_pretrained(name_or_path: str, local_files_only: bool) -> None:
+    """A local directory that holds a model, or a Hub name whose config loads (from the cache or the Hub):
+    before collection, not at BC's first step."""
+    from transformers import AutoConfig
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path={name_or_path!r}: the directory holds no model (no config.json)")
+        return
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ConfigError(f"model.name_or_path={name_or_path!r}: no such directory")
+    try:
+        AutoConfig.from_pretrained(name_or_path, local_files_only=local_files_only)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"model.name_or_path={name_or_path!r} is neither a local model directory nor a model that loads from "
+            f"the Hugging Face Hub{' cache (model.local_files_only=true)' if local_files_only else ''}: {err}"
+        ) from None
+
+
 def validate_train(cfg: DictConfig, run_dir: Path) -> None:
     """Every check a training run needs before its first stage."""
+    if cfg.threads is not None and cfg.threads <= 0:
+        raise ConfigError(f"threads must be positive (or null: this process's share of the CPUs), got {cfg.threads}")
     _check_values(cfg)
     _check_envs(cfg)
     _check_model(cfg)

@@ -1,5 +1,6 @@
 """Config composition: the schema rejects typos and bad types; validation names what is wrong before work."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,26 @@ def test_every_experiment_composes_and_validates(name, tmp_path):
 
 
 def test_hf_model_and_openai_teacher_compose_with_their_settings(tmp_path):
+    saved = tmp_path / "model"
+    saved.mkdir()
+    (saved / "config.json").write_text("{}")
     validate_train(
-        _compose(["model=hf", "model.name_or_path=some/dir", "teacher=openai", "teacher.model=gpt"]), tmp_path
+        _compose(["model=hf", f"model.name_or_path={saved}", "teacher=openai", "teacher.model=gpt"]), tmp_path
     )
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [("missing/model/dir", "no such directory"), (".", "holds no model (no config.json)")],
+)
+def test_a_pretrained_model_that_is_not_there_fails_before_any_work(tmp_path, path, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_train(_compose(["model=hf", f"model.name_or_path={path}"]), tmp_path)
+
+
+def test_threads_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="threads must be positive"):
+        validate_train(_compose(["threads=0"]), tmp_path)
 
 
 @pytest.mark.parametrize(

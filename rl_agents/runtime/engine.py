@@ -38,7 +38,7 @@ from rl_agents.runtime.attention import _NO_MASK, SLOT_ATTENTION, _Pass
 from rl_agents.runtime.cache import SlotCache
 from rl_agents.runtime.config import RuntimeConfig, check_workers
 from rl_agents.runtime.drafting import NgramDrafter, NgramIndex, speculative_token, verify_draft
-from rl_agents.runtime.workers import Done, Failed, Job, _Indices, _worker
+from rl_agents.runtime.workers import Done, Failed, Job, _Indices, _worker, env_spec
 from rl_agents.trajectory import (
     END_OF_TURN,
     FORMAT_VERSION,
@@ -230,7 +230,7 @@ class Runtime:
 
     def _run_workers(self, env_id, seeds, env_kwargs, policy, forced) -> list[tuple[int, Trajectory]]:
         self._counter.value = 0
-        job = Job(gym.spec(env_id), list(seeds), env_kwargs, policy, forced, self.runs, self.first_index)
+        job = Job(env_spec(env_id), list(seeds), env_kwargs, policy, forced, self.runs, self.first_index)
         for _, conn in self._workers:
             conn.send(job)
         done = []

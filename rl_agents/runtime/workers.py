@@ -3,6 +3,7 @@ episodes it takes from a counter shared with the others (``_Indices``)."""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,15 @@ import gymnasium as gym
 import torch
 
 from rl_agents.runtime.config import RuntimeConfig
+
+
+def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
+    """The spec of a registered id or of gymnasium's ``"my_pkg.module:MyEnv-v0"`` form (whose module, imported
+    here, registers it): ``gym.spec`` alone does not take the module prefix."""
+    module, _, name = env_id.rpartition(":")
+    if module:
+        importlib.import_module(module)
+    return gym.spec(name)
 
 
 # --- the messages between the runtime and its workers (a None job stops a worker) ------------------
