@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from rl_agents import rundir
@@ -68,7 +68,7 @@ def make_trainer(
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=sft_dataset(trajectories, tokenizer),
@@ -76,6 +76,8 @@ def make_trainer(
         peft_config=peft_config,
         callbacks=[LogToPython(), rundir.SafeCheckpoints(), *(callbacks or [])],
     )
+    trainer.remove_callback(PrinterCallback)  # with tqdm off it prints every log to stdout: LogToPython logs them
+    return trainer
 
 
 def train_bc(

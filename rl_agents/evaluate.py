@@ -27,11 +27,12 @@ from typing import Any
 import gymnasium as gym
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from rl_agents import distributed, tracking
 from rl_agents.collect import teacher_episode
-from rl_agents.config import ConfigError, env_entries
+from rl_agents.config import ConfigError, EnvConfig, env_entries
 from rl_agents.model import load_policy
 from rl_agents.rundir import RunDirError, RunLock, digest, write_text
 from rl_agents.runtime import Runtime, RuntimeConfig
@@ -259,10 +260,42 @@ def write_eval(path: Path, cfg: DictConfig, policies: dict[str, dict], sources: 
 
 
 # --- python -m rl_agents.evaluate ------------------------------------------------------------------
+def settings_from_run(cfg: DictConfig, overrides: list[str]) -> Path | None:
+    """Evaluate what was trained: a checkpoint inside a run (``<run>/<stage>/policy``) takes its run's
+    environments (``env``) and runtime settings (``runtime``) unless the command line sets them (``env=...``,
+    ``env.*``; a ``runtime.*`` key overrides that key only). Returns the run's config file, or None for a
+    policy dir outside a run (the command line's settings then apply); logs which settings it used."""
+    source = Path(cfg.checkpoint).resolve().parent.parent / "config.yaml"
+    if not source.is_file():
+        log.info("evaluate: %s is not inside a run: env and runtime from the command line", cfg.checkpoint)
+        return None
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    run = OmegaConf.load(source)
+    taken = []
+    try:
+        with open_dict(cfg):
+            if "env" not in run or any(k == "env" or k.startswith("env.") for k in keys):
+                log.info("evaluate: env from the command line (%s)", ", ".join(cfg.env.envs))
+            else:
+                cfg.env = OmegaConf.merge(OmegaConf.structured(EnvConfig), run.env)
+                taken.append("env")
+            if "runtime" in run:
+                mine = {k.split(".", 1)[1]: OmegaConf.select(cfg, k) for k in keys if k.startswith("runtime.")}
+                cfg.runtime = OmegaConf.merge(OmegaConf.structured(RuntimeConfig), run.runtime, mine)
+                taken.append("runtime" + (f" (but {', '.join(sorted(mine))} from the command line)" if mine else ""))
+    except (ValidationError, ConfigKeyError) as err:
+        raise ConfigError(f"{source}: its env or runtime settings do not fit this version's schema: {err}") from None
+    if taken:
+        log.info("evaluate: %s from the checkpoint's run %s (envs: %s)", " and ".join(taken), source,
+                 ", ".join(cfg.env.envs))  # fmt: skip
+    return source
+
+
 @hydra.main(version_base="1.3", config_path="pkg://rl_agents.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        settings_from_run(cfg, HydraConfig.get().overrides.task)
         validate_evaluate(cfg)
         distributed.process_settings(cfg.threads, cfg.progress)
         with RunLock(run_dir):

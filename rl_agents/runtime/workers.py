@@ -3,6 +3,7 @@ episodes it takes from a counter shared with the others (``_Indices``)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +93,9 @@ def _worker(runtime_class, model, tokenizer, config: RuntimeConfig, seed: int, t
     conn.send(Ready())
     while (job := conn.recv()) is not None:
         try:
+            if job.spec.id not in gym.registry and isinstance(job.spec.entry_point, str):
+                with contextlib.suppress(ImportError):  # the module that registers it, as the parent's import did
+                    importlib.import_module(job.spec.entry_point.partition(":")[0])
             if job.spec.id not in gym.registry:  # registered in the parent only (not by an import)
                 gym.registry[job.spec.id] = job.spec
             before = dict(runtime.stats)
