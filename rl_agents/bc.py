@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, Trainer
 from trl import SFTConfig, SFTTrainer
 
 from rl_agents import rundir
@@ -25,6 +26,20 @@ from rl_agents.tracking import LogToPython
 from rl_agents.trajectory import Trajectory, sft_dataset
 
 log = logging.getLogger(__name__)
+
+
+class BCTrainer(SFTTrainer):
+    """TRL's SFTTrainer, except where its fused LM head would skip the LM head's module: with LoRA's trainable
+    tokens on a model whose output embeddings are tied to the input ones (Qwen2, Llama 3.2, Gemma, ...), peft
+    wraps the head too, and the fused head reads ``lm_head.weight`` directly (it fails on the wrapper, and
+    would ignore the new tokens' trained rows). There the loss is the model's own, from the full logits, with
+    the same normalisation (summed over the batch's loss tokens, divided by their number)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if isinstance(self.model.get_output_embeddings(), nn.Linear):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs["use_cache"] = False
+        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
 
 def make_trainer(
@@ -68,7 +83,7 @@ def make_trainer(
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer = SFTTrainer(
+    trainer = BCTrainer(
         model=model,
         args=args,
         train_dataset=sft_dataset(trajectories, tokenizer),
@@ -110,6 +125,7 @@ def train_bc(
         if peft_config is not None:
             with rundir.atomic_dir(out_dir / "adapter") as tmp:
                 trained.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)  # the base is resized to it before the adapter loads
             trained = trained.merge_and_unload()
         rundir.save_policy(trained, tokenizer, policy_dir)
         log.info("bc: policy saved to %s", policy_dir)

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from rl_agents import rundir
-from rl_agents.trajectory import END_OF_TURN, SPECIAL_TOKENS, Trajectory
+from rl_agents.trajectory import CHAT_TEMPLATE, END_OF_TURN, SPECIAL_TOKENS, Trajectory
 
 log = logging.getLogger(__name__)
 PAD = "<|pad|>"
@@ -74,6 +74,7 @@ def build_tokenizer(
         eos_token=END_OF_TURN,
         extra_special_tokens=[t for t in SPECIAL_TOKENS if t != END_OF_TURN],
         model_max_length=4096,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -108,7 +109,8 @@ def build_tiny_model(
 
 
 def add_special_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:
-    """Add the format's special tokens a pretrained tokenizer lacks and resize the embeddings.
+    """Add the format's special tokens a pretrained tokenizer lacks, resize the embeddings, and give the tokenizer
+    the format's chat template (``trajectory.CHAT_TEMPLATE``).
 
     Returns the ids of the added tokens (LoRA must train their embeddings).
     """
@@ -122,6 +124,7 @@ def add_special_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedMode
         tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS}, replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = PAD
+    tokenizer.chat_template = CHAT_TEMPLATE  # the policy speaks the trajectory format, whatever the base's template
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id

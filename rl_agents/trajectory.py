@@ -45,6 +45,24 @@ SPECIAL_TOKENS = [
 END_OF_TURN = IM_END
 
 
+# The same format as a chat template, saved with every policy's tokenizer: ``apply_chat_template`` (and any server
+# that uses it) renders a conversation as training saw it. A tool's reply is a "tool" message; the generation
+# prompt opens the agent's turn. ``chat_messages`` gives a trajectory's messages.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "<|im_start|>assistant\n{{ message['content'] }}<|im_end|>"
+    "{%- elif message['role'] == 'tool' -%}"
+    "<|im_start|>user\n<tool_response>\n{{ message['content'] }}\n</tool_response><|im_end|>"
+    "{%- else -%}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>"
+    "{%- endif -%}"
+    "{%- if not loop.last or add_generation_prompt -%}{{ '\\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|im_start|>assistant{{ '\\n' }}{%- endif -%}"
+)
+
+
 class TrajectoryFormatError(ValueError):
     """A trajectory file or record that does not match the format."""
 
@@ -183,6 +201,18 @@ def observation_ids(tokenizer: PreTrainedTokenizerBase, observation: str) -> lis
 def agent_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """The agent's own text: its tags are special tokens, and the turn ends with the end-of-turn token."""
     return tokenizer(text, add_special_tokens=False)["input_ids"] + _special(tokenizer, END_OF_TURN)
+
+
+def chat_messages(trajectory: Trajectory) -> list[dict[str, str]]:
+    """The trajectory as chat messages (user, then assistant and tool in turn), which ``CHAT_TEMPLATE`` renders
+    as ``encode_trajectory`` flattens it. The template's assistant turn opens with ``assistant\n``, which
+    the prompt's ids hold."""
+    messages = [{"role": "user", "content": trajectory.task}]
+    for i, turn in enumerate(trajectory.turns):
+        messages.append({"role": "assistant", "content": turn.agent})
+        if i < len(trajectory.turns) - 1:
+            messages.append({"role": "tool", "content": turn.observation or ""})
+    return messages
 
 
 @dataclass
