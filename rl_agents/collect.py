@@ -1,29 +1,94 @@
-"""The collect stage: run a teacher in the environments and keep its episodes as trajectories."""
+"""The collect stage: run a teacher in the environments and keep its episodes as trajectories.
+
+A teacher with ``concurrency > 1`` (the LLM teacher) runs that many episodes at once, each in its own
+environment; the trajectories come back in seed order whatever the order they finished in. A teacher with
+``checks_health`` is watched (``Health``): the collection stops with ``TeacherUnavailable`` when too many of
+its requests fail or too many of its turns are malformed, instead of paying for the whole budget.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
+import threading
+from collections import Counter, deque
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
+from envs.base import MALFORMED_KINDS
+from rl_agents.teachers import RequestFailed, TeacherUnavailable
 from rl_agents.trajectory import FORMAT_VERSION, Trajectory, Turn
 
 log = logging.getLogger(__name__)
 
 
-def teacher_episode(env: gym.Env, teacher: Any, seed: int, env_id: str, max_turns: int) -> Trajectory:
-    """One episode of ``teacher`` in ``env`` from ``seed``, with the policy's turn budget ``max_turns``."""
+@dataclass
+class Health:
+    """The teacher's last turns, and the rates at which the collection gives up on it (thread-safe). Rates are
+    over a window of recent turns, so an endpoint that dies late in a long collection is noticed as fast as one
+    that never worked."""
+
+    max_failure_rate: float = 0.5
+    """turns whose request still failed after its retries, among the window's turns"""
+    max_malformed_rate: float = 0.5
+    """malformed replies among the window's turns that got one"""
+    check_after: int = 20
+    """the window: the last turns the rates are measured on (nothing is checked before it is full)"""
+    window: deque = field(default_factory=deque, repr=False)
+    example: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, error: str | None = None, failed: bool = False, text: str = "", why: str = "") -> None:
+        """Count one turn; raises ``TeacherUnavailable`` once a rate is over its limit."""
+        with self.lock:
+            self.window.append("failed" if failed else "malformed" if error in MALFORMED_KINDS else "ok")
+            if len(self.window) > self.check_after:
+                self.window.popleft()
+            if failed:
+                self.example = why
+            elif error in MALFORMED_KINDS:
+                self.example = text[:200]
+            if len(self.window) < self.check_after:
+                return
+            counts = Counter(self.window)
+            replied = len(self.window) - counts["failed"]
+            if counts["failed"] / len(self.window) > self.max_failure_rate:
+                raise TeacherUnavailable(
+                    f"the teacher's endpoint is failing: {counts['failed']} of the last {len(self.window)} turns got "
+                    f"no reply after their retries (last: {self.example}); check it, teacher.timeout_s and "
+                    "teacher.max_retries"
+                )
+            if replied and counts["malformed"] / replied > self.max_malformed_rate:
+                raise TeacherUnavailable(
+                    f"the teacher does not write the format: {counts['malformed']} of its last {replied} replies "
+                    f"were malformed (e.g. {self.example!r}); check teacher.model and the system prompt "
+                    "(rl_agents.teachers.SYSTEM_PROMPT)"
+                )
+
+
+def teacher_episode(
+    env: gym.Env, teacher: Any, seed: int, env_id: str, max_turns: int, health: Health | None = None
+) -> Trajectory:
+    """One episode of ``teacher`` in ``env`` from ``seed``, with the policy's turn budget ``max_turns``; a
+    request that fails after its retries raises ``RequestFailed`` (the episode is lost)."""
     task, reset_info = env.reset(seed=int(seed))
     teacher.begin(env.unwrapped, np.random.default_rng([int(seed), 1]))
     turns: list[Turn] = []
     reward, success, truncation = 0.0, False, None
     for _ in range(max_turns):
-        text = teacher.act(env.unwrapped, task, [(t.agent, t.observation) for t in turns])
+        try:
+            text = teacher.act(env.unwrapped, task, [(t.agent, t.observation) for t in turns])
+        except RequestFailed as err:
+            if health is not None:
+                health.record(failed=True, why=str(err))
+            raise
         observation, r, terminated, truncated, info = env.step(text)
+        if health is not None:
+            health.record(info.get("error"), text=text)
         turns.append(
             Turn(agent=text, observation=observation, tool=info.get("tool"), error=info.get("error"), reward=float(r))
         )
@@ -54,25 +119,43 @@ def collect(
     max_turns: int,
     keep: str = "success",
     progress: bool = True,
+    malformed: str = "mask",
+    health: Health | None = None,
 ) -> tuple[list[Trajectory], dict[str, Any]]:
     """Run ``teacher`` once per seed on *train* tasks; keep successful episodes (``keep="success"``) or all.
 
-    Returns the kept trajectories and statistics of all episodes (success rate, turns, error kinds).
+    A kept episode's malformed teacher turns are masked out of the loss (``malformed="mask"``), drop the
+    episode (``"drop"``) or stay (``"keep"``). ``health`` (default for a teacher with ``checks_health``)
+    stops the collection early. Returns the kept trajectories and statistics of all episodes (success rate,
+    turns, error kinds, lost and masked counts, and the teacher's ``usage()``: requests, tokens, cost).
     """
     if keep not in ("success", "all"):
         raise ValueError(f"collect.keep must be 'success' or 'all', got {keep!r}")
-    env = gym.make(env_id, **{**env_kwargs, "split": "train"})
-    kept, successes, turns, errors = [], 0, 0, Counter()
-    try:
-        for seed in tqdm(seeds, desc=f"collect {env_id}", disable=not progress):
-            trajectory = teacher_episode(env, teacher, seed, env_id, max_turns)
-            successes += trajectory.success
-            turns += len(trajectory.turns)
-            errors.update(t.error for t in trajectory.turns if t.error)
-            if keep == "all" or trajectory.success:
-                kept.append(trajectory)
-    finally:
-        env.close()
+    if malformed not in ("mask", "drop", "keep"):
+        raise ValueError(f"collect.malformed must be mask, drop or keep, got {malformed!r}")
+    if health is None and getattr(teacher, "checks_health", False):
+        health = Health()
+    episodes = _episodes(env_id, {**env_kwargs, "split": "train"}, teacher, seeds, max_turns, progress, health)
+    kept, successes, turns, errors, counts = [], 0, 0, Counter(), Counter()
+    for trajectory in episodes:
+        if trajectory is None:
+            counts["lost_episodes"] += 1
+            continue
+        successes += trajectory.success
+        turns += len(trajectory.turns)
+        errors.update(t.error for t in trajectory.turns if t.error)
+        if not (keep == "all" or trajectory.success):
+            continue
+        bad = [t for t in trajectory.turns if t.error in MALFORMED_KINDS]
+        counts["malformed_turns_kept"] += len(bad) if malformed != "drop" else 0
+        if bad and malformed == "drop":
+            counts["dropped_malformed"] += 1
+            continue
+        if malformed == "mask":
+            for turn in bad:
+                turn.imitate = False
+            counts["masked_turns"] += len(bad)
+        kept.append(trajectory)
     stats = {
         "env": env_id,
         "episodes": len(seeds),
@@ -81,6 +164,47 @@ def collect(
         "teacher_success_rate": successes / max(1, len(seeds)),
         "mean_turns": turns / max(1, len(seeds)),
         "error_kinds": dict(errors),
+        "malformed": malformed,
+        **{k: counts.get(k, 0) for k in ("lost_episodes", "masked_turns", "dropped_malformed")},
     }
+    if hasattr(teacher, "usage"):
+        stats["teacher_usage"] = teacher.usage()
     log.info("collect %s: %s", env_id, stats)
     return kept, stats
+
+
+def _episodes(env_id, env_kwargs, teacher, seeds, max_turns, progress, health) -> list[Trajectory | None]:
+    """The teacher's episodes in seed order (None: lost to a failed request), ``teacher.concurrency`` at once."""
+    workers = max(1, int(getattr(teacher, "concurrency", 1)))
+    bar = tqdm(total=len(seeds), desc=f"collect {env_id}", disable=not progress)
+    local, made = threading.local(), []
+
+    def run(seed: int) -> Trajectory | None:
+        if not hasattr(local, "env"):
+            local.env = gym.make(env_id, **env_kwargs)
+            made.append(local.env)
+        try:
+            return teacher_episode(local.env, teacher, seed, env_id, max_turns, health)
+        except RequestFailed:
+            return None
+        finally:
+            bar.update()
+
+    try:
+        if workers == 1:
+            return [run(seed) for seed in seeds]
+        with ThreadPoolExecutor(workers, thread_name_prefix="teacher") as pool:
+            futures = [pool.submit(run, seed) for seed in seeds]
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    if future.exception() is not None:  # TeacherUnavailable: stop what has not started
+                        for other in pending:
+                            other.cancel()
+                        raise future.exception()
+            return [future.result() for future in futures]
+    finally:
+        bar.close()
+        for env in made:
+            env.close()

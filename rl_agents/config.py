@@ -51,6 +51,14 @@ class Split(StrEnum):
     test = "test"
 
 
+class Malformed(StrEnum):
+    """collect.malformed: what becomes of a kept episode's malformed teacher turns."""
+
+    mask = "mask"
+    drop = "drop"
+    keep = "keep"
+
+
 class Keep(StrEnum):
     """collect.keep: success (rejection sampling) or all (every teacher episode)."""
 
@@ -309,8 +317,29 @@ class TeacherConfig:
     model: str | None = None
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
+    """the environment variable that holds the key (unset with a base_url: a placeholder, as local servers take)"""
     temperature: float = 0.0
     max_tokens: int = 512
+    timeout_s: float = 60.0
+    """per request"""
+    max_retries: int = 4
+    """retries of a request that timed out, could not connect, or got a 429 or a 5xx (a 4xx stops the run)"""
+    backoff_s: float = 1.0
+    """the first retry's wait; each next one doubles it"""
+    requests_per_s: float | None = None
+    """null: no rate limit"""
+    concurrency: int = 8
+    """episodes collected at once (one request in flight each)"""
+    price_input_per_1m: float = 0.0
+    """dollars per million prompt tokens, for the cost in collect_stats.json"""
+    price_output_per_1m: float = 0.0
+    max_failure_rate: float = 0.5
+    """the collection stops when more of the last health_check_after turns than this got no reply after their
+    retries (the endpoint is down) ..."""
+    max_malformed_rate: float = 0.5
+    """... or when more of its last replies than this were malformed (the prompt or the model is wrong)"""
+    health_check_after: int = 20
+    """the window of recent turns those rates are measured on"""
 
 
 @dataclass
@@ -346,6 +375,9 @@ class CollectConfig:
     episodes: int = 32_000
     keep: Keep = Keep.success
     """success: rejection sampling, keep successful episodes; all: keep every episode"""
+    malformed: Malformed = Malformed.mask
+    """a kept episode's malformed teacher turns: mask (context only, out of the loss: the recovery after the
+    error observation is still learned), drop (the whole episode), keep (cloned like any turn)"""
 
 
 @dataclass

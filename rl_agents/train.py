@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rl_agents import distributed, rundir, tracking
 from rl_agents.bc import BCConfig, train_bc
-from rl_agents.collect import collect
+from rl_agents.collect import Health, collect
 from rl_agents.config import TINY_MODEL, ConfigError, env_entries
 from rl_agents.dagger import train_dagger
 from rl_agents.evaluate import SeenTaskError, check_held_out, evaluate_policy, write_eval
@@ -40,7 +40,7 @@ from rl_agents.grpo import train_grpo
 from rl_agents.model import load_policy, lora_config
 from rl_agents.ppo import train_ppo
 from rl_agents.rl import policy_dirs
-from rl_agents.teachers import make_teacher
+from rl_agents.teachers import ResponseCache, TeacherUnavailable, make_teacher
 from rl_agents.trajectory import SPECIAL_TOKENS, Trajectory, read_jsonl, write_jsonl
 from rl_agents.validate import validate_train
 
@@ -59,9 +59,19 @@ def stage_collect(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> 
         n = max(1, round(cfg.collect.episodes * entry.weight / total))
         seeds = list(range(cfg.env.train_seed_start, cfg.env.train_seed_start + n))
         teacher = make_teacher(cfg, env_id)
-        kept, stats[env_id] = collect(
-            env_id, entry.kwargs, teacher, seeds, cfg.runtime.max_turns, cfg.collect.keep, cfg.progress
-        )
+        health = None
+        if getattr(teacher, "checks_health", False):  # an LLM teacher: its replies cached, its rates watched
+            teacher.cache = ResponseCache(path.parent / "teacher_cache.jsonl")
+            t = cfg.teacher
+            health = Health(t.max_failure_rate, t.max_malformed_rate, t.health_check_after)
+        try:
+            kept, stats[env_id] = collect(env_id, entry.kwargs, teacher, seeds, cfg.runtime.max_turns,
+                                          cfg.collect.keep, cfg.progress, cfg.collect.malformed, health)  # fmt: skip
+        except TeacherUnavailable as err:
+            raise TeacherUnavailable(
+                f"collect {env_id} stopped: {err}. Every reply received is cached in {path.parent}/teacher_cache.jsonl:"
+                f" once fixed, `resume=true hydra.run.dir={run_dir}` continues without paying for them again"
+            ) from None
         trajectories += kept
     write_jsonl(path, trajectories)
     rundir.write_text(path.parent / "collect_stats.json", json.dumps(stats, indent=2))
@@ -251,7 +261,7 @@ def main(cfg: DictConfig) -> float | None:
             )
         parallel = hydra_cfg.launcher.get("n_jobs", 1) if hydra_cfg.mode == RunMode.MULTIRUN else 1
         result = run(cfg, Path(hydra_cfg.runtime.output_dir), max(1, parallel))
-    except (ConfigError, rundir.RunDirError, rundir.DiskFullError, SeenTaskError) as err:
+    except (ConfigError, rundir.RunDirError, rundir.DiskFullError, SeenTaskError, TeacherUnavailable) as err:
         log.error("%s", err)  # one message, no traceback: the key, the dir or the disk to fix
         sys.exit(2)
     policies = result.get("policies", {})

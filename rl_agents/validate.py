@@ -80,8 +80,16 @@ def _check_teacher(cfg: DictConfig) -> None:
                 ) from None
     elif target == OPENAI_TEACHER and not cfg.teacher.model:
         raise ConfigError("teacher=openai needs teacher.model (the served model's name)")
-    if not 0.0 <= cfg.teacher.noise <= 1.0:
-        raise ConfigError(f"teacher.noise must be in [0, 1], got {cfg.teacher.noise}")
+    t = cfg.teacher
+    for key in ("noise", "max_failure_rate", "max_malformed_rate"):
+        if not 0.0 <= t[key] <= 1.0:
+            raise ConfigError(f"teacher.{key} must be in [0, 1], got {t[key]}")
+    for key, low in (("concurrency", 1), ("max_retries", 0), ("health_check_after", 1), ("backoff_s", 0)):
+        if t[key] < low:
+            raise ConfigError(f"teacher.{key} must be at least {low}, got {t[key]}")
+    for key in ("timeout_s", "requests_per_s"):
+        if t[key] is not None and t[key] <= 0:
+            raise ConfigError(f"teacher.{key} must be positive, got {t[key]}")
 
 
 def _check_model(cfg: DictConfig) -> None:
