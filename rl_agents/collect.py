@@ -164,7 +164,7 @@ def collect(
         "teacher_success_rate": successes / max(1, len(seeds)),
         "mean_turns": turns / max(1, len(seeds)),
         "error_kinds": dict(errors),
-        "malformed": malformed,
+        "malformed": str(malformed),
         **{k: counts.get(k, 0) for k in ("lost_episodes", "masked_turns", "dropped_malformed")},
     }
     if hasattr(teacher, "usage"):

@@ -15,7 +15,9 @@ Each process appends its episodes to ``rl/rollouts/rank<N>.jsonl`` (task, reward
 
 The KL reference is TRL's: a frozen copy loaded from the path the policy's config names. When the reference
 is not the starting policy (``rl.init_from`` differs from the BC policy), that path is pointed at the
-reference before the trainer is built: the smallest change that keeps TRL's own reference handling.
+reference before the trainer is built: the smallest change that keeps TRL's own reference handling. With
+``peft=lora`` a fresh adapter trains on the starting policy and the reference is that policy with the
+adapter disabled (no second copy of the weights).
 
 Departures from GRPO as published (Shao et al. 2024, DeepSeekMath) and from TRL's single-turn use:
 
@@ -37,7 +39,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from omegaconf import DictConfig
-from transformers import TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from rl_agents import distributed, rundir
@@ -47,7 +49,9 @@ from rl_agents.rl import (
     episode_metrics,
     mixed_precision,
     reward_terms,
+    rl_lora,
     sample_episodes,
+    save_rl_policy,
     step_seeds,
     term_names,
 )
@@ -171,8 +175,9 @@ def make_trainer(cfg: DictConfig, init: Path, ref: Path, out_dir: Path, tracker)
         disable_tqdm=True,
     )
     rollouts = EnvRollouts(cfg, tokenizer, out_dir)
-    return GRPOTrainer(
+    trainer = GRPOTrainer(
         model=model,
+        peft_config=rl_lora(cfg),  # LoRA: the reference is the model with the adapter disabled (TRL's own way)
         reward_funcs=[reward_function(name, rl) for name in term_names(rl)],
         args=args,
         train_dataset=Dataset.from_list(rows),
@@ -184,6 +189,8 @@ def make_trainer(cfg: DictConfig, init: Path, ref: Path, out_dir: Path, tracker)
             rundir.SafeCheckpoints(),
         ],
     )
+    trainer.remove_callback(PrinterCallback)  # with tqdm off it prints every log to stdout: LogToPython logs them
+    return trainer
 
 
 def train_grpo(cfg: DictConfig, init: Path, ref: Path, out_dir: Path, tracker) -> Path:
@@ -206,9 +213,7 @@ def train_grpo(cfg: DictConfig, init: Path, ref: Path, out_dir: Path, tracker) -
 
     policy_dir = out_dir / "policy"
     if trainer.is_world_process_zero():  # one writer under a distributed launch
-        trained = trainer.accelerator.unwrap_model(trainer.model)
-        trained.config._name_or_path = str(policy_dir)
-        rundir.save_policy(trained, tokenizer, policy_dir)
+        save_rl_policy(trainer.accelerator.unwrap_model(trainer.model), tokenizer, out_dir)
         log.info("rl: policy saved to %s", policy_dir)
     trainer.accelerator.wait_for_everyone()
     return policy_dir

@@ -42,11 +42,12 @@ Departures from PPO as published (Schulman et al. 2017) and from CleanRL's ``ppo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,16 @@ from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, sel
 
 from rl_agents import rundir
 from rl_agents.model import load_policy
-from rl_agents.rl import append_rollouts, episode_metrics, mixed_precision, sample_episodes, step_seeds, turn_rewards
+from rl_agents.rl import (
+    append_rollouts,
+    episode_metrics,
+    mixed_precision,
+    rl_lora,
+    sample_episodes,
+    save_rl_policy,
+    step_seeds,
+    turn_rewards,
+)
 from rl_agents.trajectory import Trajectory, encode_trajectory
 
 log = logging.getLogger(__name__)
@@ -269,16 +279,25 @@ class PPO:
         self.accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision(self.rl.mixed_precision))
         dtype = getattr(torch, cfg.model.dtype)
         policy, self.tokenizer = load_policy(init, cfg.model.dtype, local_files_only=True)
-        reference, _ = load_policy(ref, cfg.model.dtype, local_files_only=True)
         critic = Critic.from_policy(init, dtype)
-        for model in (policy, reference, critic):
-            disable_dropout_in_model(model)
-        self.reference = reference.eval().requires_grad_(False).to(self.accelerator.device)
+        lora = rl_lora(cfg)
+        if lora is None:
+            reference, _ = load_policy(ref, cfg.model.dtype, local_files_only=True)
+            self.reference = reference.eval().requires_grad_(False).to(self.accelerator.device)
+        else:  # the reference is the policy with its adapter disabled: no second copy of its weights
+            from peft import get_peft_model
+
+            policy = get_peft_model(policy, lora)
+            critic.body = get_peft_model(critic.body, replace(rl_lora(cfg), task_type=None))  # peft edits its config
+            self.reference = None
+        for model in (policy, critic, self.reference):
+            if model is not None:
+                disable_dropout_in_model(model)
         algo = self.algo
         optimizer = torch.optim.AdamW(
             [
                 {"params": [p for p in policy.parameters() if p.requires_grad], "lr": algo.learning_rate},
-                {"params": list(critic.parameters()), "lr": algo.critic_learning_rate},
+                {"params": [p for p in critic.parameters() if p.requires_grad], "lr": algo.critic_learning_rate},
             ],
             weight_decay=algo.weight_decay,
         )
@@ -336,10 +355,19 @@ class PPO:
             rows = slice(i, i + size)
             mb = batch.select(rows, trim=False)  # the parts are concatenated: every one keeps the batch's width
             parts["logp"].append(token_logprobs(self.policy, mb, self.rl.temperature)[0])
-            with self.accelerator.autocast():  # the precision the prepared policy runs in (bf16 mixed precision)
-                parts["ref_logp"].append(token_logprobs(self.reference, mb, self.rl.temperature)[0])
+            with self.accelerator.autocast(), self.reference_model() as reference:  # the policy's precision (bf16)
+                parts["ref_logp"].append(token_logprobs(reference, mb, self.rl.temperature)[0])
             parts["values"].append(self.critic(mb.input_ids, mb.attention_mask)[:, :-1])
         return {k: torch.cat(v) for k, v in parts.items()}
+
+    @contextlib.contextmanager
+    def reference_model(self):
+        """The frozen reference: its own model, or (LoRA) the policy with the adapter disabled."""
+        if self.reference is not None:
+            yield self.reference
+            return
+        with self.accelerator.unwrap_model(self.policy).disable_adapter():
+            yield self.policy
 
     def iteration(self) -> dict[str, float]:
         """One PPO iteration, in the order it runs: rollout, score, advantages, update, metrics."""
@@ -464,8 +492,7 @@ class PPO:
                 if self.step % self.rl.save_steps == 0 or self.step == self.rl.steps:
                     self.save_checkpoint()
                     self.tracker.log_episodes("rl", self.last_episodes)
-        policy_dir = self.out_dir / "policy"
-        rundir.save_policy(self.accelerator.unwrap_model(self.policy), self.tokenizer, policy_dir)
+        policy_dir = save_rl_policy(self.accelerator.unwrap_model(self.policy), self.tokenizer, self.out_dir)
         log.info("rl: policy saved to %s", policy_dir)
         return policy_dir
 

@@ -177,6 +177,32 @@ def episode_metrics(episodes: list[Trajectory], rl: RLConfig | DictConfig) -> di
 
 
 # --- the stage ----------------------------------------------------------------------------------
+def rl_lora(cfg: DictConfig):
+    """With ``peft=lora``: a fresh LoRA adapter on the starting policy (its vocabulary is already the format's),
+    whose disabled state is the KL reference; else None."""
+    if not cfg.peft.enabled:
+        return None
+    from rl_agents.model import lora_config
+
+    p = cfg.peft
+    return lora_config(p.r, p.alpha, p.dropout, p.target_modules, [])
+
+
+def save_rl_policy(model, tokenizer, out_dir: Path) -> Path:
+    """``out_dir/policy``, a plain model directory; with LoRA also ``out_dir/adapter`` (the adapter and the
+    tokenizer, on the starting policy), saved before the adapter is merged into the policy."""
+    from rl_agents import rundir
+
+    if hasattr(model, "merge_and_unload"):
+        with rundir.atomic_dir(out_dir / "adapter") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        model = model.merge_and_unload()
+    model.config._name_or_path = str(out_dir / "policy")
+    rundir.save_policy(model, tokenizer, out_dir / "policy")
+    return out_dir / "policy"
+
+
 def policy_dirs(cfg: DictConfig, run_dir: Path) -> tuple[Path, Path]:
     """The policy RL starts from and its KL reference: by default the run's supervised policy (DAgger's when
     the run has the dagger stage, else BC's)."""

@@ -50,7 +50,7 @@ STAGE_KEYS = {
     "collect": ("seed", "env", "teacher", "collect", "runtime.max_turns"),
     "bc": ("seed", "model", "peft", "bc"),
     "dagger": ("seed", "env", "teacher", "dagger", "runtime", "bc"),
-    "rl": ("seed", "algo", "rl", "runtime"),
+    "rl": ("seed", "algo", "rl", "runtime", "peft"),
 }
 
 

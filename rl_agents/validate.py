@@ -206,8 +206,11 @@ def _check_rl(cfg: DictConfig, run_dir: Path) -> None:
                 f"algo.critic_warmup_steps={algo.critic_warmup_steps} must be in [0, rl.steps={rl.steps}): "
                 "the policy would never be trained"
             )
-    if cfg.peft.enabled:
-        raise ConfigError("the rl stage trains full weights for now: run it with peft=none (LoRA RL is not built yet)")
+    if cfg.peft.enabled and rl.ref_from is not None and rl.ref_from != rl.init_from:
+        raise ConfigError(
+            f"peft=lora: the rl stage's KL reference is its starting policy with the adapter disabled, so "
+            f"rl.ref_from={rl.ref_from!r} must be rl.init_from ({rl.init_from!r}) or null"
+        )
     for key in ("init_from", "ref_from"):
         path = rl[key]
         if path is not None and not (Path(path) / "config.json").is_file():

@@ -59,3 +59,13 @@ def smoke_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smoke")
     run_cli("rl_agents.train", "budget=smoke", f"hydra.run.dir={run_dir}", "env=calculator_sql")
     return run_dir
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate's state is one per process: a test that sets its own precision starts and ends afresh."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)

@@ -365,16 +365,6 @@ def test_the_loss_kl_term_has_the_gradient_of_kl_policy_to_reference():
     assert torch.isclose((logp.exp() * kl_penalty(logp, logp, ref)).sum(), kl(theta, ref).detach())
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate's state is one per process: a test that sets its own precision starts and ends afresh."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 def test_ppo_reference_runs_in_the_policys_mixed_precision_so_identical_weights_give_zero_kl(
     tmp_path, tiny_policy, fresh_accelerate_state
 ):
