@@ -141,7 +141,8 @@ def test_a_teacher_that_never_writes_the_format_stops_within_a_few_requests(tmp_
     with FakeLLM(lambda n, body: "prose") as llm:
         with pytest.raises(TeacherUnavailable, match="does not write the format") as err:
             llm_collect(llm, tmp_path)
-        assert llm.requests <= 8 + 4  # health_check_after turns, plus those in flight
+        # the window's 8 turns; then at most the 3 others in flight, and one more per worker before the stop reaches it
+        assert llm.requests <= 8 + 3 + 4
     assert "42" in str(err.value)  # the message shows what it wrote
 
 
@@ -169,12 +170,14 @@ def test_malformed_teacher_turns_in_successful_episodes(tmp_path, policy):
 
 
 def test_the_train_command_with_an_llm_teacher_stops_clearly_and_resumes_from_its_cache(tmp_path):
-    """``teacher=openai`` end to end: an endpoint that dies mid-collection ends the run with one message (exit
-    2, no traceback); ``resume=true`` against the endpoint, healthy again, pays only for the missing replies."""
+    """``teacher=openai`` through the command: an endpoint that dies mid-collection ends the run with one message
+    (exit 2, no traceback); ``resume=true`` against the endpoint, healthy again, pays only for the missing
+    replies."""
     run_dir = tmp_path / "run"
     common = ["teacher=openai", "teacher.model=fake", "teacher.api_key_env=RL_AGENTS_TEST_NO_KEY",
               "teacher.backoff_s=0.01", "teacher.max_retries=1", "++env.envs.Calculator-v0.kwargs.fail_prob=0.0",
-              "budget=smoke", "logger=none", "progress=false", f"hydra.run.dir={run_dir}"]  # fmt: skip
+              "budget=smoke", "stages=[collect]", "logger=none", "progress=false",
+              f"hydra.run.dir={run_dir}"]  # fmt: skip
     with FakeLLM(lambda n, body: "500" if n > 20 else None) as llm:
         failed = run_cli("rl_agents.train", f"teacher.base_url={llm.base_url}", *common, check=False)
         port = llm.port
@@ -187,6 +190,5 @@ def test_the_train_command_with_an_llm_teacher_stops_clearly_and_resumes_from_it
     stats = json.loads((run_dir / "trajectories" / "collect_stats.json").read_text())["Calculator-v0"]
     usage = stats["teacher_usage"]
     assert usage["cached"] == 20 and usage["requests"] + usage["cached"] == 2 * stats["episodes"]  # two turns each
-    assert resumed < 2 * stats["episodes"] + 2 * 4  # the collection's missing replies, and the teacher's evaluation
-    assert stats["teacher_success_rate"] == 1.0
-    assert json.loads((run_dir / "eval.json").read_text())["policies"]["bc"]["episodes"] > 0
+    assert resumed == usage["requests"]  # the collection's missing replies only
+    assert stats["teacher_success_rate"] == 1.0 and stats["kept"] == stats["episodes"]
