@@ -33,12 +33,12 @@ def barrier() -> None:
         PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
 
 
-def cpu_budget() -> int:
-    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a container's ``--cpus``),
-    which torch's default thread count does not see."""
+def cpu_budget(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a container's ``--cpus``,
+    in ``cpu_max``), which torch's default thread count does not see."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        quota, period = cpu_max.read_text().split()
         if quota != "max":
             cpus = min(cpus, max(1, int(quota) // int(period)))
     except (OSError, ValueError):

@@ -205,3 +205,16 @@ def test_the_default_budget_is_the_schemas_own_defaults():
     for group, values in budget.items():
         for key, value in values.items():
             assert schema[group][key] == value, f"{group}.{key}: schema {schema[group][key]}, budget {value}"
+
+
+@pytest.mark.parametrize("quota, expected", [("max 100000", None), ("100000 100000", 1), ("50000 100000", 1)])
+def test_the_cpu_budget_honours_a_cgroup_quota(tmp_path, quota, expected):
+    """threads=null: torch's threads are the CPUs this process may use, a container's quota included."""
+    import os
+
+    from rl_agents.distributed import cpu_budget
+
+    (tmp_path / "cpu.max").write_text(quota + "\n")
+    affinity = len(os.sched_getaffinity(0))
+    assert cpu_budget(tmp_path / "cpu.max") == (expected or affinity)
+    assert cpu_budget(tmp_path / "missing") == affinity

@@ -60,5 +60,6 @@ def test_a_non_editable_install_runs_the_pipeline_from_anywhere(tmp_path):
         cwd=work, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "it/s]" not in run.stderr + run.stdout  # progress=false: no library's progress bar either
     assert (work / "run" / "eval.json").is_file()
     assert (work / "run" / "bc" / "policy" / "config.json").is_file()

@@ -192,3 +192,19 @@ def test_the_train_command_with_an_llm_teacher_stops_clearly_and_resumes_from_it
     assert usage["cached"] == 20 and usage["requests"] + usage["cached"] == 2 * stats["episodes"]  # two turns each
     assert resumed == usage["requests"]  # the collection's missing replies only
     assert stats["teacher_success_rate"] == 1.0 and stats["kept"] == stats["episodes"]
+
+
+def test_the_rate_limit_spaces_request_starts_across_threads(monkeypatch):
+    """teacher.requests_per_s: each start waits for the previous one's slot (a fake clock: no wall time)."""
+    from rl_agents import teachers
+
+    clock = {"now": 100.0}
+    monkeypatch.setattr(teachers.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(teachers.time, "sleep", lambda s: clock.__setitem__("now", clock["now"] + s))
+    limit = teachers.RateLimit(per_s=4.0)
+    starts = []
+    for _ in range(5):
+        limit.wait()
+        starts.append(clock["now"])
+    assert starts == pytest.approx([100.0, 100.25, 100.5, 100.75, 101.0])
+    assert teachers.RateLimit(per_s=None).interval == 0.0
