@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import gymnasium as gym
-from hydra.utils import get_class, get_method
+from hydra._internal.utils import _locate  # get_method / get_class without their own error log
 from omegaconf import DictConfig, OmegaConf
 
 from rl_agents import distributed
@@ -59,7 +59,8 @@ def _check_target(cfg: DictConfig, group: str) -> str:
             f"builder with {group}._target_"
         )
     try:
-        get_method(node._target_)
+        if not callable(_locate(node._target_)):
+            raise ImportError("it is not callable")
     except Exception as err:
         raise ConfigError(f"{group}._target_={node._target_!r} cannot be imported: {err}") from None
     return node._target_
@@ -73,7 +74,8 @@ def _check_teacher(cfg: DictConfig) -> None:
             if not env_target:
                 raise ConfigError(f"env.envs.{env_id}.teacher has no _target_: teacher=scripted needs one")
             try:
-                get_class(env_target)
+                if not isinstance(_locate(env_target), type):
+                    raise ImportError("it is not a class")
             except Exception as err:
                 raise ConfigError(
                     f"env.envs.{env_id}.teacher._target_={env_target!r} cannot be imported: {err}"

@@ -143,7 +143,7 @@ def test_a_closed_choice_is_refused_with_the_choices_named(override, choices):
         (["stages=[collect,bc,rl]", "algo=ppo", "algo.positive_lm_coef=-1"], "algo.positive_lm_coef"),
         (["stages=[collect,bc,rl]", "algo=ppo", "rl.steps=5", "algo.critic_warmup_steps=5"], "critic_warmup_steps=5"),
         (["stages=[collect,bc,rl]", "rl.init_from=/nope"], "rl.init_from='/nope'"),
-        (["stages=[collect,bc,rl]", "peft=lora"], "peft=none"),
+        (["stages=[collect,bc,rl]", "peft=lora", "rl.ref_from=/elsewhere"], "must be rl.init_from"),
         (["eval.policies=[teacher,mystery]"], "unknown eval.policies"),
         (["eval.temperature=0"], "eval.temperature"),
         (["collect.episodes=0"], "collect.episodes must be >= 1, got 0"),
