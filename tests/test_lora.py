@@ -114,13 +114,15 @@ def test_ppo_with_lora_takes_its_reference_from_the_disabled_adapter(tmp_path, t
     _same_logits(tmp_path / "rl" / "adapter", out, tokenizer)
 
 
-def test_grpo_with_lora_trains_an_adapter_against_the_starting_policy(tmp_path, tiny_policy, fresh_accelerate_state):
+def test_grpo_with_lora_trains_an_adapter_against_the_starting_policy(tmp_path, lora_run, fresh_accelerate_state):
+    """From the BC policies of both architectures (Llama untied, Qwen2 tied)."""
     from accelerate.utils import is_peft_model
 
     from rl_agents import tracking
     from rl_agents.grpo import make_trainer, train_grpo
 
-    policy_dir, _, tokenizer = tiny_policy
+    policy_dir = lora_run[3]
+    _, tokenizer = load_policy(policy_dir, local_files_only=True)
     cfg = _rl_cfg(policy_dir, "algo=grpo", "rl.steps=1")
     trainer = make_trainer(cfg, policy_dir, policy_dir, tmp_path / "probe", tracking.Tracker())
     assert is_peft_model(trainer.model) and trainer.ref_model is None  # TRL disables the adapter for the reference
