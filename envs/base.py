@@ -188,7 +188,8 @@ class Task:
     """One episode's task: the prompt shown to the agent, its ground truth, and anything the expert needs."""
 
     prompt: str
-    answer: str
+    answer: str | None
+    """the ground truth; None for a task a user gave (``reset(options={"task": ...})``): its success is unknown"""
     extra: dict[str, Any] = field(default_factory=dict)
     tolerance: float = 0.0
     """relative tolerance of a float answer; 0: the answer must be exact"""
@@ -256,6 +257,17 @@ class ToolEnv(gym.Env):
         ok = answers_match(answer, self.task.answer, self.task.tolerance)
         return float(ok), ok
 
+    def user_task(self, prompt: str) -> Task:
+        """The task of a user's own prompt (``reset(options={"task": prompt})``), whose answer nobody knows.
+
+        The default refuses: an environment whose tools need the task's state (a database, a catalogue) cannot
+        serve an arbitrary prompt. One whose tools work for any prompt returns ``Task(prompt, answer=None)``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot take a task of yours: its tools depend on the task it draws (override "
+            "ToolEnv.user_task where they do not, or give the agent tools of your own)"
+        )
+
     def task_key(self, task: Task) -> str:
         """What identifies ``task``: two draws with the same key are the same task to a policy.
 
@@ -266,7 +278,12 @@ class ToolEnv(gym.Env):
 
     # --- Gymnasium API ------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
+        """A task drawn from ``seed`` (in ``split``, or ``options["split"]``), or the user's own prompt,
+        ``options={"task": prompt}`` (``user_task``: its answer is unknown, so is the episode's success)."""
         super().reset(seed=seed)
+        if (options or {}).get("task") is not None:
+            self.task = self.user_task(str(options["task"]))
+            return self._begin(self.task_key(self.task), None)
         split = (options or {}).get("split", self.split)
         if split is not None and split not in SPLITS:
             raise ValueError(f"options['split'] must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -280,11 +297,14 @@ class ToolEnv(gym.Env):
                 f"{type(self).__name__}: no {split} task in {MAX_TASK_DRAWS} draws; its task space is too small "
                 "to split"
             )
+        return self._begin(key, task_split(key))
+
+    def _begin(self, key: str, split: str | None) -> tuple[str, dict]:
         self.error_counts = Counter()
         self.steps = 0
         self.terminated = False
         self._last = sanitize(self.task.prompt, self.max_observation_chars)
-        info = {"tools": [tool.schema() for tool in self.tools.values()], "task_key": key, "split": task_split(key)}
+        info = {"tools": [tool.schema() for tool in self.tools.values()], "task_key": key, "split": split}
         return self._last, info
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict]:
@@ -296,7 +316,10 @@ class ToolEnv(gym.Env):
         info: dict[str, Any] = {"tool": None, "error": None, "success": False}
         parsed = parse_turn(str(action), self.max_action_chars)
         reward, terminated = 0.0, False
-        if isinstance(parsed, Answer):
+        if isinstance(parsed, Answer) and self.task.answer is None:  # a user's task: nothing to grade it against
+            info.update(answer=parsed.text, success=None)
+            observation, terminated = "Answered.", True
+        elif isinstance(parsed, Answer):
             reward, success = self._grade(parsed.text)
             info.update(answer=parsed.text, success=success)
             observation, terminated = ("Correct." if success else "Incorrect."), True

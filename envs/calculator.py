@@ -144,8 +144,12 @@ class CalculatorEnv(ToolEnv):
         value = format_number(evaluate_arithmetic(expression))
         return Task(prompt=template.format(expression), answer=value, extra={"expression": expression})
 
+    def user_task(self, prompt: str) -> Task:
+        """Any prompt: the calculator evaluates whatever expression the agent sends."""
+        return Task(prompt=prompt, answer=None)
+
     def task_key(self, task: Task) -> str:
-        return task.extra["expression"]  # the question's template is surface, not the task
+        return task.extra.get("expression", task.prompt)  # the template is surface; a user task: its prompt
 
 
 class CalculatorTeacher(ScriptedTeacher):

@@ -29,8 +29,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoTokenizer
 
 from rl_agents import distributed, rundir, tracking
+from rl_agents.agent import agent_card, write_card
 from rl_agents.bc import BCConfig, train_bc
 from rl_agents.collect import Health, collect
 from rl_agents.config import TINY_MODEL, ConfigError, env_entries
@@ -105,6 +107,15 @@ def _resume_or_start(
     return False
 
 
+def card_policy(cfg: DictConfig, stage: str, policy: Path, data: Path | None = None) -> None:
+    """The agent card (``agent.json``) of a stage's policy and of its LoRA adapter, before the stage's record."""
+    tokenizer = AutoTokenizer.from_pretrained(policy, local_files_only=True)
+    card = agent_card(cfg, tokenizer, stage, data)
+    for directory in (policy, policy.parent / "adapter"):
+        if directory.is_dir():
+            write_card(directory, card)
+
+
 def stage_bc(
     cfg: DictConfig, run_dir: Path, data: Path, trajectories: list[Trajectory], tracker: tracking.Tracker
 ) -> Path:
@@ -134,6 +145,7 @@ def stage_bc(
         trajectories, model, tokenizer, run_dir / "bc", bc_config, cfg.seed, cfg.resume, peft, tracker.report_to
     )
     if distributed.is_main():
+        card_policy(cfg, "bc", policy, data)
         rundir.finish_stage(run_dir, "bc", outputs, episodes=len(trajectories), steps=cfg.bc.max_steps)
     distributed.barrier()
     return policy
@@ -153,6 +165,7 @@ def stage_rl(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> Path:
     train = train_grpo if cfg.algo.name == "grpo" else train_ppo
     policy = train(cfg, init, ref, run_dir / "rl", tracker)
     if distributed.is_main():
+        card_policy(cfg, "rl", policy)
         rundir.finish_stage(run_dir, "rl", outputs, steps=cfg.rl.steps)
     distributed.barrier()
     return policy
@@ -168,6 +181,7 @@ def stage_dagger(
         log.info("dagger: reusing the finished policy %s", policy_dir)
         return policy_dir
     policy = train_dagger(cfg, run_dir, trajectories, init, tracker.report_to, tracker)
+    card_policy(cfg, "dagger", policy, data)
     rundir.finish_stage(run_dir, "dagger", outputs, rounds=cfg.dagger.rounds)
     return policy
 

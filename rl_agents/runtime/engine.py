@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -102,6 +102,7 @@ class Runtime:
         self._no_mask = _NO_MASK.to(self.device)
         self._workers: list | None = None  # (process, pipe) of each worker process (``config.processes``)
         self._counter = None  # the workers' shared count of episodes started (``_Indices``)
+        self._options, self._make_env = None, None  # this run's reset options and environment builder (``run``)
         check_workers(config)
         if config.processes > 1 and self.device.type != "cpu":
             raise ValueError(f"processes > 1 runs on CPU only (the model is on {self.device}); set processes=1")
@@ -126,6 +127,8 @@ class Runtime:
         policy: str = "policy",
         forced: list[list[list[int]]] | None = None,
         first_index: int = 0,
+        options: list[dict | None] | None = None,
+        make_env: Callable[[], gym.Env] | None = None,
     ) -> list[Trajectory]:
         """Run one episode per seed on ``config.batch_size`` environments; trajectories in the seeds' order.
 
@@ -136,8 +139,17 @@ class Runtime:
         ``forced`` (one entry per seed: each turn's token ids) feeds those tokens instead of the model's
         choices, through the same forward passes: a benchmark replays a teacher's episodes this way, so
         every approach decodes the same tokens and meets the same observations.
+
+        ``options`` (one entry per seed) are each episode's ``reset`` options (``{"task": prompt}``: a user's own
+        task); ``make_env`` builds each slot's environment instead of ``gym.make(env_id, **env_kwargs)`` (an
+        agent's environment with the user's tools). Neither goes to worker processes: with them, processes=1.
         """
         processes = min(self.config.processes, self.config.batch_size)
+        if (options is not None or make_env is not None) and processes > 1:
+            raise ValueError("reset options and make_env run in this process: use runtime processes=1")
+        if options is not None and len(options) != len(seeds):
+            raise ValueError(f"options: one entry per seed ({len(seeds)}), got {len(options)}")
+        self._options, self._make_env = options, make_env
         if processes > 1 and self._workers is None:
             self._start_workers(processes)  # before the clock: a worker takes seconds to start
         trajectories: list[Trajectory | None] = [None] * len(seeds)
@@ -176,7 +188,8 @@ class Runtime:
         self, env_id: str, seeds: list[int], env_kwargs: dict | None, policy: str, forced, indices: _Indices
     ) -> list[tuple[int, Trajectory]]:
         """The episodes this process takes from ``indices``, on ``config.batch_size`` environments."""
-        envs = [gym.make(env_id, **(env_kwargs or {})) for _ in range(min(self.config.batch_size, len(seeds)))]
+        make = self._make_env or (lambda: gym.make(env_id, **(env_kwargs or {})))
+        envs = [make() for _ in range(min(self.config.batch_size, len(seeds)))]
         was_training = self.model.training
         self.model.eval()  # and back afterwards: a trainer may call the runtime between its steps
         try:
@@ -243,7 +256,7 @@ class Runtime:
 
     # --- the loop -----------------------------------------------------------------------------
     def _start(self, env: gym.Env, index: int, seeds: list[int], forced) -> _Episode:
-        task, info = env.reset(seed=int(seeds[index]))
+        task, info = env.reset(seed=int(seeds[index]), options=self._options[index] if self._options else None)
         ids = prompt_ids(self.tokenizer, task)
         episode = _Episode(env, int(seeds[index]), task, ids=list(ids), pending=list(ids))
         episode.task_key, episode.split = info.get("task_key"), info.get("split")

@@ -1,0 +1,224 @@
+"""The compiled agent, used: its card (``agent.json``) and ``Agent``, a task in, an answer out.
+
+Every policy a run saves (``bc/policy``, ``dagger/policy``, ``rl/policy``, and the LoRA adapters beside them)
+holds an agent card: the trajectory format version and its special tokens, the tokenizer's fingerprint, each
+environment with its keyword arguments and its tools (name, description, JSON schema of the arguments), the
+runtime settings it ran with (turns, new tokens per turn, context), and where it came from (stage, package
+version, the run's config, a digest of the training data)::
+
+    from rl_agents import Agent
+    agent = Agent.from_pretrained("outputs/<run>/bc/policy")
+    result = agent.run("What is 6097 * 4981 - 12?")      # the user's own task, not a seed
+    result.answer, result.stop_reason, result.turns, result.latency_ms
+    results = agent.run_batch(tasks)                      # batched on the runtime's slots
+
+The tools are the card's environment's, given the user's task (``ToolEnv.user_task``), or the user's own:
+``Agent.from_pretrained(path, tools={"calculator": my_function})`` replaces a tool the card declares (any
+other name is refused). The environment stands between the model and every tool: an undeclared tool or
+arguments that fail the tool's JSON schema become an error observation, not a call (the result's
+``refused``), and a user's tool runs under ``tool_timeout_s``. Each run is bounded by the card's turns and
+new tokens per turn (``max_turns``, ``max_new_tokens`` override them) and the model's context; the result
+says which ended it. A user's task has no ground truth: its ``success`` is None.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+from omegaconf import DictConfig, OmegaConf
+
+from envs.base import MALFORMED_KINDS, Answer, Task, Tool, ToolError, parse_turn
+from rl_agents import rundir
+from rl_agents.config import env_entries
+from rl_agents.model import load_policy
+from rl_agents.runtime import Runtime, RuntimeConfig
+from rl_agents.trajectory import FORMAT_VERSION, SPECIAL_TOKENS, Trajectory, tokenizer_fingerprint
+
+CARD = "agent.json"
+CARD_VERSION = 1
+
+
+class AgentCardError(ValueError):
+    """A policy directory whose card is missing or does not match this package or its own tokenizer."""
+
+
+# --- the card ------------------------------------------------------------------------------------
+def agent_card(cfg: DictConfig, tokenizer, stage: str, data: Path | None = None) -> dict[str, Any]:
+    """The card of a policy trained by ``cfg`` in ``stage`` on ``data``."""
+    from rl_agents import __version__
+
+    envs = {}
+    for env_id, entry in env_entries(cfg).items():
+        env = gym.make(env_id, **entry.kwargs)
+        try:
+            envs[env_id] = {"kwargs": entry.kwargs, "tools": [t.schema() for t in env.unwrapped.tools.values()]}
+        finally:
+            env.close()
+    runtime = cfg.runtime
+    return {
+        "card_version": CARD_VERSION,
+        "format_version": FORMAT_VERSION,
+        "special_tokens": SPECIAL_TOKENS,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "envs": envs,
+        "runtime": {"max_turns": runtime.max_turns, "max_new_tokens": runtime.max_new_tokens,
+                    "max_context": runtime.max_context},  # fmt: skip
+        "provenance": {
+            "stage": stage,
+            "package_version": __version__,
+            "training_data_digest": rundir.digest(data) if data is not None else None,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        },
+    }
+
+
+def write_card(policy_dir: Path, card: dict[str, Any]) -> None:
+    rundir.write_text(Path(policy_dir) / CARD, json.dumps(card, indent=2, default=str))
+
+
+def read_card(policy_dir: str | Path, tokenizer) -> dict[str, Any]:
+    """The card of ``policy_dir``, checked against this package's format and the directory's tokenizer."""
+    path = Path(policy_dir) / CARD
+    if not path.is_file():
+        raise AgentCardError(f"{policy_dir} has no {CARD}: it was not saved by a run of this package (or an older one)")
+    card = json.loads(path.read_text())
+    if card.get("format_version") != FORMAT_VERSION:
+        raise AgentCardError(
+            f"{path}: trajectory format version {card.get('format_version')}, this package speaks {FORMAT_VERSION}"
+        )
+    if card.get("special_tokens") != SPECIAL_TOKENS:
+        raise AgentCardError(f"{path}: special tokens {card.get('special_tokens')}; this package's: {SPECIAL_TOKENS}")
+    if card.get("tokenizer_fingerprint") != tokenizer_fingerprint(tokenizer):
+        raise AgentCardError(
+            f"{path}: the card's tokenizer fingerprint {card.get('tokenizer_fingerprint')} is not the directory's "
+            f"tokenizer's ({tokenizer_fingerprint(tokenizer)}): the model files and the card do not belong together"
+        )
+    return card
+
+
+# --- results -------------------------------------------------------------------------------------
+@dataclass
+class AgentTurn:
+    text: str
+    """the model's turn, as it wrote it"""
+    tool: str | None
+    observation: str | None
+    error: str | None
+    latency_ms: float | None
+
+
+@dataclass
+class AgentResult:
+    task: str
+    answer: str | None
+    """the final answer, or None when the run ended without one"""
+    stop_reason: str
+    """answer; max_turns (the agent's turn budget), context_length (the model's), max_steps (the environment's),
+    malformed (with end_on_malformed), ended (the environment ended it without an answer)"""
+    turns: list[AgentTurn]
+    latency_ms: float
+    success: bool | None = None
+    """None for the user's own task (nothing to compare with)"""
+    refused: list[str] = field(default_factory=list)
+    """what the guard refused: each malformed turn, undeclared tool or bad arguments, with its kind"""
+
+
+# --- the agent -----------------------------------------------------------------------------------
+class Agent:
+    """A compiled agent: a policy directory with its card, run on the user's tasks."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        card: dict[str, Any],
+        env_id: str | None = None,
+        tools: dict[str, Callable[..., Any]] | None = None,
+        env_kwargs: dict[str, Any] | None = None,
+        max_turns: int | None = None,
+        max_new_tokens: int | None = None,
+        tool_timeout_s: float = 30.0,
+        batch_size: int = 16,
+    ):
+        self.model, self.tokenizer, self.card = model, tokenizer, card
+        if env_id is None:
+            if len(card["envs"]) != 1:
+                raise ValueError(f"this agent knows several environments ({', '.join(card['envs'])}): name env_id")
+            env_id = next(iter(card["envs"]))
+        if env_id not in card["envs"]:
+            raise ValueError(f"env_id {env_id!r} is not in the agent's card: {', '.join(card['envs'])}")
+        self.env_id = env_id
+        self.env_kwargs = {**card["envs"][env_id]["kwargs"], **(env_kwargs or {})}
+        declared = {t["function"]["name"]: t["function"] for t in card["envs"][env_id]["tools"]}
+        unknown = sorted(set(tools or {}) - set(declared))
+        if unknown:
+            raise ValueError(f"tools {unknown} are not declared in the agent's card; it knows {sorted(declared)}")
+        self.declared, self.tools, self.tool_timeout_s = declared, dict(tools or {}), tool_timeout_s
+        runtime = card["runtime"]
+        self.config = RuntimeConfig(
+            max_turns=max_turns or runtime["max_turns"],
+            max_new_tokens=max_new_tokens or runtime["max_new_tokens"],
+            max_context=runtime.get("max_context"),
+            batch_size=batch_size,
+        )
+        self.runtime = Runtime(model, tokenizer, self.config)
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="agent-tool") if self.tools else None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str = "float32", **kwargs) -> Agent:
+        """Load a saved policy (a ``<stage>/policy`` or adapter directory) and its card; ``kwargs`` go to
+        ``Agent`` (``tools``, ``env_id``, ``env_kwargs``, ``max_turns``, ``max_new_tokens``, ``tool_timeout_s``)."""
+        model, tokenizer = load_policy(path, dtype, local_files_only=True)
+        return cls(model, tokenizer, read_card(path, tokenizer), **kwargs)
+
+    def run(self, task: str) -> AgentResult:
+        return self.run_batch([task])[0]
+
+    def run_batch(self, tasks: Sequence[str]) -> list[AgentResult]:
+        """The tasks' episodes, batched on the runtime's slots (greedy, as evaluated)."""
+        start = time.perf_counter()
+        trajectories = self.runtime.run(
+            self.env_id, list(range(len(tasks))), options=[{"task": str(t)} for t in tasks], make_env=self._make_env
+        )
+        wall = (time.perf_counter() - start) * 1000
+        return [self._result(t, wall) for t in trajectories]
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _make_env(self) -> gym.Env:
+        env = gym.make(self.env_id, **self.env_kwargs)
+        inner = env.unwrapped
+        for name, fn in self.tools.items():
+            spec = self.declared[name]
+            inner.tools[name] = Tool(name, spec.get("description", ""), spec["parameters"], self._guarded(name, fn))
+        if self.tools and set(self.tools) >= set(self.declared):  # every tool is the user's: any prompt will do
+            inner.user_task = lambda prompt: Task(prompt=prompt, answer=None)
+        return env
+
+    def _guarded(self, name: str, fn: Callable[..., Any]) -> Callable[..., str]:
+        def call(**arguments) -> str:
+            future = self._pool.submit(fn, **arguments)
+            try:
+                return str(future.result(timeout=self.tool_timeout_s))
+            except FutureTimeout:
+                raise ToolError(f"{name} did not answer within {self.tool_timeout_s} s", kind="tool_timeout") from None
+
+        return call
+
+    @staticmethod
+    def _result(trajectory: Trajectory, wall_ms: float) -> AgentResult:
+        turns = [AgentTurn(t.agent, t.tool, t.observation, t.error, t.latency_ms) for t in trajectory.turns]
+        last = parse_turn(trajectory.turns[-1].agent) if trajectory.turns else None
+        answer = last.text.strip() if isinstance(last, Answer) else None
+        truncation = trajectory.metadata.get("truncation")
+        stop = truncation or ("answer" if answer is not None else "ended")
+        refused = [f"turn {i + 1}: {t.error}" for i, t in enumerate(trajectory.turns) if t.error in MALFORMED_KINDS]
+        latency = sum(t.latency_ms or 0.0 for t in trajectory.turns) or wall_ms
+        return AgentResult(trajectory.task, answer, stop, turns, latency, None, refused)
