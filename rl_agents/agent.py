@@ -69,8 +69,11 @@ def agent_card(cfg: DictConfig, tokenizer, stage: str, data: Path | None = None)
         "special_tokens": SPECIAL_TOKENS,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "envs": envs,
-        "runtime": {"max_turns": runtime.max_turns, "max_new_tokens": runtime.max_new_tokens,
-                    "max_context": runtime.max_context},  # fmt: skip
+        "runtime": {
+            "max_turns": runtime.max_turns,
+            "max_new_tokens": runtime.max_new_tokens,
+            "max_context": runtime.max_context,
+        },  # fmt: skip
         "provenance": {
             "stage": stage,
             "package_version": __version__,
@@ -182,11 +185,24 @@ class Agent:
     def run(self, task: str) -> AgentResult:
         return self.run_batch([task])[0]
 
-    def run_batch(self, tasks: Sequence[str]) -> list[AgentResult]:
-        """The tasks' episodes, batched on the runtime's slots (greedy, as evaluated)."""
+    def run_batch(
+        self, tasks: Sequence[str], on_turn: Callable[[int, AgentTurn, bool], None] | None = None
+    ) -> list[AgentResult]:
+        """The tasks' episodes, batched on the runtime's slots (greedy, as evaluated); ``on_turn(i, turn, done)``
+        hears each turn of task ``i`` as it ends."""
         start = time.perf_counter()
+        hook = None
+        if on_turn is not None:
+
+            def hook(index, t, done):
+                on_turn(index, AgentTurn(t.agent, t.tool, t.observation, t.error, t.latency_ms), done)
+
         trajectories = self.runtime.run(
-            self.env_id, list(range(len(tasks))), options=[{"task": str(t)} for t in tasks], make_env=self._make_env
+            self.env_id,
+            list(range(len(tasks))),
+            options=[{"task": str(t)} for t in tasks],
+            make_env=self._make_env,
+            on_turn=hook,
         )
         wall = (time.perf_counter() - start) * 1000
         return [self._result(t, wall) for t in trajectories]

@@ -102,7 +102,7 @@ class Runtime:
         self._no_mask = _NO_MASK.to(self.device)
         self._workers: list | None = None  # (process, pipe) of each worker process (``config.processes``)
         self._counter = None  # the workers' shared count of episodes started (``_Indices``)
-        self._options, self._make_env = None, None  # this run's reset options and environment builder (``run``)
+        self._options, self._make_env, self._on_turn = None, None, None  # this run's hooks (``run``)
         check_workers(config)
         if config.processes > 1 and self.device.type != "cpu":
             raise ValueError(f"processes > 1 runs on CPU only (the model is on {self.device}); set processes=1")
@@ -129,6 +129,7 @@ class Runtime:
         first_index: int = 0,
         options: list[dict | None] | None = None,
         make_env: Callable[[], gym.Env] | None = None,
+        on_turn: Callable[[int, Turn, bool], None] | None = None,
     ) -> list[Trajectory]:
         """Run one episode per seed on ``config.batch_size`` environments; trajectories in the seeds' order.
 
@@ -142,14 +143,15 @@ class Runtime:
 
         ``options`` (one entry per seed) are each episode's ``reset`` options (``{"task": prompt}``: a user's own
         task); ``make_env`` builds each slot's environment instead of ``gym.make(env_id, **env_kwargs)`` (an
-        agent's environment with the user's tools). Neither goes to worker processes: with them, processes=1.
+        agent's environment with the user's tools). ``on_turn(index, turn, done)`` is called as each turn ends (a
+        server streams turns as they happen). None of them goes to worker processes: with them, processes=1.
         """
         processes = min(self.config.processes, self.config.batch_size)
-        if (options is not None or make_env is not None) and processes > 1:
+        if (options is not None or make_env is not None or on_turn is not None) and processes > 1:
             raise ValueError("reset options and make_env run in this process: use runtime processes=1")
         if options is not None and len(options) != len(seeds):
             raise ValueError(f"options: one entry per seed ({len(seeds)}), got {len(options)}")
-        self._options, self._make_env = options, make_env
+        self._options, self._make_env, self._on_turn = options, make_env, on_turn
         if processes > 1 and self._workers is None:
             self._start_workers(processes)  # before the clock: a worker takes seconds to start
         trajectories: list[Trajectory | None] = [None] * len(seeds)
@@ -541,7 +543,7 @@ class Runtime:
         e.turn_ids, e.turn_logprobs = [], []
         if truncation is not None:
             e.done, e.truncation = True, truncation
-            self._stamp(e)
+            self._finish_turn(e)
         elif self._pool is not None:  # the model goes on with the other slots meanwhile
             e.pending, e.stepping = [], self._pool.submit(e.env.step, text)
         else:
@@ -574,14 +576,16 @@ class Runtime:
                 e.pending = extra
         e.done = terminated or truncated or truncation is not None
         e.truncation = truncation
-        self._stamp(e)
+        self._finish_turn(e)
 
-    @staticmethod
-    def _stamp(e: _Episode) -> None:
-        """The last turn's latency: from the end of the one before (or the episode's start) to now."""
+    def _finish_turn(self, e: _Episode) -> None:
+        """The last turn's latency (from the end of the one before, or the episode's start, to now), and the
+        run's ``on_turn`` callback."""
         now = time.perf_counter()
         e.turns[-1].latency_ms = 1000.0 * (now - e.turn_start)
         e.turn_start = now
+        if self._on_turn is not None:
+            self._on_turn(e.index, e.turns[-1], e.done)
 
     def _trajectory(self, e: _Episode, env_id: str, policy: str) -> Trajectory:
         return Trajectory(

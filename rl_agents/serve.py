@@ -1,0 +1,372 @@
+"""The compiled agent behind OpenAI's chat-completions protocol: ``python -m rl_agents.serve agent=<policy dir>``.
+
+FastAPI and uvicorn (``pip install 'rl_agents[serve]'``). The openai SDK, LangChain and curl work unchanged:
+
+- **Agent mode** (a request without ``tools``): the last user message is the task; the server runs the whole
+  tool loop with the agent's own tools and returns the final answer as the assistant message, each turn in
+  the extension field ``agent_turns``. ``stream=true`` sends each turn as it ends, as server-sent events in
+  OpenAI's chunk format (the turn in the chunk's ``agent_turn``), then the answer.
+- **Tool-calling mode** (a request with ``tools``): the conversation so far is rendered with the policy's chat
+  template (the training format) and the model writes one turn: a tool call comes back as OpenAI
+  ``tool_calls`` for the client to run, an answer as the message's content.
+- ``GET /v1/models``, ``GET /health``.
+
+One thread owns the model: requests queue, and the agent-mode tasks waiting when it is free run together as
+one batch on the runtime's slots (batched across requests; a request that arrives during a batch waits for
+the next one). Bad requests get OpenAI-style JSON errors with a 4xx status, and the server keeps serving.
+"""
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from envs.base import Answer, ToolCall, parse_turn
+from rl_agents.agent import Agent, AgentResult, AgentTurn
+from rl_agents.trajectory import END_OF_TURN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 1 << 20
+
+
+@dataclass
+class ServeConfig:
+    agent: str = MISSING
+    """a saved policy directory with its agent card (``<run>/<stage>/policy``)"""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str | None = None
+    """the model's name in /v1/models and in requests; default: the directory's run and stage"""
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """the agent's environment's keywords over the card's (``++env_kwargs.fail_prob=0``)"""
+    max_turns: int | None = None
+    max_new_tokens: int | None = None
+    tool_timeout_s: float = 30.0
+    batch_size: int = 16
+
+
+ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
+
+
+class RequestError(Exception):
+    """A request the server refuses, as OpenAI does: a status, a message, a type, a code."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.kind = status, message, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.code}}
+
+
+@dataclass
+class _Job:
+    kind: str  # "agent" or "turn"
+    payload: Any
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    events: asyncio.Queue | None = None  # agent mode, streamed: each turn as it ends
+
+
+class AgentServer:
+    """The model's one thread and the HTTP app around it."""
+
+    def __init__(self, agent: Agent, model_name: str):
+        self.agent, self.model_name = agent, model_name
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.worker = threading.Thread(target=self._work, name="agent-model", daemon=True)
+        self.worker.start()
+        self.app = self._app()
+
+    # --- the model's thread --------------------------------------------------------------------
+    def _work(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            batch = [job]
+            while True:  # every agent task already waiting joins the batch
+                try:
+                    batch.append(self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in batch
+            batch = [j for j in batch if j is not None]
+            agent_jobs = [j for j in batch if j.kind == "agent"]
+            for j in (j for j in batch if j.kind == "turn"):
+                self._settle(j, self._one_turn, j.payload)
+            if agent_jobs:
+                self._run_agents(agent_jobs)
+            if stop:
+                return
+
+    def _settle(self, job: _Job, fn, *args) -> None:
+        try:
+            result = fn(*args)
+        except Exception as err:  # noqa: BLE001  (the request fails, the server goes on)
+            job.loop.call_soon_threadsafe(_set_exception, job.future, err)
+        else:
+            job.loop.call_soon_threadsafe(_set_result, job.future, result)
+
+    def _run_agents(self, jobs: list[_Job]) -> None:
+        def on_turn(index: int, turn: AgentTurn, done: bool) -> None:
+            events = jobs[index].events
+            if events is not None:
+                jobs[index].loop.call_soon_threadsafe(events.put_nowait, turn)
+
+        try:
+            results = self.agent.run_batch([j.payload for j in jobs], on_turn=on_turn)
+        except Exception as err:  # noqa: BLE001
+            for j in jobs:
+                j.loop.call_soon_threadsafe(_set_exception, j.future, err)
+            return
+        for j, result in zip(jobs, results, strict=True):
+            j.loop.call_soon_threadsafe(_set_result, j.future, result)
+
+    def _one_turn(self, messages: list[dict[str, str]]) -> tuple[str, int, int]:
+        """The model's next turn after ``messages`` (training format): its text, prompt and completion tokens."""
+        tokenizer, model = self.agent.tokenizer, self.agent.model
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+        limit = self.agent.runtime.config.max_context
+        new = self.agent.config.max_new_tokens
+        if len(ids) + new > limit:
+            raise RequestError(
+                400,
+                f"the conversation is {len(ids)} tokens and the turn may take {new}: over the model's context of "
+                f"{limit} tokens",
+                "context_length_exceeded",
+            )
+        eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([list(ids)], device=model.device),
+                max_new_tokens=new,
+                do_sample=False,
+                eos_token_id=eot,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        generated = out[0, len(ids) :].tolist()
+        if generated and generated[-1] == eot:
+            generated = generated[:-1]
+        return tokenizer.decode(generated, skip_special_tokens=False), len(ids), len(generated)
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.worker.join(timeout=10)
+
+    async def _submit(self, kind: str, payload: Any, stream: bool = False) -> _Job:
+        loop = asyncio.get_running_loop()
+        job = _Job(kind, payload, loop, loop.create_future(), asyncio.Queue() if stream else None)
+        self.jobs.put(job)
+        return job
+
+    # --- HTTP ----------------------------------------------------------------------------------
+    def _app(self):
+        from fastapi import FastAPI, Request
+        from fastapi.responses import JSONResponse, StreamingResponse
+
+        app = FastAPI(title="rl_agents: a compiled agent")
+
+        @app.exception_handler(RequestError)
+        async def refused(request: Request, err: RequestError):
+            return JSONResponse(err.body(), status_code=err.status)
+
+        @app.get("/health")
+        async def health():
+            return {"status": "ok", "model": self.model_name}
+
+        @app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
+                                                "owned_by": "rl_agents"}]}  # fmt: skip
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            body = await _json_body(request)
+            if body.get("model") not in (None, self.model_name):
+                raise RequestError(404, f"the model {body.get('model')!r} does not exist; this server serves "
+                                        f"{self.model_name!r}", "model_not_found")  # fmt: skip
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise RequestError(400, "'messages' must be a non-empty list", "invalid_messages")
+            if body.get("tools"):
+                if body.get("stream"):
+                    raise RequestError(400, "stream=true is for agent mode (no tools); tool-calling mode answers whole",
+                                       "stream_unsupported")  # fmt: skip
+                known = set(self.agent.declared)
+                for tool in body["tools"]:
+                    name = (tool.get("function") or {}).get("name") if isinstance(tool, dict) else None
+                    if name not in known:
+                        raise RequestError(400, f"the agent does not know the tool {name!r}; it was compiled with "
+                                                f"{sorted(known)}", "unknown_tool")  # fmt: skip
+                text, prompt, completion = await (await self._submit("turn", _training_messages(messages))).future
+                return JSONResponse(_turn_completion(self.model_name, text, prompt, completion))
+            task = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), None)
+            if not isinstance(task, str) or not task.strip():
+                raise RequestError(400, "agent mode needs a user message with text content (the task)", "no_task")
+            job = await self._submit("agent", task, stream=bool(body.get("stream")))
+            if job.events is None:
+                return JSONResponse(_agent_completion(self.model_name, await job.future))
+            return StreamingResponse(_stream(self.model_name, job, request), media_type="text/event-stream")
+
+        return app
+
+
+# --- request and response shapes ------------------------------------------------------------------
+async def _json_body(request) -> dict[str, Any]:
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise RequestError(413, f"the request is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}", "request_too_large")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(400, f"the request body is not valid JSON: {err}", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object", "invalid_json")
+    return body
+
+
+def _training_messages(messages: list[dict]) -> list[dict[str, str]]:
+    """OpenAI messages as the training format's: user, assistant (a tool call as its ``<tool_call>`` text), and
+    tool results as "tool" messages. The agent learned its tools, so a system message is not part of its format
+    and is dropped."""
+    out = []
+    for m in messages:
+        role, content = m.get("role"), m.get("content") or ""
+        if not isinstance(content, str):
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        if role == "system":
+            continue
+        if role == "assistant" and m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                fn = call.get("function", {})
+                arguments = fn.get("arguments", "{}")
+                try:
+                    arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+                except json.JSONDecodeError:
+                    raise RequestError(
+                        400, f"tool call arguments are not JSON: {arguments!r}", "invalid_tool_call"
+                    ) from None
+                calls.append(TOOL_CALL_OPEN + json.dumps({"name": fn.get("name"), "arguments": arguments})
+                             + TOOL_CALL_CLOSE)  # fmt: skip
+            content = content + "".join(calls)
+        if role not in ("user", "assistant", "tool"):
+            raise RequestError(400, f"unknown message role {role!r}", "invalid_role")
+        out.append({"role": role, "content": content})
+    if out and out[-1]["role"] == "assistant":
+        raise RequestError(
+            400, "the conversation ends with an assistant message: nothing to answer", "invalid_messages"
+        )
+    return out
+
+
+def _ids() -> tuple[str, int]:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+
+def _turn_completion(model: str, text: str, prompt: int, completion: int) -> dict[str, Any]:
+    parsed = parse_turn(text)
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    finish = "stop"
+    if isinstance(parsed, ToolCall):
+        call_id = f"call_{uuid.uuid4().hex[:24]}"
+        thought = text.split(TOOL_CALL_OPEN, 1)[0]
+        message = {"role": "assistant", "content": thought or None, "tool_calls": [{
+            "id": call_id, "type": "function",
+            "function": {"name": parsed.name, "arguments": json.dumps(parsed.arguments)}}]}  # fmt: skip
+        finish = "tool_calls"
+    elif isinstance(parsed, Answer):
+        message["content"] = parsed.text
+    ident, created = _ids()
+    return {"id": ident, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                      "total_tokens": prompt + completion}}  # fmt: skip
+
+
+def _turn_dict(turn: AgentTurn) -> dict[str, Any]:
+    return {"text": turn.text, "tool": turn.tool, "observation": turn.observation, "error": turn.error,
+            "latency_ms": turn.latency_ms}  # fmt: skip
+
+
+def _agent_completion(model: str, result: AgentResult) -> dict[str, Any]:
+    ident, created = _ids()
+    return {"id": ident, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer or ""},
+                         "finish_reason": "stop" if result.answer is not None else "length"}],
+            "agent_turns": [_turn_dict(t) for t in result.turns], "stop_reason": result.stop_reason,
+            "refused": result.refused, "latency_ms": result.latency_ms}  # fmt: skip
+
+
+async def _stream(model: str, job: _Job, request):
+    """Server-sent events: a chunk per turn as it ends (``agent_turn``), the answer, ``[DONE]``."""
+    ident, created = _ids()
+
+    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+        data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}  # fmt: skip
+        return f"data: {json.dumps(data)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    while not job.future.done() or not job.events.empty():
+        if await request.is_disconnected():  # the client left: stop writing (the episode finishes in its batch)
+            return
+        try:
+            turn = await asyncio.wait_for(job.events.get(), timeout=0.5)
+        except TimeoutError:
+            continue
+        yield chunk({}, agent_turn=_turn_dict(turn))
+    try:
+        result = job.future.result()
+    except Exception as err:  # noqa: BLE001
+        yield f"data: {json.dumps(RequestError(500, str(err), kind='server_error').body())}\n\n"
+        return
+    yield chunk({"content": result.answer or ""})
+    yield chunk({}, "stop" if result.answer is not None else "length", stop_reason=result.stop_reason)
+    yield "data: [DONE]\n\n"
+
+
+def _set_result(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, err: BaseException) -> None:
+    if not future.done():
+        future.set_exception(err)
+
+
+def build_server(cfg: DictConfig | ServeConfig) -> AgentServer:
+    agent = Agent.from_pretrained(
+        cfg.agent, env_kwargs=dict(cfg.env_kwargs), max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
+        tool_timeout_s=cfg.tool_timeout_s, batch_size=cfg.batch_size,
+    )  # fmt: skip
+    path = Path(cfg.agent).resolve()
+    return AgentServer(agent, cfg.model_name or f"{path.parent.parent.name}/{path.parent.name}")
+
+
+@hydra.main(version_base="1.3", config_path="pkg://rl_agents.conf", config_name="serve")
+def main(cfg: DictConfig) -> None:
+    try:
+        import uvicorn
+    except ImportError:
+        raise SystemExit("rl_agents.serve needs FastAPI and uvicorn: pip install 'rl_agents[serve]'") from None
+    server = build_server(cfg)
+    log.info("serving %s (%s) on http://%s:%d/v1", server.model_name, cfg.agent, cfg.host, cfg.port)
+    try:
+        uvicorn.run(server.app, host=cfg.host, port=cfg.port, log_level="info")
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    main()

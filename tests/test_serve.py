@@ -1,0 +1,149 @@
+"""The compiled agent behind the chat-completions protocol, driven by the real openai client on 127.0.0.1."""
+
+import json
+import shutil
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+from hydra import compose, initialize_config_dir
+
+from rl_agents.agent import Agent, agent_card, write_card
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_policy, tmp_path_factory):
+    """The session's tiny calculator policy, carded and served by uvicorn in a thread."""
+    import uvicorn
+
+    from rl_agents.serve import AgentServer
+
+    policy_dir, _, tokenizer = tiny_policy
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", ["runtime.max_new_tokens=48", "runtime.max_turns=4"])
+    target = tmp_path_factory.mktemp("served") / "policy"
+    shutil.copytree(policy_dir, target)
+    write_card(target, agent_card(cfg, tokenizer, "bc"))
+    served = AgentServer(Agent.from_pretrained(target, env_kwargs={"fail_prob": 0.0}), "calculator-agent")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(served.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if uv.started:
+            break
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0), served, target
+    uv.should_exit = True
+    thread.join(timeout=10)
+    served.close()
+
+
+def test_agent_mode_answers_with_the_whole_tool_loop(server):
+    base, client, served, target = server
+    assert [m.id for m in client.models.list().data] == ["calculator-agent"]
+    response = client.chat.completions.create(model="calculator-agent",
+                                              messages=[{"role": "user", "content": "What is 12 * 34?"}])  # fmt: skip
+    turns = response.model_extra["agent_turns"]
+    assert turns and any(t["tool"] == "calculator" for t in turns)
+    # the same episode as the Python API's
+    direct = Agent.from_pretrained(target, env_kwargs={"fail_prob": 0.0}).run("What is 12 * 34?")
+    assert [t["text"] for t in turns] == [t.text for t in direct.turns]
+    assert response.choices[0].message.content == (direct.answer or "")
+    assert response.model_extra["stop_reason"] == direct.stop_reason
+
+
+def test_agent_mode_streams_each_turn_as_it_ends(server):
+    _, client, _, _ = server
+    ask = [{"role": "user", "content": "What is 12 * 34?"}]
+    chunks = list(client.chat.completions.create(model="calculator-agent", stream=True, messages=ask))
+    turns = [c.model_extra["agent_turn"] for c in chunks if c.model_extra.get("agent_turn")]
+    whole = client.chat.completions.create(model="calculator-agent",
+                                           messages=[{"role": "user", "content": "What is 12 * 34?"}])  # fmt: skip
+    assert [t["text"] for t in turns] == [t["text"] for t in whole.model_extra["agent_turns"]]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_concurrent_agent_requests_are_answered_each_with_its_own_episode(server):
+    _, client, _, _ = server
+    tasks = ["What is 2 + 2?", "What is 12 * 34?", "Compute 7 - 9.", "What is 100 / 4?"]
+    results = {}
+
+    def ask(task):
+        r = client.chat.completions.create(model="calculator-agent", messages=[{"role": "user", "content": task}])
+        results[task] = r.model_extra["agent_turns"]
+
+    threads = [threading.Thread(target=ask, args=(t,)) for t in tasks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert set(results) == set(tasks)
+    alone = client.chat.completions.create(model="calculator-agent",
+                                           messages=[{"role": "user", "content": "What is 12 * 34?"}])  # fmt: skip
+    assert [t["text"] for t in results["What is 12 * 34?"]] == [t["text"] for t in alone.model_extra["agent_turns"]]
+
+
+def test_tool_calling_mode_returns_the_models_call_for_the_client_to_run(server):
+    _, client, served, _ = server
+    tools = [{"type": "function", "function": served.agent.declared["calculator"]}]
+    messages = [{"role": "user", "content": "What is 12 * 34?"}]
+    first = client.chat.completions.create(model="calculator-agent", messages=messages, tools=tools)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "calculator" and "expression" in json.loads(call.function.arguments)
+    # the client runs the tool and sends the result back, as with any hosted model
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "408"}]  # fmt: skip
+    second = client.chat.completions.create(model="calculator-agent", messages=messages, tools=tools)
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+    assert second.choices[0].finish_reason in ("stop", "tool_calls")
+
+
+def _post(base, body: bytes, path="/v1/chat/completions"):
+    request = urllib.request.Request(base + path, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.parametrize(
+    "body, status, code",
+    [
+        (b"{not json", 400, "invalid_json"),
+        (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}).encode(), 404,
+         "model_not_found"),
+        (json.dumps({"messages": []}).encode(), 400, "invalid_messages"),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}],
+                     "tools": [{"type": "function", "function": {"name": "shell"}}]}).encode(), 400, "unknown_tool"),
+        (json.dumps({"messages": [{"role": "user", "content": "7 * 8 " * 400}],
+                     "tools": [{"type": "function", "function": {"name": "calculator"}}]}).encode(), 400,
+         "context_length_exceeded"),
+        (json.dumps({"messages": [{"role": "user", "content": "x" * (1 << 20)}]}).encode(), 413, "request_too_large"),
+    ],
+)  # fmt: skip
+def test_a_bad_request_gets_an_openai_error_and_the_server_keeps_serving(server, body, status, code):
+    base, client, _, _ = server
+    got, error = _post(base, body)
+    assert got == status and error["error"]["code"] == code and error["error"]["message"]
+    ok = client.chat.completions.create(
+        model="calculator-agent", messages=[{"role": "user", "content": "What is 2 + 2?"}]
+    )
+    assert ok.model_extra["agent_turns"]
+    with urllib.request.urlopen(base + "/health", timeout=10) as response:
+        assert json.loads(response.read())["status"] == "ok"
