@@ -95,3 +95,25 @@ def test_an_environment_whose_tools_need_its_task_refuses_a_users_task():
     env = gym.make("SQL-v0")
     with pytest.raises(NotImplementedError, match="cannot take a task of yours"):
         env.reset(options={"task": "How many rows?"})
+
+
+def test_export_gathers_the_runs_agent_with_its_evaluation_and_a_model_card(smoke_run, tmp_path):
+    """A real run's bc/policy (its card written by the run), exported and loaded back as an Agent."""
+    import yaml
+
+    from rl_agents.export import ExportError, export
+
+    out = export(smoke_run, tmp_path / "shipped")
+    card = json.loads((out / CARD).read_text())
+    evaluated = json.loads((smoke_run / "eval.json").read_text())
+    assert card["eval"]["policies"]["bc"]["success_rate"] == evaluated["policies"]["bc"]["success_rate"]
+    assert set(card["envs"]) == set(evaluated["env_ids"]) and card["provenance"]["stage"] == "bc"
+    assert card["provenance"]["training_data_digest"]
+    header = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
+    assert "rl_agents" in header["tags"]
+    (result,) = header["model-index"][0]["results"][:1]
+    assert result["metrics"][0]["value"] == evaluated["policies"]["bc"]["success_rate"]
+    agent = Agent.from_pretrained(out, env_id="Calculator-v0", max_turns=2)
+    assert agent.run("What is 2 + 2?").task == "What is 2 + 2?"
+    with pytest.raises(ExportError, match="no trained policy"):
+        export(tmp_path, tmp_path / "nothing")
