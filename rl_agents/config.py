@@ -340,6 +340,9 @@ class TeacherConfig:
     """... or when more of its last replies than this were malformed (the prompt or the model is wrong)"""
     health_check_after: int = 20
     """the window of recent turns those rates are measured on"""
+    native_tools: bool = False
+    """send the tools as OpenAI ``tools`` and read the endpoint's ``tool_calls`` (a server with native tool
+    calling, such as rl_agents.serve's tool-calling mode) instead of the system prompt's text format"""
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from hydra.utils import get_method, instantiate
 
-from envs.base import ToolEnv
+from envs.base import ToolCall, ToolEnv, parse_turn
 from rl_agents.config import env_entries
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ class OpenAITeacher:
         noise: float = 0.0,
         client: Any = None,
         cache: ResponseCache | None = None,
+        native_tools: bool = False,
     ):
         self.model = model
         self.base_url = base_url
@@ -147,6 +148,7 @@ class OpenAITeacher:
         self.prices = (price_input_per_1m, price_output_per_1m)
         self.noise = noise  # kept for config symmetry with scripted teachers; an LLM's mistakes are its own
         self.cache = cache
+        self.native_tools = native_tools
         self._client = client
         self._client_lock = threading.Lock()
         self._usage: Counter[str] = Counter()
@@ -181,7 +183,9 @@ class OpenAITeacher:
     def begin(self, env: ToolEnv, rng: np.random.Generator) -> None:
         pass
 
-    def messages(self, env: ToolEnv, task: str, history: list[tuple[str, str]]) -> list[dict[str, str]]:
+    def messages(self, env: ToolEnv, task: str, history: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        if self.native_tools:
+            return self._native_messages(task, history)
         tools = "\n".join(json.dumps(tool.schema()) for tool in env.tools.values())
         messages = [{"role": "system", "content": SYSTEM_PROMPT.format(tools=tools)}, {"role": "user", "content": task}]
         for agent, observation in history:
@@ -189,14 +193,37 @@ class OpenAITeacher:
             messages.append({"role": "user", "content": f"<tool_response>\n{observation}\n</tool_response>"})
         return messages
 
+    @staticmethod
+    def _native_messages(task: str, history: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """The episode in OpenAI's tool-calling shape: a tool call is the assistant's ``tool_calls`` and its
+        result a ``tool`` message; any other turn (an answer, a malformed one) stays text, its observation a
+        user message in the format's ``<tool_response>`` (no system prompt: the endpoint gets ``tools``)."""
+        messages: list[dict[str, Any]] = [{"role": "user", "content": task}]
+        for i, (agent, observation) in enumerate(history):
+            parsed = parse_turn(agent)
+            if isinstance(parsed, ToolCall):
+                call_id = f"call_{i}"
+                thought = agent.split("<tool_call>", 1)[0]
+                messages.append({"role": "assistant", "content": thought or None, "tool_calls": [{
+                    "id": call_id, "type": "function",
+                    "function": {"name": parsed.name, "arguments": json.dumps(parsed.arguments)}}]})  # fmt: skip
+                messages.append({"role": "tool", "tool_call_id": call_id, "content": observation})
+            else:
+                messages.append({"role": "assistant", "content": agent})
+                messages.append({"role": "user", "content": f"<tool_response>\n{observation}\n</tool_response>"})
+        return messages
+
     def request(self, env: ToolEnv, task: str, history: list[tuple[str, str]]) -> dict[str, Any]:
         """The keyword arguments of ``client.chat.completions.create`` for the next turn."""
-        return {
+        request = {
             "model": self.model,
             "messages": self.messages(env, task, history),
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
         }
+        if self.native_tools:
+            request["tools"] = [tool.schema() for tool in env.tools.values()]
+        return request
 
     def act(self, env: ToolEnv, task: str, history: list[tuple[str, str]]) -> str:
         request = self.request(env, task, history)
@@ -234,8 +261,24 @@ class OpenAITeacher:
             usage = getattr(response, "usage", None)
             if usage is not None:
                 self._count(prompt_tokens=usage.prompt_tokens or 0, completion_tokens=usage.completion_tokens or 0)
-            return (response.choices[0].message.content or "").strip()
+            return self._turn(response.choices[0].message)
         raise AssertionError("unreachable")
+
+    def _turn(self, message) -> str:
+        """The reply as an agent turn in the format: native tool calls become ``<tool_call>`` text (after the
+        message's own text, a thought), and a plain native reply is the final answer."""
+        content = (message.content or "").strip()
+        calls = getattr(message, "tool_calls", None) if self.native_tools else None
+        if calls:
+            call = calls[0].function
+            try:
+                arguments = json.loads(call.arguments or "{}")
+            except json.JSONDecodeError:
+                arguments = call.arguments  # kept as sent: the environment reports the bad JSON to the episode
+            return content + "<tool_call>" + json.dumps({"name": call.name, "arguments": arguments}) + "</tool_call>"
+        if self.native_tools and content and "<answer>" not in content and "<tool_call>" not in content:
+            return f"<answer>{content}</answer>"
+        return content
 
     def _count(self, **counts: int) -> None:
         with self._usage_lock:
@@ -267,4 +310,5 @@ def openai_teacher(cfg, env_id: str) -> OpenAITeacher:
     return OpenAITeacher(
         t.model, t.base_url, t.api_key_env, t.temperature, t.max_tokens, t.timeout_s, t.max_retries, t.backoff_s,
         t.requests_per_s, t.concurrency, t.price_input_per_1m, t.price_output_per_1m, noise=t.noise,
+        native_tools=t.native_tools,
     )  # fmt: skip

@@ -147,3 +147,21 @@ def test_a_bad_request_gets_an_openai_error_and_the_server_keeps_serving(server,
     assert ok.model_extra["agent_turns"]
     with urllib.request.urlopen(base + "/health", timeout=10) as response:
         assert json.loads(response.read())["status"] == "ok"
+
+
+def test_the_llm_teacher_collects_from_the_served_agent_with_native_tool_calls(server):
+    """teacher=openai teacher.native_tools=true against this server's tool-calling mode: the collected episodes
+    are the agent's own greedy ones (the runtime's, in this process), turn for turn."""
+    from rl_agents.collect import collect
+    from rl_agents.runtime import Runtime
+    from rl_agents.teachers import OpenAITeacher
+
+    base, _, served, _ = server
+    teacher = OpenAITeacher(model="calculator-agent", base_url=f"{base}/v1", api_key_env="RL_AGENTS_TEST_NO_KEY",
+                            native_tools=True, max_tokens=48, concurrency=2)  # fmt: skip
+    seeds = list(range(4))
+    collected, stats = collect("Calculator-v0", {"fail_prob": 0.0}, teacher, seeds, 4, "all", False)
+    assert len(collected) == len(seeds) and stats["teacher_usage"]["requests"] == sum(len(t.turns) for t in collected)
+    runtime = Runtime(served.agent.model, served.agent.tokenizer, served.agent.config)
+    own = runtime.run("Calculator-v0", seeds, {"fail_prob": 0.0, "split": "train"})
+    assert [[t.agent for t in e.turns] for e in collected] == [[t.agent for t in e.turns] for e in own]
