@@ -165,3 +165,19 @@ def test_the_llm_teacher_collects_from_the_served_agent_with_native_tool_calls(s
     runtime = Runtime(served.agent.model, served.agent.tokenizer, served.agent.config)
     own = runtime.run("Calculator-v0", seeds, {"fail_prob": 0.0, "split": "train"})
     assert [[t.agent for t in e.turns] for e in collected] == [[t.agent for t in e.turns] for e in own]
+
+
+def test_the_load_test_reports_every_level_against_the_in_process_runtime(server):
+    """A tiny bounded run: each level answers its requests; the ratios are against the same tasks in-process
+    (their values are measurements, not asserted)."""
+    from omegaconf import OmegaConf
+
+    from rl_agents.loadtest import LoadTestConfig, load_test
+
+    _, _, _, target = server
+    cfg = OmegaConf.merge(OmegaConf.structured(LoadTestConfig), {"agent": str(target), "levels": [1, 2], "requests": 4})
+    report = load_test(cfg)
+    assert set(report["levels"]) == {"1", "2"} and report["requests"] == 4
+    for row in report["levels"].values():
+        assert row["requests_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
+        assert row["throughput_vs_in_process_batch"] > 0 and row["p50_vs_in_process_single"] > 0
