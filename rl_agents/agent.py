@@ -23,6 +23,7 @@ says which ended it. A user's task has no ground truth: its ``success`` is None.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -53,8 +54,6 @@ class AgentCardError(ValueError):
 # --- the card ------------------------------------------------------------------------------------
 def agent_card(cfg: DictConfig, tokenizer, stage: str, data: Path | None = None) -> dict[str, Any]:
     """The card of a policy trained by ``cfg`` in ``stage`` on ``data``."""
-    from rl_agents import __version__
-
     envs = {}
     for env_id, entry in env_entries(cfg).items():
         env = gym.make(env_id, **entry.kwargs)
@@ -76,11 +75,18 @@ def agent_card(cfg: DictConfig, tokenizer, stage: str, data: Path | None = None)
         },  # fmt: skip
         "provenance": {
             "stage": stage,
-            "package_version": __version__,
+            "package_version": _version(),
             "training_data_digest": rundir.digest(data) if data is not None else None,
             "config": OmegaConf.to_container(cfg, resolve=True),
         },
     }
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("rl_agents")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def write_card(policy_dir: Path, card: dict[str, Any]) -> None:
