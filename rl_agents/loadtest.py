@@ -9,9 +9,7 @@ Writes ``loadtest.json`` in the run dir: per level, requests/s and p50 / p99 lat
 
 import json
 import logging
-import socket
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,22 +48,14 @@ def _percentile(values: list[float], q: float) -> float:
 
 def load_test(cfg) -> dict:
     import openai
-    import uvicorn
 
     from rl_agents.agent import Agent
-    from rl_agents.serve import AgentServer
+    from rl_agents.serve import AgentServer, Background
 
     agent = Agent.from_pretrained(cfg.agent, env_kwargs=dict(cfg.env_kwargs), batch_size=cfg.batch_size)
     server = AgentServer(agent, "agent")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+    background = Background(server.app)
+    client = openai.OpenAI(base_url=f"{background.__enter__()}/v1", api_key="unused", max_retries=0, timeout=600)
     tasks = [cfg.tasks[i % len(cfg.tasks)] for i in range(cfg.requests)]
 
     def ask(task: str) -> float:
@@ -88,8 +78,7 @@ def load_test(cfg) -> dict:
             }
             log.info("loadtest: %d clients: %s", level, report["levels"][str(level)])
     finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
+        background.__exit__()
         server.close()
     start = time.perf_counter()
     agent.run_batch(tasks)

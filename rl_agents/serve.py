@@ -345,6 +345,33 @@ def _set_exception(future: asyncio.Future, err: BaseException) -> None:
         future.set_exception(err)
 
 
+class Background:
+    """``server.app`` on 127.0.0.1 (a free port) in a uvicorn thread, for tests and the load test:
+    ``with Background(app) as base_url: ...``."""
+
+    def __init__(self, app):
+        import socket
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uvicorn = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.uvicorn.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=10)
+
+
 def build_server(cfg: DictConfig | ServeConfig) -> AgentServer:
     agent = Agent.from_pretrained(
         cfg.agent, env_kwargs=dict(cfg.env_kwargs), max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,

@@ -69,3 +69,24 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
+
+
+@pytest.fixture(scope="session")
+def carded_policy(tiny_policy, tmp_path_factory):
+    """The session's tiny calculator policy, copied with the agent card a run would have written for it (4 turns
+    of up to 48 new tokens)."""
+    import shutil
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from rl_agents.agent import agent_card, write_card
+
+    policy_dir, _, tokenizer = tiny_policy
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose("train", ["runtime.max_new_tokens=48", "runtime.max_turns=4"])
+    target = tmp_path_factory.mktemp("carded") / "policy"
+    shutil.copytree(policy_dir, target)
+    write_card(target, agent_card(cfg, tokenizer, "bc"))
+    return target

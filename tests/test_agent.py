@@ -7,24 +7,16 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from rl_agents import Agent
-from rl_agents.agent import CARD, AgentCardError, agent_card, write_card
+from rl_agents.agent import CARD, AgentCardError
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-@pytest.fixture(scope="module")
-def carded(tiny_policy, tmp_path_factory):
-    """The session's tiny calculator policy, copied with the card a run would have written for it."""
-    policy_dir, _, tokenizer = tiny_policy
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", ["runtime.max_new_tokens=48", "runtime.max_turns=4"])
-    target = tmp_path_factory.mktemp("agent") / "policy"
-    shutil.copytree(policy_dir, target)
-    write_card(target, agent_card(cfg, tokenizer, "bc"))
-    return target
+@pytest.fixture
+def carded(carded_policy):
+    return carded_policy
 
 
 def test_the_card_describes_the_agent(carded):

@@ -1,51 +1,27 @@
 """The compiled agent behind the chat-completions protocol, driven by the real openai client on 127.0.0.1."""
 
 import json
-import shutil
-import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import openai
 import pytest
-from hydra import compose, initialize_config_dir
 
-from rl_agents.agent import Agent, agent_card, write_card
+from rl_agents.agent import Agent
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_policy, tmp_path_factory):
-    """The session's tiny calculator policy, carded and served by uvicorn in a thread."""
-    import uvicorn
+def server(carded_policy):
+    """The carded tiny calculator policy, served by uvicorn in a thread."""
+    from rl_agents.serve import AgentServer, Background
 
-    from rl_agents.serve import AgentServer
-
-    policy_dir, _, tokenizer = tiny_policy
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", ["runtime.max_new_tokens=48", "runtime.max_turns=4"])
-    target = tmp_path_factory.mktemp("served") / "policy"
-    shutil.copytree(policy_dir, target)
-    write_card(target, agent_card(cfg, tokenizer, "bc"))
-    served = AgentServer(Agent.from_pretrained(target, env_kwargs={"fail_prob": 0.0}), "calculator-agent")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(served.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if uv.started:
-            break
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0), served, target
-    uv.should_exit = True
-    thread.join(timeout=10)
+    served = AgentServer(Agent.from_pretrained(carded_policy, env_kwargs={"fail_prob": 0.0}), "calculator-agent")
+    with Background(served.app) as base:
+        yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0), served, carded_policy
     served.close()
 
 
