@@ -62,6 +62,9 @@ def test_the_readme_commands_compile_and_evaluate_a_user_env(project):
     assert trained["env_ids"] == ["my_pkg.prices:Price-v0"]
     assert trained["policies"]["teacher"]["success_rate"] == 1.0
     assert trained["policies"]["bc"]["episodes"] > 0
+    card = json.loads((run_dir / "bc" / "policy" / "agent.json").read_text())  # the compiled agent describes itself
+    assert [t["function"]["name"] for t in card["envs"]["my_pkg.prices:Price-v0"]["tools"]] == ["price"]
+    assert (run_dir / "bc" / "policy" / "README.md").read_text().startswith("---\nlibrary_name: transformers")
 
     done = shell(evaluate, project)
     assert done.returncode == 0, done.stderr[-3000:]
