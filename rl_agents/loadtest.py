@@ -97,6 +97,8 @@ def load_test(cfg) -> dict:
 
 @hydra.main(version_base="1.3", config_path="pkg://rl_agents.conf", config_name="loadtest")
 def main(cfg: DictConfig) -> None:
+    for name in ("httpx", "httpx2"):  # one line per request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
     report = load_test(cfg)
     out = Path(HydraConfig.get().runtime.output_dir) / "loadtest.json"
     out.write_text(json.dumps(report, indent=2))
