@@ -17,8 +17,9 @@ The tools are the card's environment's, given the user's task (``ToolEnv.user_ta
 other name is refused). The environment stands between the model and every tool: an undeclared tool or
 arguments that fail the tool's JSON schema become an error observation, not a call (the result's
 ``refused``), and a user's tool runs under ``tool_timeout_s``. Each run is bounded by the card's turns and
-new tokens per turn (``max_turns``, ``max_new_tokens`` override them) and the model's context; the result
-says which ended it. A user's task has no ground truth: its ``success`` is None.
+new tokens per turn (``max_turns``, ``max_new_tokens`` override them), the model's context and a wall time
+(``max_wall_s``, checked at the end of each turn); the result says which ended it. A user's task has no
+ground truth: its ``success`` is None.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ class AgentResult:
     """the final answer, or None when the run ended without one"""
     stop_reason: str
     """answer; max_turns (the agent's turn budget), context_length (the model's), max_steps (the environment's),
-    malformed (with end_on_malformed), ended (the environment ended it without an answer)"""
+    wall_time (``max_wall_s``), malformed (with end_on_malformed), ended (the environment ended it without an
+    answer)"""
     turns: list[AgentTurn]
     latency_ms: float
     success: bool | None = None
@@ -156,6 +158,7 @@ class Agent:
         max_new_tokens: int | None = None,
         tool_timeout_s: float = 30.0,
         batch_size: int = 16,
+        max_wall_s: float | None = 120.0,
     ):
         self.model, self.tokenizer, self.card = model, tokenizer, card
         if env_id is None:
@@ -177,6 +180,7 @@ class Agent:
             max_new_tokens=max_new_tokens or runtime["max_new_tokens"],
             max_context=runtime.get("max_context"),
             batch_size=batch_size,
+            max_episode_s=max_wall_s,
         )
         self.runtime = Runtime(model, tokenizer, self.config)
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="agent-tool") if self.tools else None

@@ -53,6 +53,8 @@ class ServeConfig:
     max_turns: int | None = None
     max_new_tokens: int | None = None
     tool_timeout_s: float = 30.0
+    max_wall_s: float | None = 120.0
+    """wall time of one agent-mode run (checked at the end of each turn)"""
     batch_size: int = 16
 
 
@@ -375,7 +377,7 @@ class Background:
 def build_server(cfg: DictConfig | ServeConfig) -> AgentServer:
     agent = Agent.from_pretrained(
         cfg.agent, env_kwargs=dict(cfg.env_kwargs), max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
-        tool_timeout_s=cfg.tool_timeout_s, batch_size=cfg.batch_size,
+        tool_timeout_s=cfg.tool_timeout_s, batch_size=cfg.batch_size, max_wall_s=cfg.max_wall_s,
     )  # fmt: skip
     path = Path(cfg.agent).resolve()
     return AgentServer(agent, cfg.model_name or f"{path.parent.parent.name}/{path.parent.name}")

@@ -109,3 +109,18 @@ def test_export_gathers_the_runs_agent_with_its_evaluation_and_a_model_card(smok
     assert agent.run("What is 2 + 2?").task == "What is 2 + 2?"
     with pytest.raises(ExportError, match="no trained policy"):
         export(tmp_path, tmp_path / "nothing")
+
+
+def test_a_run_past_its_wall_time_ends_at_the_end_of_the_turn(carded):
+    """max_wall_s: a tool that takes longer than the run may ends the run after that turn (stop_reason
+    wall_time), where the turn budget would have let it go on."""
+
+    def slow(expression: str) -> str:
+        time.sleep(0.5)
+        return "408"
+
+    result = Agent.from_pretrained(carded, tools={"calculator": slow}, max_wall_s=0.2, max_turns=4).run(
+        "What is 12 * 34?"
+    )
+    assert result.turns[0].tool == "calculator"  # greedy: the policy calls its tool first
+    assert result.stop_reason == "wall_time" and len(result.turns) == 1 and result.turns[0].observation == "408"

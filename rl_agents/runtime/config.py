@@ -42,6 +42,9 @@ class RuntimeConfig:
     (``batch_size / processes``) and of torch's threads, pulling the next seed from a shared counter: a packed
     pass's small matmuls keep one core busy, so on a machine of N cores N processes use them all. Not for RL
     rollouts (the workers hold the weights they were started with). 1: the slots run in this process"""
+    max_episode_s: float | None = None
+    """wall time of one episode: a turn that ends past it ends the episode (truncation ``wall_time``); None: no
+    limit (an agent serving users sets one)"""
     end_on_malformed: bool = False
     """end the episode at the first malformed turn (truncation reason ``malformed``) instead of feeding the
     error back (``envs.base.MALFORMED_KINDS``: no action, bad JSON, unknown tool, bad arguments, too long)"""

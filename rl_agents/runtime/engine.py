@@ -63,6 +63,7 @@ class _Episode:
     turn_ids: list[int] = field(default_factory=list)
     turn_logprobs: list[float] = field(default_factory=list)
     turn_start: float = 0.0
+    started: float = 0.0
     done: bool = False
     reward: float = 0.0
     success: bool = False
@@ -263,6 +264,7 @@ class Runtime:
         episode = _Episode(env, int(seeds[index]), task, ids=list(ids), pending=list(ids))
         episode.task_key, episode.split = info.get("task_key"), info.get("split")
         episode.index, episode.turn_start = index, time.perf_counter()
+        episode.started = episode.turn_start
         if self.drafter is not None:
             episode.ngrams = NgramIndex(self.drafter.ngram)
         episode.forced = forced[index] if forced is not None else None
@@ -567,6 +569,8 @@ class Runtime:
             truncation = "malformed"
         elif len(e.turns) >= self.config.max_turns:
             truncation = "max_turns"
+        elif self.config.max_episode_s is not None and time.perf_counter() - e.started > self.config.max_episode_s:
+            truncation = "wall_time"
         else:
             extra = [turn.token_ids[-1]] + observation_ids(self.tokenizer, observation)
             if len(e.ids) + len(extra) >= self.config.max_context:
