@@ -4,6 +4,7 @@ In one process: the server on 127.0.0.1 (uvicorn in a thread) and, for each conc
 client threads (the openai SDK) sending agent-mode requests, ``requests`` in all, the Calculator-style tasks of
 ``tasks`` (cycled). Then the same tasks through the in-process runtime (``Agent.run_batch``, the whole list as
 one batch, and one task at a time): the serving overhead is the ratio of the two, measured in the same run.
+Tool-calling mode is measured per request after a conversation's first, with and without the prefix cache.
 Writes ``loadtest.json`` in the run dir: per level, requests/s and p50 / p99 latency, and the ratios.
 """
 
@@ -35,6 +36,9 @@ class LoadTestConfig:
                                  [(6097, 4981, 12), (123, 456, 7), (9001, 77, 3), (42, 4242, 424), (5, 31, 1000)]]
     )  # fmt: skip
     env_kwargs: dict = field(default_factory=lambda: {"fail_prob": 0.0})
+    conversation_steps: int = 6
+    """tool-calling mode: requests per conversation, measured with and without the prefix cache"""
+    prefix_cache: int = 32
     batch_size: int = 32
 
 
@@ -50,7 +54,7 @@ def load_test(cfg) -> dict:
     import openai
 
     from rl_agents.agent import Agent
-    from rl_agents.serve import AgentServer, Background
+    from rl_agents.serve import AgentServer, Background, PrefixCache
 
     agent = Agent.from_pretrained(cfg.agent, env_kwargs=dict(cfg.env_kwargs), batch_size=cfg.batch_size)
     server = AgentServer(agent, "agent")
@@ -63,9 +67,33 @@ def load_test(cfg) -> dict:
         client.chat.completions.create(model="agent", messages=[{"role": "user", "content": task}])
         return time.perf_counter() - start
 
-    report = {"requests": cfg.requests, "levels": {}}
+    def conversation(task: str, steps: int) -> list[float]:
+        """Tool-calling mode: ``steps`` requests of one conversation (each tool answers with a transient error, so
+        the history grows); each request's latency."""
+        tools = [{"type": "function", "function": spec} for spec in agent.declared.values()]
+        messages, latencies = [{"role": "user", "content": task}], []
+        for _ in range(steps):
+            start = time.perf_counter()
+            reply = client.chat.completions.create(model="agent", messages=messages, tools=tools)
+            latencies.append(time.perf_counter() - start)
+            message = reply.choices[0].message
+            messages.append(message.model_dump(exclude_none=True))
+            call_id = message.tool_calls[0].id if message.tool_calls else None
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": "ERROR: timeout, try again"})
+        return latencies
+
+    report = {"requests": cfg.requests, "levels": {}, "tool_calling": {}}
     try:
         ask(tasks[0])  # warm-up
+        for entries in (0, cfg.prefix_cache):
+            server.prefix_cache = PrefixCache(entries)
+            later = [t for task in cfg.tasks for t in conversation(task, cfg.conversation_steps)[1:]]
+            report["tool_calling"]["cache" if entries else "no_cache"] = {
+                "step_p50_ms": 1000 * statistics.median(later), "steps": len(later),
+                "reused_tokens": server.prefix_cache.reused_tokens}  # fmt: skip
+        report["tool_calling"]["p50_with_cache_vs_without"] = (
+            report["tool_calling"]["cache"]["step_p50_ms"] / report["tool_calling"]["no_cache"]["step_p50_ms"]
+        )
         for level in cfg.levels:
             start = time.perf_counter()
             with ThreadPoolExecutor(level) as pool:

@@ -17,12 +17,14 @@ the next one). Bad requests get OpenAI-style JSON errors with a 4xx status, and 
 """
 
 import asyncio
+import copy
 import json
 import logging
 import queue
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,8 @@ class ServeConfig:
     max_turns: int | None = None
     max_new_tokens: int | None = None
     tool_timeout_s: float = 30.0
+    prefix_cache: int = 32
+    """tool-calling mode: KV caches kept by token ids across requests (0: off)"""
     max_wall_s: float | None = 120.0
     """wall time of one agent-mode run (checked at the end of each turn)"""
     batch_size: int = 16
@@ -72,6 +76,54 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.code}}
 
 
+class PrefixCache:
+    """Tool-calling mode's KV caches by token ids, so that a multi-turn conversation over HTTP does not re-encode
+    its history at every request: the longest prefix a request shares with a cached one is reused (a copy, cut to that
+    prefix), and each request's cache is kept under the ids it holds. At most ``entries`` caches, least recently
+    used out first; 0 turns it off. ``hits``, ``misses`` and ``reused_tokens`` count what it saved."""
+
+    def __init__(self, entries: int):
+        self.entries = entries
+        self.caches: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+        self.hits = self.misses = self.reused_tokens = 0
+
+    def take(self, ids: list[int]):
+        """A copy of the cache that shares the longest common prefix with ``ids``, cut to it (at least one token
+        left to feed: a re-rendered turn may tokenize apart from the ids the model wrote), or None."""
+        best, shared = None, 0
+        for key in self.caches:
+            n = _common_prefix(key, ids, len(ids) - 1)
+            if n > shared:
+                best, shared = key, n
+        if best is None:
+            self.misses += 1
+            return None
+        self.caches.move_to_end(best)
+        cache = copy.deepcopy(self.caches[best])
+        if cache.get_seq_length() > shared:
+            cache.crop(shared - cache.get_seq_length())  # transformers 5 crops by a negative count
+        self.hits += 1
+        self.reused_tokens += shared
+        return cache
+
+    def put(self, ids: list[int], cache) -> None:
+        if self.entries <= 0 or cache is None:
+            return
+        length = cache.get_seq_length()
+        self.caches[tuple(ids[:length])] = cache
+        self.caches.move_to_end(tuple(ids[:length]))
+        while len(self.caches) > self.entries:
+            self.caches.popitem(last=False)
+
+
+def _common_prefix(a, b, limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 @dataclass
 class _Job:
     kind: str  # "agent" or "turn"
@@ -84,8 +136,9 @@ class _Job:
 class AgentServer:
     """The model's one thread and the HTTP app around it."""
 
-    def __init__(self, agent: Agent, model_name: str):
+    def __init__(self, agent: Agent, model_name: str, prefix_cache: int = 32):
         self.agent, self.model_name = agent, model_name
+        self.prefix_cache = PrefixCache(prefix_cache)
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self.worker = threading.Thread(target=self._work, name="agent-model", daemon=True)
         self.worker.start()
@@ -150,12 +203,16 @@ class AgentServer:
         with torch.no_grad():
             out = model.generate(
                 torch.tensor([list(ids)], device=model.device),
+                cache=self.prefix_cache.take(list(ids)),
                 max_new_tokens=new,
                 do_sample=False,
                 eos_token_id=eot,
                 pad_token_id=tokenizer.pad_token_id,
+                return_dict_in_generate=True,
             )
-        generated = out[0, len(ids) :].tolist()
+        sequence = out.sequences[0].tolist()
+        self.prefix_cache.put(sequence, out.cache)
+        generated = sequence[len(ids) :]
         if generated and generated[-1] == eot:
             generated = generated[:-1]
         return tokenizer.decode(generated, skip_special_tokens=False), len(ids), len(generated)
@@ -183,7 +240,9 @@ class AgentServer:
 
         @app.get("/health")
         async def health():
-            return {"status": "ok", "model": self.model_name}
+            c = self.prefix_cache
+            counts = {"hits": c.hits, "misses": c.misses, "reused_tokens": c.reused_tokens}
+            return {"status": "ok", "model": self.model_name, "prefix_cache": counts}
 
         @app.get("/v1/models")
         async def models():
@@ -380,7 +439,7 @@ def build_server(cfg: DictConfig | ServeConfig) -> AgentServer:
         tool_timeout_s=cfg.tool_timeout_s, batch_size=cfg.batch_size, max_wall_s=cfg.max_wall_s,
     )  # fmt: skip
     path = Path(cfg.agent).resolve()
-    return AgentServer(agent, cfg.model_name or f"{path.parent.parent.name}/{path.parent.name}")
+    return AgentServer(agent, cfg.model_name or f"{path.parent.parent.name}/{path.parent.name}", cfg.prefix_cache)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://rl_agents.conf", config_name="serve")

@@ -157,3 +157,27 @@ def test_the_load_test_reports_every_level_against_the_in_process_runtime(server
     for row in report["levels"].values():
         assert row["requests_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
         assert row["throughput_vs_in_process_batch"] > 0 and row["p50_vs_in_process_single"] > 0
+
+
+def test_the_prefix_cache_reuses_a_conversations_history_and_changes_no_token(server):
+    """Tool-calling mode over several requests: with the cache, each request after the first reuses the
+    previous one's keys and values; every turn is the one the uncached model writes."""
+    from rl_agents.serve import PrefixCache
+
+    _, _, served, _ = server
+    conversation = [{"role": "user", "content": "What is 12 * 34?"}]
+    turns = {}
+    for entries in (0, 32):
+        served.prefix_cache = PrefixCache(entries)
+        messages, texts = list(conversation), []
+        for observation in ("ERROR: timeout, try again", "408"):
+            text, _, _ = served._one_turn(messages)
+            texts.append(text)
+            messages += [{"role": "assistant", "content": text}, {"role": "tool", "content": observation}]
+        texts.append(served._one_turn(messages)[0])
+        turns[entries] = texts
+        if entries:
+            cache = served.prefix_cache
+            assert cache.hits == 2 and cache.misses == 1 and cache.reused_tokens > 0
+    assert turns[0] == turns[32]
+    served.prefix_cache = PrefixCache(32)
