@@ -151,12 +151,17 @@ def test_the_load_test_reports_every_level_against_the_in_process_runtime(server
     from rl_agents.loadtest import LoadTestConfig, load_test
 
     _, _, _, target = server
-    cfg = OmegaConf.merge(OmegaConf.structured(LoadTestConfig), {"agent": str(target), "levels": [1, 2], "requests": 4})
+    small = {"agent": str(target), "levels": [1, 2], "requests": 4, "tasks": ["What is 12 * 34?"],
+             "conversation_steps": 3}  # fmt: skip
+    cfg = OmegaConf.merge(OmegaConf.structured(LoadTestConfig), small)
     report = load_test(cfg)
     assert set(report["levels"]) == {"1", "2"} and report["requests"] == 4
     for row in report["levels"].values():
         assert row["requests_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
         assert row["throughput_vs_in_process_batch"] > 0 and row["p50_vs_in_process_single"] > 0
+    tool_calling = report["tool_calling"]
+    assert tool_calling["no_cache"]["steps"] == tool_calling["cache"]["steps"] == 2
+    assert tool_calling["no_cache"]["reused_tokens"] == 0 < tool_calling["cache"]["reused_tokens"]
 
 
 def test_the_prefix_cache_reuses_a_conversations_history_and_changes_no_token(server):
