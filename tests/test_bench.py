@@ -85,6 +85,7 @@ def test_raw_decode_rate_is_positive_and_finite(tiny_policy):
     assert np.isfinite(rate) and rate > 0
 
 
+@pytest.mark.slow  # about a minute: the whole benchmark on a tiny budget; the default suite keeps its refusals
 def test_bench_cli_writes_the_report(smoke_run, tmp_path):
     out = tmp_path / "bench"
     _run("rl_agents.bench", f"checkpoint={smoke_run / 'bc' / 'policy'}", "env=calculator_sql", "episodes=2",
