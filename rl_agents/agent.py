@@ -124,6 +124,11 @@ class AgentTurn:
     error: str | None
     latency_ms: float | None
 
+    @classmethod
+    def of(cls, turn) -> AgentTurn:
+        """The result's view of a runtime ``Turn``."""
+        return cls(turn.agent, turn.tool, turn.observation, turn.error, turn.latency_ms)
+
 
 @dataclass
 class AgentResult:
@@ -205,7 +210,7 @@ class Agent:
         if on_turn is not None:
 
             def hook(index, t, done):
-                on_turn(index, AgentTurn(t.agent, t.tool, t.observation, t.error, t.latency_ms), done)
+                on_turn(index, AgentTurn.of(t), done)
 
         trajectories = self.runtime.run(
             self.env_id,
@@ -240,7 +245,7 @@ class Agent:
 
     @staticmethod
     def _result(trajectory: Trajectory, wall_ms: float) -> AgentResult:
-        turns = [AgentTurn(t.agent, t.tool, t.observation, t.error, t.latency_ms) for t in trajectory.turns]
+        turns = [AgentTurn.of(t) for t in trajectory.turns]
         last = parse_turn(trajectory.turns[-1].agent) if trajectory.turns else None
         answer = last.text.strip() if isinstance(last, Answer) else None
         truncation = trajectory.metadata.get("truncation")

@@ -36,7 +36,9 @@ class Compiled:
     @property
     def policy(self) -> Path:
         """The last trained policy's dir (rl, else dagger, else bc)."""
-        for stage in ("rl", "dagger", "bc"):
+        from rl_agents.export import STAGES
+
+        for stage in STAGES:
             if (self.run_dir / stage / "policy").is_dir():
                 return self.run_dir / stage / "policy"
         raise FileNotFoundError(f"{self.run_dir} holds no trained policy")

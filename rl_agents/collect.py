@@ -147,7 +147,6 @@ def collect(
         if not (keep == "all" or trajectory.success):
             continue
         bad = [t for t in trajectory.turns if t.error in MALFORMED_KINDS]
-        counts["malformed_turns_kept"] += len(bad) if malformed != "drop" else 0
         if bad and malformed == "drop":
             counts["dropped_malformed"] += 1
             continue

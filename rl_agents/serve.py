@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -354,17 +354,12 @@ def _turn_completion(model: str, text: str, prompt: int, completion: int) -> dic
                       "total_tokens": prompt + completion}}  # fmt: skip
 
 
-def _turn_dict(turn: AgentTurn) -> dict[str, Any]:
-    return {"text": turn.text, "tool": turn.tool, "observation": turn.observation, "error": turn.error,
-            "latency_ms": turn.latency_ms}  # fmt: skip
-
-
 def _agent_completion(model: str, result: AgentResult) -> dict[str, Any]:
     ident, created = _ids()
     return {"id": ident, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer or ""},
                          "finish_reason": "stop" if result.answer is not None else "length"}],
-            "agent_turns": [_turn_dict(t) for t in result.turns], "stop_reason": result.stop_reason,
+            "agent_turns": [asdict(t) for t in result.turns], "stop_reason": result.stop_reason,
             "refused": result.refused, "latency_ms": result.latency_ms}  # fmt: skip
 
 
@@ -385,7 +380,7 @@ async def _stream(model: str, job: _Job, request):
             turn = await asyncio.wait_for(job.events.get(), timeout=0.5)
         except TimeoutError:
             continue
-        yield chunk({}, agent_turn=_turn_dict(turn))
+        yield chunk({}, agent_turn=asdict(turn))
     try:
         result = job.future.result()
     except Exception as err:  # noqa: BLE001
