@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -41,7 +41,7 @@ from envs.base import MALFORMED_KINDS, Answer, Task, Tool, ToolError, parse_turn
 from rl_agents import rundir
 from rl_agents.config import env_entries
 from rl_agents.model import load_policy
-from rl_agents.runtime import Runtime, RuntimeConfig
+from rl_agents.runtime import Feed, Runtime, RuntimeConfig
 from rl_agents.trajectory import FORMAT_VERSION, SPECIAL_TOKENS, Trajectory, tokenizer_fingerprint
 
 CARD = "agent.json"
@@ -164,6 +164,7 @@ class Agent:
         tool_timeout_s: float = 30.0,
         batch_size: int = 16,
         max_wall_s: float | None = 120.0,
+        env_workers: int = 4,
     ):
         self.model, self.tokenizer, self.card = model, tokenizer, card
         if env_id is None:
@@ -186,6 +187,7 @@ class Agent:
             max_context=runtime.get("max_context"),
             batch_size=batch_size,
             max_episode_s=max_wall_s,
+            env_workers=env_workers,  # a slow tool holds back its own episode only
         )
         self.runtime = Runtime(model, tokenizer, self.config)
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="agent-tool") if self.tools else None
@@ -193,7 +195,8 @@ class Agent:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str = "float32", **kwargs) -> Agent:
         """Load a saved policy (a ``<stage>/policy`` or adapter directory) and its card; ``kwargs`` go to
-        ``Agent`` (``tools``, ``env_id``, ``env_kwargs``, ``max_turns``, ``max_new_tokens``, ``tool_timeout_s``)."""
+        ``Agent`` (``tools``, ``env_id``, ``env_kwargs``, ``max_turns``, ``max_new_tokens``, ``tool_timeout_s``,
+        ``batch_size``, ``max_wall_s``, ``env_workers``)."""
         model, tokenizer = load_policy(path, dtype, local_files_only=True)
         return cls(model, tokenizer, read_card(path, tokenizer), **kwargs)
 
@@ -221,6 +224,27 @@ class Agent:
         )
         wall = (time.perf_counter() - start) * 1000
         return [self._result(t, wall) for t in trajectories]
+
+    def stream(
+        self,
+        feed: Feed,
+        poll: Callable[[], None],
+        on_turn: Callable[[int, AgentTurn, bool], None] | None = None,
+    ) -> Iterator[tuple[int, AgentResult]]:
+        """Continuous batching (a server's requests): the tasks of ``feed`` (``feed.add({"task": text})``, also from
+        ``poll``, called before every forward pass) run on the runtime's slots as they arrive; yields
+        ``(index, result)`` as each ends (``Runtime.stream``). A task whose environment refuses it is left out,
+        its error in ``feed.refused``."""
+        hook = None
+        if on_turn is not None:
+
+            def hook(index, t, done):
+                on_turn(index, AgentTurn.of(t), done)
+
+        for index, trajectory in self.runtime.stream(
+            self.env_id, feed, poll, make_env=self._make_env, on_turn=hook
+        ):
+            yield index, self._result(trajectory, 0.0)
 
     # --- helpers ------------------------------------------------------------------------------
     def _make_env(self) -> gym.Env:

@@ -11,9 +11,10 @@ FastAPI and uvicorn (``pip install 'rl_agents[serve]'``). The openai SDK, LangCh
   ``tool_calls`` for the client to run, an answer as the message's content.
 - ``GET /v1/models``, ``GET /health``.
 
-One thread owns the model: requests queue, and the agent-mode tasks waiting when it is free run together as
-one batch on the runtime's slots (batched across requests; a request that arrives during a batch waits for
-the next one). Bad requests get OpenAI-style JSON errors with a 4xx status, and the server keeps serving.
+One thread owns the model and runs the agent-mode tasks on the runtime's slots with continuous batching: a
+request that arrives while others run starts in the next free slot, at the next forward pass, rather than
+waiting for the batch to end (``Runtime.stream``); a tool-calling request runs between two passes. Bad
+requests get OpenAI-style JSON errors with a 4xx status, and the server keeps serving.
 """
 
 import asyncio
@@ -36,6 +37,7 @@ from omegaconf import MISSING, DictConfig
 
 from envs.base import Answer, ToolCall, parse_turn
 from rl_agents.agent import Agent, AgentResult, AgentTurn
+from rl_agents.runtime import Feed
 from rl_agents.trajectory import END_OF_TURN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,9 @@ class ServeConfig:
     max_wall_s: float | None = 120.0
     """wall time of one agent-mode run (checked at the end of each turn)"""
     batch_size: int = 16
+    """agent-mode episodes run at once (the runtime's slots); more requests wait for a free slot"""
+    env_workers: int = 4
+    """threads that run the tools while the model decodes for the other episodes"""
 
 
 ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
@@ -140,28 +145,38 @@ class AgentServer:
         self.agent, self.model_name = agent, model_name
         self.prefix_cache = PrefixCache(prefix_cache)
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._feed, self._waiting = Feed(), {}  # agent tasks on the runtime's slots, by their index in the feed
+        self._stopping = False
         self.worker = threading.Thread(target=self._work, name="agent-model", daemon=True)
         self.worker.start()
         self.app = self._app()
 
     # --- the model's thread --------------------------------------------------------------------
     def _work(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            batch = [job]
-            while True:  # every agent task already waiting joins the batch
-                try:
-                    batch.append(self.jobs.get_nowait())
-                except queue.Empty:
-                    break
-            stop = None in batch
-            batch = [j for j in batch if j is not None]
-            agent_jobs = [j for j in batch if j.kind == "agent"]
-            for j in (j for j in batch if j.kind == "turn"):
-                self._settle(j, self._one_turn, j.payload)
-            if agent_jobs:
-                self._run_agents(agent_jobs)
-            if stop:
+        while not self._stopping:
+            self._accept(self.jobs.get())
+            if not self._feed.empty():
+                self._run_agents()
+
+    def _accept(self, job: _Job | None) -> None:
+        """A request off the queue: a one-turn request runs now (between the running episodes' forward passes),
+        an agent task joins the feed and starts in the next free slot."""
+        if job is None:
+            self._stopping = True
+        elif job.kind == "turn":
+            self._settle(job, self._one_turn, job.payload)
+        else:
+            self._waiting[self._feed.add({"task": job.payload})] = job
+
+    def _poll(self) -> None:
+        """Before each forward pass of the running batch: take in the requests that arrived meanwhile."""
+        self._settle_refused()
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
                 return
+            self._accept(job)
 
     def _settle(self, job: _Job, fn, *args) -> None:
         try:
@@ -171,20 +186,34 @@ class AgentServer:
         else:
             job.loop.call_soon_threadsafe(_set_result, job.future, result)
 
-    def _run_agents(self, jobs: list[_Job]) -> None:
+    def _settle_refused(self) -> None:
+        for index, err in list(self._feed.refused.items()):
+            job = self._waiting.pop(index, None)
+            if job is not None:
+                refused = RequestError(400, f"the agent's environment refused the task: {err}", "task_refused")
+                job.loop.call_soon_threadsafe(_set_exception, job.future, refused)
+
+    def _run_agents(self) -> None:
+        """The agent tasks on the runtime's slots until none runs and none waits; tasks that arrive meanwhile join
+        the running batch (``Agent.stream``)."""
+        waiting = self._waiting
+
         def on_turn(index: int, turn: AgentTurn, done: bool) -> None:
-            events = jobs[index].events
-            if events is not None:
-                jobs[index].loop.call_soon_threadsafe(events.put_nowait, turn)
+            job = waiting.get(index)
+            if job is not None and job.events is not None:
+                job.loop.call_soon_threadsafe(job.events.put_nowait, turn)
 
         try:
-            results = self.agent.run_batch([j.payload for j in jobs], on_turn=on_turn)
-        except Exception as err:  # noqa: BLE001
-            for j in jobs:
-                j.loop.call_soon_threadsafe(_set_exception, j.future, err)
-            return
-        for j, result in zip(jobs, results, strict=True):
-            j.loop.call_soon_threadsafe(_set_result, j.future, result)
+            for index, result in self.agent.stream(self._feed, self._poll, on_turn):
+                job = waiting.pop(index)
+                job.loop.call_soon_threadsafe(_set_result, job.future, result)
+            self._settle_refused()
+        except Exception as err:  # noqa: BLE001  (those requests fail, the server goes on)
+            log.exception("the agent's batch failed")
+            for job in waiting.values():
+                job.loop.call_soon_threadsafe(_set_exception, job.future, err)
+        finally:
+            self._feed, self._waiting = Feed(), {}
 
     def _one_turn(self, messages: list[dict[str, str]]) -> tuple[str, int, int]:
         """The model's next turn after ``messages`` (training format): its text, prompt and completion tokens."""
@@ -200,7 +229,7 @@ class AgentServer:
                 "context_length_exceeded",
             )
         eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-        with torch.no_grad():
+        with torch.no_grad(), self.agent.runtime.plain_attention():  # between a running batch's passes
             out = model.generate(
                 torch.tensor([list(ids)], device=model.device),
                 cache=self.prefix_cache.take(list(ids)),
@@ -432,6 +461,7 @@ def build_server(cfg: DictConfig | ServeConfig) -> AgentServer:
     agent = Agent.from_pretrained(
         cfg.agent, env_kwargs=dict(cfg.env_kwargs), max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
         tool_timeout_s=cfg.tool_timeout_s, batch_size=cfg.batch_size, max_wall_s=cfg.max_wall_s,
+        env_workers=cfg.env_workers,
     )  # fmt: skip
     path = Path(cfg.agent).resolve()
     return AgentServer(agent, cfg.model_name or f"{path.parent.parent.name}/{path.parent.name}", cfg.prefix_cache)

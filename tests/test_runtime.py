@@ -11,6 +11,7 @@ import torch
 from rl_agents.model import load_policy
 from rl_agents.runtime import (
     SLOT_ATTENTION,
+    Feed,
     NgramDrafter,
     NgramIndex,
     Runtime,
@@ -72,6 +73,35 @@ def test_a_slot_takes_the_next_seed_as_soon_as_its_episode_ends(tiny_policy):
     trajectories = runtime.run("Calculator-v0", [10, 11, 12], forced=forced)
     assert [t.metadata["seed"] for t in trajectories] == [10, 11, 12]  # returned in the seeds' order
     assert [len(t.turns[0].token_ids) for t in trajectories] == lengths
+
+
+def test_a_streamed_episode_joins_the_running_batch_and_a_refused_one_is_left_out(tiny_policy):
+    """``Runtime.stream``: an episode added by ``poll`` while another runs starts at the next pass, beside it (no
+    wait for the batch to end) and decodes as it would alone; one whose ``reset`` raises is left out, with its
+    error, and the others go on."""
+    _, model, tokenizer = tiny_policy
+    config = RuntimeConfig(batch_size=4, max_new_tokens=64, max_turns=4)
+    alone = Runtime(model, tokenizer, config).run("Calculator-v0", [100, 101], {"fail_prob": 0.0})
+    runtime = Runtime(model, tokenizer, config)
+    feed = Feed()
+    feed.add(seed=100)
+    polls = []
+
+    def poll():
+        polls.append(len(polls))
+        if len(polls) == 5:  # after four passes of the first episode
+            feed.add({"split": "nowhere"}, seed=7)
+            feed.add(seed=101)
+
+    ended = list(runtime.stream("Calculator-v0", feed, poll, {"fail_prob": 0.0}))
+    assert sorted(index for index, _ in ended) == [0, 2]
+    streamed = dict(ended)
+    assert _tokens([streamed[0], streamed[2]]) == _tokens(alone)
+    assert list(feed.refused) == [1] and "nowhere" in str(feed.refused[1])
+    generated = [sum(len(t.token_ids) for t in tr.turns) for tr in alone]
+    # one pass per token of the first episode, the second's tokens from the fifth pass on: run side by side
+    assert runtime.stats["forward_passes"] == max(generated[0], 4 + generated[1]) < sum(generated)
+    assert runtime.runs == 1 and model.config._attn_implementation != SLOT_ATTENTION
 
 
 def test_a_step_is_one_forward_pass_whatever_its_slots_feed(tiny_policy):

@@ -72,6 +72,52 @@ def test_concurrent_agent_requests_are_answered_each_with_its_own_episode(server
     assert [t["text"] for t in results["What is 12 * 34?"]] == [t["text"] for t in alone.model_extra["agent_turns"]]
 
 
+def test_a_request_joins_the_running_batch_instead_of_waiting_for_it(carded_policy):
+    """Continuous batching across requests: while the first request's tool hangs, a second request starts in a
+    free slot and is answered; then the first is released and answered too. A server that ran batch by batch
+    (or held one lock per request) would answer the second only after the first."""
+    from rl_agents.serve import AgentServer, Background
+
+    entered, release, calls = threading.Event(), threading.Event(), []
+
+    def calculator(expression: str) -> str:
+        calls.append(expression)
+        if len(calls) == 1:  # the first call of all: the first request's
+            entered.set()
+            release.wait(timeout=60)
+        return "408"
+
+    agent = Agent.from_pretrained(carded_policy, tools={"calculator": calculator}, tool_timeout_s=90)
+    served = AgentServer(agent, "calculator-agent")
+    ask = [{"role": "user", "content": "What is 12 * 34?"}]
+    order = []
+    with Background(served.app) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+
+        def request(name):
+            client.chat.completions.create(model="calculator-agent", messages=ask)
+            order.append(name)
+
+        first = threading.Thread(target=request, args=("first",))
+        first.start()
+        try:
+            assert entered.wait(timeout=60), "the first request never called its tool"
+            request("second")  # answered while the first one's tool still hangs
+            assert order == ["second"] and not release.is_set()
+            # a tool-calling request runs between the batch's passes, with the model's own attention
+            tools = [{"type": "function", "function": agent.declared["calculator"]}]
+            during = client.chat.completions.create(model="calculator-agent", messages=ask, tools=tools)
+            assert not release.is_set()
+        finally:
+            release.set()
+            first.join(timeout=60)
+        after = client.chat.completions.create(model="calculator-agent", messages=ask, tools=tools)
+    served.close()
+    assert order == ["second", "first"]
+    assert agent.runtime.runs == 1  # one running batch took both
+    assert during.choices[0].message.tool_calls[0].function == after.choices[0].message.tool_calls[0].function
+
+
 def test_tool_calling_mode_returns_the_models_call_for_the_client_to_run(server):
     _, client, served, _ = server
     tools = [{"type": "function", "function": served.agent.declared["calculator"]}]

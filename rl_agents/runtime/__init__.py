@@ -7,7 +7,7 @@ others are parts a reader can skip:
     cache.py       SlotCache: each slot's keys and values in place, slots in regions
     attention.py   _Pass: the packed forward pass's layout; slot_attention, the attention it runs
     drafting.py    n-gram drafts from the episode itself and their verification (speculative decoding)
-    workers.py     worker processes, each running a share of a run's episodes
+    workers.py     worker processes, each running a share of a run's episodes; Feed, a stream's episodes
 """
 
 from rl_agents.runtime.attention import SLOT_ATTENTION, slot_attention
@@ -15,10 +15,12 @@ from rl_agents.runtime.cache import REGION_SLOTS, SlotCache
 from rl_agents.runtime.config import RuntimeConfig, check_workers
 from rl_agents.runtime.drafting import NgramDrafter, NgramIndex, speculative_token, verify_draft
 from rl_agents.runtime.engine import Runtime
+from rl_agents.runtime.workers import Feed
 
 __all__ = [
     "REGION_SLOTS",
     "SLOT_ATTENTION",
+    "Feed",
     "NgramDrafter",
     "NgramIndex",
     "Runtime",

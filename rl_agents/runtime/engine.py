@@ -38,7 +38,7 @@ from rl_agents.runtime.attention import _NO_MASK, SLOT_ATTENTION, _Pass
 from rl_agents.runtime.cache import SlotCache
 from rl_agents.runtime.config import RuntimeConfig, check_workers
 from rl_agents.runtime.drafting import NgramDrafter, NgramIndex, speculative_token, verify_draft
-from rl_agents.runtime.workers import Done, Failed, Job, _Indices, _worker, env_spec
+from rl_agents.runtime.workers import Done, Failed, Feed, Job, _Indices, _worker, env_spec
 from rl_agents.trajectory import (
     END_OF_TURN,
     FORMAT_VERSION,
@@ -48,6 +48,10 @@ from rl_agents.trajectory import (
     prompt_ids,
     tokenizer_fingerprint,
 )
+
+
+POLL_S = 0.01
+"""``Runtime.stream``: while every episode waits for its tools, the feed is polled this often"""
 
 
 @dataclass
@@ -104,6 +108,7 @@ class Runtime:
         self._workers: list | None = None  # (process, pipe) of each worker process (``config.processes``)
         self._counter = None  # the workers' shared count of episodes started (``_Indices``)
         self._options, self._make_env, self._on_turn = None, None, None  # this run's hooks (``run``)
+        self._attention = model.config._attn_implementation  # the model's own (``plain_attention``)
         check_workers(config)
         if config.processes > 1 and self.device.type != "cpu":
             raise ValueError(f"processes > 1 runs on CPU only (the model is on {self.device}); set processes=1")
@@ -168,6 +173,37 @@ class Runtime:
         self.stats["wall_s"] += time.perf_counter() - start
         return trajectories
 
+    def stream(
+        self,
+        env_id: str,
+        feed: Feed,
+        poll: Callable[[], None],
+        env_kwargs: dict | None = None,
+        make_env: Callable[[], gym.Env] | None = None,
+        on_turn: Callable[[int, Turn, bool], None] | None = None,
+        policy: str = "policy",
+    ) -> Iterator[tuple[int, Trajectory]]:
+        """Continuous batching across callers: run ``feed``'s episodes on ``config.batch_size`` slots and yield
+        each ``(index, trajectory)`` as it ends. ``poll()`` is called before every forward pass and may ``add``
+        episodes to the feed: each starts in the next free slot, beside the running ones (a server's requests join
+        the batch as they arrive, rather than waiting for it to end). Returns when no episode runs and none waits.
+        Between passes the model is the runtime's (``plain_attention`` lends it out). ``processes=1`` only."""
+        if min(self.config.processes, self.config.batch_size) > 1:
+            raise ValueError("stream runs its episodes in this process: use runtime processes=1")
+        self._options, self._make_env, self._on_turn = feed.options, make_env, on_turn
+        start = time.perf_counter()
+        self.runs += 1
+        self.first_index = 0
+        try:
+            yield from self._episodes(env_id, feed.seeds, env_kwargs, policy, None, feed, poll)
+        finally:
+            self.stats["wall_s"] += time.perf_counter() - start
+
+    def plain_attention(self):
+        """A context in which the model has its own attention back during a ``stream`` (between its forward
+        passes): another caller (a server's one-turn request) can run ``model.generate`` there."""
+        return _PlainAttention(self.model, self._attention)
+
     def close(self) -> None:
         """Stop the worker processes, if any (they stop with this process too)."""
         for process, conn in self._workers or []:
@@ -191,15 +227,19 @@ class Runtime:
         self, env_id: str, seeds: list[int], env_kwargs: dict | None, policy: str, forced, indices: _Indices
     ) -> list[tuple[int, Trajectory]]:
         """The episodes this process takes from ``indices``, on ``config.batch_size`` environments."""
+        return list(self._episodes(env_id, seeds, env_kwargs, policy, forced, indices))
+
+    def _episodes(
+        self, env_id: str, seeds: list[int], env_kwargs, policy: str, forced, indices, poll=None
+    ) -> Iterator[tuple[int, Trajectory]]:
         make = self._make_env or (lambda: gym.make(env_id, **(env_kwargs or {})))
-        envs = [make() for _ in range(min(self.config.batch_size, len(seeds)))]
+        self._remake = make  # a slot whose reset raised gets a fresh environment
+        envs = [make() for _ in range(self.config.batch_size if poll else min(self.config.batch_size, len(seeds)))]
         was_training = self.model.training
         self.model.eval()  # and back afterwards: a trainer may call the runtime between its steps
         try:
-            return [
-                (e.index, self._trajectory(e, env_id, policy))
-                for e in self._run_slots(list(envs), seeds, forced, indices)
-            ]
+            for e in self._run_slots(envs, seeds, forced, indices, poll):  # a remade environment lands in envs
+                yield e.index, self._trajectory(e, env_id, policy)
         finally:
             self.model.train(was_training)
             for env in envs:
@@ -275,11 +315,11 @@ class Runtime:
 
     @torch.no_grad()
     def _run_slots(
-        self, envs: list[gym.Env], seeds: list[int], forced=None, indices: _Indices | None = None
+        self, envs: list[gym.Env], seeds: list[int], forced=None, indices: _Indices | Feed | None = None, poll=None
     ) -> Iterator[_Episode]:
         """Run every seed's episode, one per slot at a time; yields each episode when it ends."""
         cache = SlotCache(len(envs), self.model.config.get_text_config().num_hidden_layers)
-        attention = self.model.config._attn_implementation
+        attention = self._attention = self.model.config._attn_implementation
         workers = min(self.config.env_workers, len(envs))
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="env") if workers else None
         try:
@@ -290,7 +330,7 @@ class Runtime:
                         f"{type(self.model).__name__} does not take transformers' AttentionInterface, which the "
                         "runtime's KV cache needs (run it with use_cache=false)"
                     )
-            yield from self._loop(envs, seeds, forced, cache, indices or _Indices(len(seeds)))
+            yield from self._loop(envs, seeds, forced, cache, indices or _Indices(len(seeds)), poll)
         finally:
             self.model.set_attn_implementation(attention)
             if self._pool is not None:
@@ -298,22 +338,31 @@ class Runtime:
                 self._pool = None
 
     def _loop(
-        self, envs: list[gym.Env], seeds: list[int], forced, cache: SlotCache, indices: _Indices
+        self, envs: list[gym.Env], seeds: list[int], forced, cache: SlotCache, indices: _Indices | Feed, poll=None
     ) -> Iterator[_Episode]:
         slots: list[_Episode | None] = [None] * len(envs)
         while True:
+            if poll is not None:
+                poll()
             for s, episode in enumerate(slots):
-                if episode is None and not indices.empty():
+                while slots[s] is None and not indices.empty():
                     index = indices.take()
                     if index is None:  # another process took the last one
                         break
                     s = self._make_room(cache, slots, envs, s)
-                    slots[s] = self._start(envs[s], index, seeds, forced)
+                    try:
+                        slots[s] = self._start(envs[s], index, seeds, forced)
+                    except Exception as err:  # noqa: BLE001  (a feed leaves the episode out; a run stops)
+                        indices.refuse(index, err)
+                        envs[s].close()
+                        envs[s] = self._remake()
+                        continue
                     cache.lengths[s] = 0
             live = [s for s, e in enumerate(slots) if e is not None]
             if not live:
                 return
-            ready = self._answered(slots, live)  # none: every live slot waits for its environment, or has ended
+            # none: every live slot waits for its environment (a stream's wait is short: ``poll`` may bring more)
+            ready = self._answered(slots, live, timeout=None if poll is None else POLL_S)
             if ready and not self.config.use_cache:
                 self._step(slots, ready, self._forward_full([slots[s] for s in ready]))
             elif ready:  # with drafts, a new turn's first tokens are verified with its observation
@@ -323,7 +372,7 @@ class Runtime:
                     yield slots[s]
                     slots[s] = None
             free = [s for s, e in enumerate(slots) if e is None]
-            if indices.empty() and free and len(free) >= len(slots) // 4:  # none left to start: shrink the batch
+            if poll is None and indices.empty() and free and len(free) >= len(slots) // 4:  # none left to start: shrink the batch
                 keep = [s for s, e in enumerate(slots) if e is not None]
                 slots, envs = [slots[s] for s in keep], [envs[s] for s in keep]
                 cache.select(keep)
@@ -345,12 +394,12 @@ class Runtime:
             envs[s], envs[longest] = envs[longest], envs[s]
             s = longest
 
-    def _answered(self, slots: list[_Episode | None], live: list[int]) -> list[int]:
+    def _answered(self, slots: list[_Episode | None], live: list[int], timeout: float | None = None) -> list[int]:
         """The live slots that can feed the model now: their environments' answers are taken in first. When every
-        live slot waits for its environment, waits for the first answer."""
+        live slot waits for its environment, waits for the first answer (at most ``timeout`` seconds)."""
         stepping = [slots[s] for s in live if slots[s].stepping is not None]
         if stepping and len(stepping) == len(live):
-            wait([e.stepping for e in stepping], return_when=FIRST_COMPLETED)
+            wait([e.stepping for e in stepping], timeout=timeout, return_when=FIRST_COMPLETED)
         for e in stepping:
             if e.stepping.done():
                 future, e.stepping = e.stepping, None
@@ -608,3 +657,17 @@ class Runtime:
                 "tokenizer": tokenizer_fingerprint(self.tokenizer),
             },
         )
+
+
+class _PlainAttention:
+    def __init__(self, model, attention):
+        self.model, self.attention = model, attention
+
+    def __enter__(self):
+        self.slot = self.model.config._attn_implementation
+        if self.slot != self.attention:  # within a stream; otherwise the model is left alone
+            self.model.set_attn_implementation(self.attention)
+
+    def __exit__(self, *exc):
+        if self.slot != self.attention:
+            self.model.set_attn_implementation(self.slot)

@@ -79,6 +79,40 @@ class _Indices:
     def empty(self) -> bool:
         return (self.next if self.shared is None else self.shared.value) >= self.n
 
+    def refuse(self, index: int, error: Exception) -> None:
+        """An episode that could not start (its ``reset`` raised) ends the run."""
+        raise error
+
+
+class Feed:
+    """Episodes that arrive while a run goes on (a server's requests): ``add`` one and the run (``Runtime.stream``)
+    starts it in the next free slot, beside the episodes already running (continuous batching). An episode whose
+    ``reset`` raises is left out, its error in ``refused``; the others go on."""
+
+    def __init__(self):
+        self.seeds: list[int] = []
+        self.options: list[dict | None] = []
+        self.next = 0
+        self.refused: dict[int, Exception] = {}
+
+    def add(self, options: dict | None = None, seed: int | None = None) -> int:
+        """Queue an episode (``reset``'s options and seed; the seed defaults to its index); returns its index."""
+        self.options.append(options)
+        self.seeds.append(len(self.seeds) if seed is None else seed)
+        return len(self.seeds) - 1
+
+    def take(self) -> int | None:
+        if self.empty():
+            return None
+        self.next += 1
+        return self.next - 1
+
+    def empty(self) -> bool:
+        return self.next >= len(self.seeds)
+
+    def refuse(self, index: int, error: Exception) -> None:
+        self.refused[index] = error
+
 
 def _worker(runtime_class, model, tokenizer, config: RuntimeConfig, seed: int, threads: int, counter, conn) -> None:
     """A worker process of a ``Runtime`` (``runtime_class``, given by the parent so that this module needs nothing
