@@ -241,9 +241,7 @@ class Agent:
             def hook(index, t, done):
                 on_turn(index, AgentTurn.of(t), done)
 
-        for index, trajectory in self.runtime.stream(
-            self.env_id, feed, poll, make_env=self._make_env, on_turn=hook
-        ):
+        for index, trajectory in self.runtime.stream(self.env_id, feed, poll, make_env=self._make_env, on_turn=hook):
             yield index, self._result(trajectory, 0.0)
 
     # --- helpers ------------------------------------------------------------------------------

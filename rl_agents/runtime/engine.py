@@ -49,7 +49,6 @@ from rl_agents.trajectory import (
     tokenizer_fingerprint,
 )
 
-
 POLL_S = 0.01
 """``Runtime.stream``: while every episode waits for its tools, the feed is polled this often"""
 
@@ -344,7 +343,7 @@ class Runtime:
         while True:
             if poll is not None:
                 poll()
-            for s, episode in enumerate(slots):
+            for s in range(len(slots)):
                 while slots[s] is None and not indices.empty():
                     index = indices.take()
                     if index is None:  # another process took the last one
@@ -372,7 +371,8 @@ class Runtime:
                     yield slots[s]
                     slots[s] = None
             free = [s for s, e in enumerate(slots) if e is None]
-            if poll is None and indices.empty() and free and len(free) >= len(slots) // 4:  # none left to start: shrink the batch
+            # none left to start: shrink the batch (a stream keeps its slots for what ``poll`` brings)
+            if poll is None and indices.empty() and free and len(free) >= len(slots) // 4:
                 keep = [s for s, e in enumerate(slots) if e is not None]
                 slots, envs = [slots[s] for s in keep], [envs[s] for s in keep]
                 cache.select(keep)
