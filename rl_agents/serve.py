@@ -8,7 +8,8 @@ FastAPI and uvicorn (``pip install 'rl_agents[serve]'``). The openai SDK, LangCh
   OpenAI's chunk format (the turn in the chunk's ``agent_turn``), then the answer.
 - **Tool-calling mode** (a request with ``tools``): the conversation so far is rendered with the policy's chat
   template (the training format) and the model writes one turn: a tool call comes back as OpenAI
-  ``tool_calls`` for the client to run, an answer as the message's content.
+  ``tool_calls`` for the client to run, an answer as the message's content. ``stream=true``: an answer's text
+  as it is decoded, a tool call whole when the turn ends.
 - ``GET /v1/models``, ``GET /health``.
 
 One thread owns the model and runs the agent-mode tasks on the runtime's slots with continuous batching: a
@@ -35,10 +36,10 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from envs.base import Answer, ToolCall, parse_turn
+from envs.base import THINK_RE, Answer, ToolCall, parse_turn
 from rl_agents.agent import Agent, AgentResult, AgentTurn
 from rl_agents.runtime import Feed
-from rl_agents.trajectory import END_OF_TURN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from rl_agents.trajectory import ANSWER_CLOSE, ANSWER_OPEN, END_OF_TURN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
@@ -164,7 +165,7 @@ class AgentServer:
         if job is None:
             self._stopping = True
         elif job.kind == "turn":
-            self._settle(job, self._one_turn, job.payload)
+            self._settle(job, self._one_turn, job.payload, _TokenStreamer(job) if job.events is not None else None)
         else:
             self._waiting[self._feed.add({"task": job.payload})] = job
 
@@ -215,8 +216,9 @@ class AgentServer:
         finally:
             self._feed, self._waiting = Feed(), {}
 
-    def _one_turn(self, messages: list[dict[str, str]]) -> tuple[str, int, int]:
-        """The model's next turn after ``messages`` (training format): its text, prompt and completion tokens."""
+    def _one_turn(self, messages: list[dict[str, str]], streamer=None) -> tuple[str, int, int]:
+        """The model's next turn after ``messages`` (training format): its text, prompt and completion tokens;
+        ``streamer`` hears each token as it is decoded."""
         tokenizer, model = self.agent.tokenizer, self.agent.model
         ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
         limit = self.agent.runtime.config.max_context
@@ -238,6 +240,7 @@ class AgentServer:
                 eos_token_id=eot,
                 pad_token_id=tokenizer.pad_token_id,
                 return_dict_in_generate=True,
+                streamer=streamer,
             )
         sequence = out.sequences[0].tolist()
         self.prefix_cache.put(sequence, out.cache)
@@ -288,17 +291,24 @@ class AgentServer:
             if not isinstance(messages, list) or not messages:
                 raise RequestError(400, "'messages' must be a non-empty list", "invalid_messages")
             if body.get("tools"):
-                if body.get("stream"):
-                    raise RequestError(400, "stream=true is for agent mode (no tools); tool-calling mode answers whole",
-                                       "stream_unsupported")  # fmt: skip
                 known = set(self.agent.declared)
                 for tool in body["tools"]:
                     name = (tool.get("function") or {}).get("name") if isinstance(tool, dict) else None
                     if name not in known:
                         raise RequestError(400, f"the agent does not know the tool {name!r}; it was compiled with "
                                                 f"{sorted(known)}", "unknown_tool")  # fmt: skip
-                text, prompt, completion = await (await self._submit("turn", _training_messages(messages))).future
-                return JSONResponse(_turn_completion(self.model_name, text, prompt, completion))
+                job = await self._submit("turn", _training_messages(messages), stream=bool(body.get("stream")))
+                if job.events is None:
+                    return JSONResponse(_turn_completion(self.model_name, *(await job.future)))
+                # the status waits for the turn to start, so that a refused request (over the context) is a 4xx
+                started = asyncio.ensure_future(job.events.get())
+                await asyncio.wait([started, job.future], return_when=asyncio.FIRST_COMPLETED)
+                if not started.done():
+                    started.cancel()
+                    job.future.result()  # raises the refusal
+                usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                return StreamingResponse(_stream_turn(self.model_name, job, request, self.agent.tokenizer, usage),
+                                         media_type="text/event-stream")  # fmt: skip
             task = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), None)
             if not isinstance(task, str) or not task.strip():
                 raise RequestError(400, "agent mode needs a user message with text content (the task)", "no_task")
@@ -363,19 +373,21 @@ def _ids() -> tuple[str, int]:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
 
-def _turn_completion(model: str, text: str, prompt: int, completion: int) -> dict[str, Any]:
+def _turn_message(text: str) -> tuple[dict[str, Any], str]:
+    """The model's turn as OpenAI's assistant message and its finish reason: a tool call as ``tool_calls`` (the
+    text before it as the content), an answer as its text, anything else (a malformed turn) as written."""
     parsed = parse_turn(text)
-    message: dict[str, Any] = {"role": "assistant", "content": text}
-    finish = "stop"
     if isinstance(parsed, ToolCall):
         call_id = f"call_{uuid.uuid4().hex[:24]}"
         thought = text.split(TOOL_CALL_OPEN, 1)[0]
-        message = {"role": "assistant", "content": thought or None, "tool_calls": [{
+        return {"role": "assistant", "content": thought or None, "tool_calls": [{
             "id": call_id, "type": "function",
-            "function": {"name": parsed.name, "arguments": json.dumps(parsed.arguments)}}]}  # fmt: skip
-        finish = "tool_calls"
-    elif isinstance(parsed, Answer):
-        message["content"] = parsed.text
+            "function": {"name": parsed.name, "arguments": json.dumps(parsed.arguments)}}]}, "tool_calls"  # fmt: skip
+    return {"role": "assistant", "content": parsed.text if isinstance(parsed, Answer) else text}, "stop"
+
+
+def _turn_completion(model: str, text: str, prompt: int, completion: int) -> dict[str, Any]:
+    message, finish = _turn_message(text)
     ident, created = _ids()
     return {"id": ident, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": message, "finish_reason": finish}],
@@ -413,10 +425,82 @@ async def _stream(model: str, job: _Job, request):
     try:
         result = job.future.result()
     except Exception as err:  # noqa: BLE001
-        yield f"data: {json.dumps(RequestError(500, str(err), kind='server_error').body())}\n\n"
+        refusal = err if isinstance(err, RequestError) else RequestError(500, str(err), kind="server_error")
+        yield f"data: {json.dumps(refusal.body())}\n\n"
         return
     yield chunk({"content": result.answer or ""})
     yield chunk({}, "stop" if result.answer is not None else "length", stop_reason=result.stop_reason)
+    yield "data: [DONE]\n\n"
+
+
+class _TokenStreamer:
+    """``generate``'s streamer for a streamed one-turn request: each decoded token to the request's events (the
+    prompt, which ``generate`` hands over first, as the marker that the turn started)."""
+
+    def __init__(self, job: _Job):
+        self.job = job
+
+    def put(self, value: torch.Tensor) -> None:
+        self.job.loop.call_soon_threadsafe(self.job.events.put_nowait, value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+def _answer_so_far(text: str) -> str | None:
+    """The answer a turn has written so far (what ``parse_turn`` would give once it closes), without trailing
+    white space that more text may yet continue; None before ``<answer>`` or once a tool call opened."""
+    body = THINK_RE.sub("", text)
+    at = body.find(ANSWER_OPEN)
+    if at < 0 or TOOL_CALL_OPEN in body[:at]:
+        return None
+    answer = body[at + len(ANSWER_OPEN) :].split(ANSWER_CLOSE, 1)[0]
+    return answer.strip() if ANSWER_CLOSE in body[at:] else answer.lstrip().rstrip()
+
+
+async def _stream_turn(model: str, job: _Job, request, tokenizer, usage: bool):
+    """Tool-calling mode, streamed as OpenAI streams: an answer's text as it is decoded, a tool call whole (its
+    name and arguments in one ``tool_calls`` delta) when the turn ends, then the finish reason and ``[DONE]``. The
+    content and calls add up to the unstreamed reply's (but for a turn that opens an answer and never closes it:
+    its text streams, and the whole reply is the malformed turn as written)."""
+    ident, created = _ids()
+
+    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+        data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}  # fmt: skip
+        return f"data: {json.dumps(data)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    ids, sent = [], ""
+    while not job.future.done() or not job.events.empty():
+        if await request.is_disconnected():  # the client left: the turn ends in the model's thread
+            return
+        try:
+            ids += await asyncio.wait_for(job.events.get(), timeout=0.5)
+        except TimeoutError:
+            continue
+        answer = _answer_so_far(tokenizer.decode(ids, skip_special_tokens=False))
+        if answer is not None and answer.startswith(sent) and len(answer) > len(sent):
+            yield chunk({"content": answer[len(sent) :]})
+            sent = answer
+    try:
+        text, prompt, completion = job.future.result()
+    except Exception as err:  # noqa: BLE001
+        refusal = err if isinstance(err, RequestError) else RequestError(500, str(err), kind="server_error")
+        yield f"data: {json.dumps(refusal.body())}\n\n"
+        return
+    message, finish = _turn_message(text)
+    content = message["content"] or ""
+    if content.startswith(sent) and len(content) > len(sent):
+        yield chunk({"content": content[len(sent) :]})
+    for index, call in enumerate(message.get("tool_calls", [])):
+        yield chunk({"tool_calls": [{"index": index, **call}]})
+    yield chunk({}, finish)
+    if usage:
+        counts = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+                "usage": counts}  # fmt: skip
+        yield f"data: {json.dumps(data)}\n\n"
     yield "data: [DONE]\n\n"
 
 

@@ -133,6 +133,18 @@ def test_tool_calling_mode_returns_the_models_call_for_the_client_to_run(server)
     second = client.chat.completions.create(model="calculator-agent", messages=messages, tools=tools)
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
     assert second.choices[0].finish_reason in ("stop", "tool_calls")
+    # streamed, each reply adds up to the whole one: an answer's text as it is decoded, a call whole
+    for whole, conversation in [(first, messages[:1]), (second, messages)]:
+        chunks = list(client.chat.completions.create(model="calculator-agent", messages=conversation, tools=tools,
+                                                     stream=True, stream_options={"include_usage": True}))  # fmt: skip
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        calls = [call for d in deltas for call in d.tool_calls or []]
+        message = whole.choices[0].message
+        assert "".join(d.content or "" for d in deltas) == (message.content or "")
+        assert [(c.function.name, c.function.arguments) for c in calls] == [
+            (c.function.name, c.function.arguments) for c in message.tool_calls or []]  # fmt: skip
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
 def _post(base, body: bytes, path="/v1/chat/completions"):

@@ -194,7 +194,7 @@ class Runtime:
         self.runs += 1
         self.first_index = 0
         try:
-            yield from self._episodes(env_id, feed.seeds, env_kwargs, policy, None, feed, poll)
+            yield from self._each_episode(env_id, feed.seeds, env_kwargs, policy, None, feed, poll)
         finally:
             self.stats["wall_s"] += time.perf_counter() - start
 
@@ -226,11 +226,12 @@ class Runtime:
         self, env_id: str, seeds: list[int], env_kwargs: dict | None, policy: str, forced, indices: _Indices
     ) -> list[tuple[int, Trajectory]]:
         """The episodes this process takes from ``indices``, on ``config.batch_size`` environments."""
-        return list(self._episodes(env_id, seeds, env_kwargs, policy, forced, indices))
+        return list(self._each_episode(env_id, seeds, env_kwargs, policy, forced, indices))
 
-    def _episodes(
+    def _each_episode(
         self, env_id: str, seeds: list[int], env_kwargs, policy: str, forced, indices, poll=None
     ) -> Iterator[tuple[int, Trajectory]]:
+        """Each episode of ``indices`` as it ends; with ``poll``, a stream's (``stream``)."""
         make = self._make_env or (lambda: gym.make(env_id, **(env_kwargs or {})))
         self._remake = make  # a slot whose reset raised gets a fresh environment
         envs = [make() for _ in range(self.config.batch_size if poll else min(self.config.batch_size, len(seeds)))]
