@@ -79,6 +79,16 @@ class SlotCache(Cache):
                 buffer[dst, :, :n] = buffer[src, :, :n]
         self.lengths[dst], self.lengths[src] = n, 0
 
+    def grow(self, slots: int) -> None:
+        """Add empty slots after the others, ``slots`` in all."""
+        extra = slots - len(self.lengths)
+        if extra <= 0:
+            return
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                buffers[i] = torch.cat([old, old.new_zeros(extra, *old.shape[1:])])
+        self.lengths += [0] * extra
+
     def select(self, keep: list[int]) -> None:
         """Keep only these slots (in this order)."""
         if self.keys:

@@ -234,7 +234,8 @@ class Runtime:
         """Each episode of ``indices`` as it ends; with ``poll``, a stream's (``stream``)."""
         make = self._make_env or (lambda: gym.make(env_id, **(env_kwargs or {})))
         self._remake = make  # a slot whose reset raised gets a fresh environment
-        envs = [make() for _ in range(self.config.batch_size if poll else min(self.config.batch_size, len(seeds)))]
+        # a stream adds slots as episodes arrive, up to batch_size (``_loop``), each environment when first used
+        envs = [] if poll else [make() for _ in range(min(self.config.batch_size, len(seeds)))]
         was_training = self.model.training
         self.model.eval()  # and back afterwards: a trainer may call the runtime between its steps
         try:
@@ -243,7 +244,8 @@ class Runtime:
         finally:
             self.model.train(was_training)
             for env in envs:
-                env.close()
+                if env is not None:
+                    env.close()
 
     def _start_workers(self, processes: int) -> None:
         context = torch.multiprocessing.get_context("spawn")
@@ -320,7 +322,7 @@ class Runtime:
         """Run every seed's episode, one per slot at a time; yields each episode when it ends."""
         cache = SlotCache(len(envs), self.model.config.get_text_config().num_hidden_layers)
         attention = self._attention = self.model.config._attn_implementation
-        workers = min(self.config.env_workers, len(envs))
+        workers = min(self.config.env_workers, len(envs) if poll is None else self.config.batch_size)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="env") if workers else None
         try:
             if self.config.use_cache:  # and back when the episodes end: others may call the model between runs
@@ -342,14 +344,21 @@ class Runtime:
     ) -> Iterator[_Episode]:
         slots: list[_Episode | None] = [None] * len(envs)
         while True:
-            if poll is not None:
+            if poll is not None:  # a stream: take in what arrived, with slots for it (up to batch_size)
                 poll()
+                want = min(self.config.batch_size, sum(e is not None for e in slots) + indices.waiting())
+                if want > len(slots):
+                    envs.extend([None] * (want - len(slots)))
+                    slots.extend([None] * (want - len(slots)))
+                    cache.grow(want)
             for s in range(len(slots)):
                 while slots[s] is None and not indices.empty():
                     index = indices.take()
                     if index is None:  # another process took the last one
                         break
                     s = self._make_room(cache, slots, envs, s)
+                    if envs[s] is None:
+                        envs[s] = self._remake()
                     try:
                         slots[s] = self._start(envs[s], index, seeds, forced)
                     except Exception as err:  # noqa: BLE001  (a feed leaves the episode out; a run stops)

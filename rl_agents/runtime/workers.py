@@ -110,6 +110,9 @@ class Feed:
     def empty(self) -> bool:
         return self.next >= len(self.seeds)
 
+    def waiting(self) -> int:
+        return len(self.seeds) - self.next
+
     def refuse(self, index: int, error: Exception) -> None:
         self.refused[index] = error
 
