@@ -138,7 +138,7 @@ class AgentResult:
     stop_reason: str
     """answer; max_turns (the agent's turn budget), context_length (the model's), max_steps (the environment's),
     wall_time (``max_wall_s``), malformed (with end_on_malformed), ended (the environment ended it without an
-    answer)"""
+    answer), cancelled (``Feed.cancel``: a server's client left)"""
     turns: list[AgentTurn]
     latency_ms: float
     success: bool | None = None

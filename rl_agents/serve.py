@@ -28,6 +28,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,7 @@ def _common_prefix(a, b, limit: int) -> int:
 
 @dataclass
 class _Job:
-    kind: str  # "agent" or "turn"
+    kind: str  # "agent", "turn" or "cancel" (the payload: the agent job whose client left)
     payload: Any
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -148,6 +149,7 @@ class AgentServer:
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self._feed, self._waiting = Feed(), {}  # agent tasks on the runtime's slots, by their index in the feed
         self._stopping = False
+        self.cancelled = 0  # agent episodes ended because their client left
         self.worker = threading.Thread(target=self._work, name="agent-model", daemon=True)
         self.worker.start()
         self.app = self._app()
@@ -164,6 +166,10 @@ class AgentServer:
         an agent task joins the feed and starts in the next free slot."""
         if job is None:
             self._stopping = True
+        elif job.kind == "cancel":  # a streamed request's client left: its episode ends at the next pass
+            index = next((i for i, waiting in self._waiting.items() if waiting is job.payload), None)
+            if index is not None:
+                self._feed.cancel(index)
         elif job.kind == "turn":
             self._settle(job, self._one_turn, job.payload, _TokenStreamer(job) if job.events is not None else None)
         else:
@@ -206,6 +212,7 @@ class AgentServer:
 
         try:
             for index, result in self.agent.stream(self._feed, self._poll, on_turn):
+                self.cancelled += result.stop_reason == "cancelled"
                 job = waiting.pop(index)
                 job.loop.call_soon_threadsafe(_set_result, job.future, result)
             self._settle_refused()
@@ -274,7 +281,9 @@ class AgentServer:
         async def health():
             c = self.prefix_cache
             counts = {"hits": c.hits, "misses": c.misses, "reused_tokens": c.reused_tokens}
-            return {"status": "ok", "model": self.model_name, "prefix_cache": counts}
+            waiting = self._feed.waiting()
+            episodes = {"running": len(self._waiting) - waiting, "waiting": waiting, "cancelled": self.cancelled}
+            return {"status": "ok", "model": self.model_name, "prefix_cache": counts, "agent_episodes": episodes}
 
         @app.get("/v1/models")
         async def models():
@@ -315,7 +324,8 @@ class AgentServer:
             job = await self._submit("agent", task, stream=bool(body.get("stream")))
             if job.events is None:
                 return JSONResponse(_agent_completion(self.model_name, await job.future))
-            return StreamingResponse(_stream(self.model_name, job, request), media_type="text/event-stream")
+            cancel = partial(self.jobs.put, _Job("cancel", job, job.loop, job.future))
+            return StreamingResponse(_stream(self.model_name, job, request, cancel), media_type="text/event-stream")
 
         return app
 
@@ -404,7 +414,7 @@ def _agent_completion(model: str, result: AgentResult) -> dict[str, Any]:
             "refused": result.refused, "latency_ms": result.latency_ms}  # fmt: skip
 
 
-async def _stream(model: str, job: _Job, request):
+async def _stream(model: str, job: _Job, request, cancel):
     """Server-sent events: a chunk per turn as it ends (``agent_turn``), the answer, ``[DONE]``."""
     ident, created = _ids()
 
@@ -414,14 +424,18 @@ async def _stream(model: str, job: _Job, request):
         return f"data: {json.dumps(data)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
-    while not job.future.done() or not job.events.empty():
-        if await request.is_disconnected():  # the client left: stop writing (the episode finishes in its batch)
-            return
-        try:
-            turn = await asyncio.wait_for(job.events.get(), timeout=0.5)
-        except TimeoutError:
-            continue
-        yield chunk({}, agent_turn=asdict(turn))
+    try:
+        while not job.future.done() or not job.events.empty():
+            if await request.is_disconnected():
+                return
+            try:
+                turn = await asyncio.wait_for(job.events.get(), timeout=0.5)
+            except TimeoutError:
+                continue
+            yield chunk({}, agent_turn=asdict(turn))
+    finally:  # the client left (seen here, or the server cancelled this stream): its episode ends, its slot is freed
+        if not job.future.done():
+            cancel()
     try:
         result = job.future.result()
     except Exception as err:  # noqa: BLE001

@@ -118,6 +118,48 @@ def test_a_request_joins_the_running_batch_instead_of_waiting_for_it(carded_poli
     assert during.choices[0].message.tool_calls[0].function == after.choices[0].message.tool_calls[0].function
 
 
+def test_a_client_that_leaves_mid_stream_frees_its_slot(carded_policy):
+    """The client of a streamed agent-mode request disconnects while its tool hangs: the episode ends at once
+    (``cancelled``, its slot free; /health counts it) rather than when the tool returns, and the server goes on."""
+    import http.client
+    import time
+
+    from rl_agents.serve import AgentServer, Background
+
+    entered, release = threading.Event(), threading.Event()
+
+    def calculator(expression: str) -> str:
+        if not entered.is_set():
+            entered.set()
+            release.wait(timeout=60)
+        return "408"
+
+    agent = Agent.from_pretrained(carded_policy, tools={"calculator": calculator}, tool_timeout_s=90)
+    served = AgentServer(agent, "calculator-agent")
+    body = {"messages": [{"role": "user", "content": "What is 12 * 34?"}], "stream": True}
+    try:
+        with Background(served.app) as base:
+            connection = http.client.HTTPConnection("127.0.0.1", int(base.rsplit(":", 1)[1]), timeout=60)
+            connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 200 and response.readline().startswith(b"data: ")
+            assert entered.wait(timeout=60), "the request never called its tool"
+            connection.close()  # the client leaves while its tool hangs
+            deadline, health = time.monotonic() + 30, {}
+            while time.monotonic() < deadline:
+                health = json.loads(urllib.request.urlopen(base + "/health", timeout=10).read())["agent_episodes"]
+                if health["running"] == 0:
+                    break
+                time.sleep(0.1)
+            assert health == {"running": 0, "waiting": 0, "cancelled": 1} and not release.is_set()
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+            again = client.chat.completions.create(model="calculator-agent", messages=body["messages"])
+            assert again.model_extra["stop_reason"] != "cancelled" and not release.is_set()  # not held by the tool
+    finally:
+        release.set()
+        served.close()
+
+
 def test_tool_calling_mode_returns_the_models_call_for_the_client_to_run(server):
     _, client, served, _ = server
     tools = [{"type": "function", "function": served.agent.declared["calculator"]}]

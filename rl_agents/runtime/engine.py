@@ -336,7 +336,7 @@ class Runtime:
         finally:
             self.model.set_attn_implementation(attention)
             if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool.shutdown(wait=poll is None, cancel_futures=True)  # a cancelled episode's tool may run on
                 self._pool = None
 
     def _loop(
@@ -346,6 +346,12 @@ class Runtime:
         while True:
             if poll is not None:  # a stream: take in what arrived, with slots for it (up to batch_size)
                 poll()
+                for s, e in enumerate(slots):
+                    if e is not None and e.index in indices.cancelled and not e.done:
+                        e.done, e.truncation = True, "cancelled"
+                        if e.stepping is not None:  # its tool still runs: the slot gets a fresh environment
+                            e.stepping.add_done_callback(lambda _, env=e.env: env.close())
+                            e.stepping, envs[s] = None, None
                 want = min(self.config.batch_size, sum(e is not None for e in slots) + indices.waiting())
                 if want > len(slots):
                     envs.extend([None] * (want - len(slots)))

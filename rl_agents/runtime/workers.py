@@ -94,6 +94,7 @@ class Feed:
         self.options: list[dict | None] = []
         self.next = 0
         self.refused: dict[int, Exception] = {}
+        self.cancelled: set[int] = set()
 
     def add(self, options: dict | None = None, seed: int | None = None) -> int:
         """Queue an episode (``reset``'s options and seed; the seed defaults to its index); returns its index."""
@@ -102,10 +103,16 @@ class Feed:
         return len(self.seeds) - 1
 
     def take(self) -> int | None:
-        if self.empty():
-            return None
-        self.next += 1
-        return self.next - 1
+        while not self.empty():
+            self.next += 1
+            if self.next - 1 not in self.cancelled:
+                return self.next - 1
+            self.refused[self.next - 1] = RuntimeError("cancelled before it started")
+        return None
+
+    def cancel(self, index: int) -> None:
+        """End this episode at the next forward pass (truncation ``cancelled``), or never start it."""
+        self.cancelled.add(index)
 
     def empty(self) -> bool:
         return self.next >= len(self.seeds)
