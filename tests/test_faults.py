@@ -29,6 +29,14 @@ def _train(run_dir, *overrides, kill_at=None):
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _compile(run_dir, *overrides, env="calculator"):
+    """``_train``'s run in this process (``compile_agent``: the same ``run``), where no kill or exit code is at stake:
+    it saves a Python start and the imports (seconds) per run."""
+    from rl_agents.api import compile_agent
+
+    return compile_agent(env, run_dir=run_dir, overrides=[*STAGES, *overrides])
+
+
 def _ok(proc):
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -90,44 +98,52 @@ def test_a_grpo_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_resul
     assert [h["step"] for h in history if "loss" in h] == [1, 2]
 
 
-def test_incomplete_checkpoints_and_a_truncated_policy_are_not_taken_for_finished_work(tmp_path, reference):
+def test_incomplete_checkpoints_and_a_truncated_policy_are_not_taken_for_finished_work(
+    tmp_path, reference, fresh_accelerate_state
+):
     """A checkpoint cut short by a kill (or a full disk) is skipped and removed; a 0-byte config.json in a
     policy dir does not make the stage finished: the resume redoes the work and ends where the reference does."""
-    _ok(_train(tmp_path, "stages=[collect,bc]"))
+    _compile(tmp_path, "stages=[collect,bc]")
     checkpoints = tmp_path / "bc/checkpoints"
     (checkpoints / "checkpoint-4/trainer_state.json").unlink()  # as if the save died before its last file
     (tmp_path / "bc/policy/config.json").write_text("")
-    proc = _ok(_train(tmp_path, "resume=true"))
-    log = _output(proc) + (tmp_path / "train.log").read_text()
+    _compile(tmp_path, "resume=true")
+    log = (tmp_path / "train.log").read_text()
     assert "no longer match" in log and "removing the incomplete checkpoint" in log
     assert "resuming from" in log and "checkpoint-2" in log
     _same_run(reference, tmp_path)
 
 
 def test_a_fresh_run_refuses_a_used_dir_and_overwrite_starts_afresh(tmp_path):
-    _ok(_train(tmp_path, "stages=[collect]"))
+    _compile(tmp_path, "stages=[collect]")
     refused = _train(tmp_path, "stages=[collect]")
     assert refused.returncode == 2
     assert "already holds a run" in _output(refused) and "resume=true" in _output(refused)
     assert "Traceback" not in _output(refused)  # one message, no traceback
-    _ok(_train(tmp_path, "stages=[collect]", "overwrite=true", "collect.episodes=6"))
+    _compile(tmp_path, "stages=[collect]", "overwrite=true", "collect.episodes=6")
     record = json.loads((tmp_path / "stages/collect.json").read_text())
     assert record["status"] == "done" and record["config"]["collect.episodes"] == 6
 
 
-def test_a_resume_with_other_settings_is_refused_with_the_key_named(tmp_path):
-    _ok(_train(tmp_path, "stages=[collect,bc]"))
-    proc = _train(tmp_path, "stages=[collect,bc]", "resume=true", "env=sql")
-    assert proc.returncode == 2
-    message = _output(proc)
-    assert "collect stage" in message and "env.name: 'calculator' -> 'sql'" in message
-    proc = _train(tmp_path, "stages=[collect,bc]", "resume=true", "bc.learning_rate=0.1")
-    assert proc.returncode == 2 and "bc.learning_rate: 0.002 -> 0.1" in _output(proc)
+def test_a_resume_with_other_settings_is_refused_with_the_key_named(tmp_path, fresh_accelerate_state):
+    """In this process (``compile_agent``, the same ``run``; the command line's exit code 2 for these errors is
+    ``test_a_second_run_into_a_busy_dir_stops_at_once_naming_the_first``'s)."""
+
+    def train(*overrides, env="calculator"):
+        return _compile(tmp_path, *overrides, env=env)
+
+    train("stages=[collect,bc]")
+    with pytest.raises(rundir.RunDirError, match="collect stage") as refused:
+        train("stages=[collect,bc]", "resume=true", env="sql")
+    assert "env.name: 'calculator' -> 'sql'" in str(refused.value)
+    with pytest.raises(rundir.RunDirError, match="bc.learning_rate: 0.002 -> 0.1"):
+        train("stages=[collect,bc]", "resume=true", "bc.learning_rate=0.1")
     # nor can a later stage evaluate this run's policy under another environment's name
-    proc = _train(tmp_path, "stages=[eval]", "eval.policies=[bc]", "resume=true", "env=sql")
-    assert proc.returncode == 2 and "env.name: 'calculator' -> 'sql'" in _output(proc)
+    with pytest.raises(rundir.RunDirError, match="env.name: 'calculator' -> 'sql'"):
+        train("stages=[eval]", "eval.policies=[bc]", "resume=true", env="sql")
     # a stage not started yet may take new settings
-    _ok(_train(tmp_path, "stages=[collect,bc,rl]", "resume=true", "rl.steps=1"))
+    train("stages=[collect,bc,rl]", "resume=true", "rl.steps=1")
+    assert json.loads((tmp_path / "stages/rl.json").read_text())["status"] == "done"
 
 
 def test_a_second_run_into_a_busy_dir_stops_at_once_naming_the_first(tmp_path):
