@@ -291,6 +291,8 @@ class ModelConfig:
     vocab_size: int = 2048
     number_chunk: int = 3
     merge_across_words: bool = False
+    number_tokens: bool = False
+    """tiny only: every digit string of up to number_chunk (<= 3) digits is a token, whatever the trajectories hold"""
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4

@@ -41,7 +41,11 @@ def trajectory_texts(trajectories: Iterable[Trajectory]) -> Iterable[str]:
 
 
 def build_tokenizer(
-    corpus: Iterable[str], vocab_size: int = 2048, number_chunk: int = 3, merge_across_words: bool = False
+    corpus: Iterable[str],
+    vocab_size: int = 2048,
+    number_chunk: int = 3,
+    merge_across_words: bool = False,
+    number_tokens: bool = False,
 ) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``corpus``, numbers cut in chunks of up to ``number_chunk`` digits.
 
@@ -51,7 +55,10 @@ def build_tokenizer(
     merges are not confined to words (no GPT-2 word regex, as SentencePiece without whitespace
     splitting): a workflow's fixed boilerplate such as ``", "arguments": {"expression": "`` becomes one
     token, and sequences get shorter (about 30% on Calculator-v0), so training and decoding are faster.
-    Training is deterministic.
+    With ``number_tokens`` every digit string of up to ``number_chunk`` digits is a token of its own, whatever
+    the corpus holds (1,110 tokens beyond ``vocab_size`` for chunks of 3): a number is cut the same way whether
+    or not training saw it, into tokens that copy pretraining trains, where the corpus's merges would cut an
+    unseen id into pieces BC never saw. Training is deterministic.
     """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -68,7 +75,7 @@ def build_tokenizer(
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token=PAD,
         eos_token=END_OF_TURN,
@@ -76,6 +83,10 @@ def build_tokenizer(
         model_max_length=4096,
         chat_template=CHAT_TEMPLATE,
     )
+    if number_tokens:  # matched leftmost-longest before the pre-tokenizer: the same cut as the chunking regex;
+        # a digit string the corpus merged already keeps its id
+        fast.add_tokens([f"{i:0{n}d}" for n in range(number_chunk, 0, -1) for i in range(10**n)])
+    return fast
 
 
 def build_tiny_model(
@@ -228,7 +239,9 @@ def tiny_policy(cfg, run_dir: Path, trajectories: list[Trajectory]) -> tuple[Pre
     init_dir = Path(run_dir) / "model" / "init"
     if not (init_dir / "config.json").is_file():
         m = cfg.model
-        tokenizer = build_tokenizer(trajectory_texts(trajectories), m.vocab_size, m.number_chunk, m.merge_across_words)
+        tokenizer = build_tokenizer(
+            trajectory_texts(trajectories), m.vocab_size, m.number_chunk, m.merge_across_words, m.number_tokens
+        )
         model = build_tiny_model(
             tokenizer,
             cfg.seed,

@@ -116,6 +116,11 @@ def _check_model(cfg: DictConfig) -> None:
                 f"runtime.max_context={cfg.runtime.max_context} exceeds model.max_position_embeddings="
                 f"{cfg.model.max_position_embeddings} (null: the model's own)"
             )
+        if cfg.model.get("number_tokens") and cfg.model.number_chunk > 3:
+            raise ConfigError(
+                f"model.number_tokens with model.number_chunk={cfg.model.number_chunk}: every digit string up to that "
+                f"length would be a token (over {10**cfg.model.number_chunk}); use number_chunk <= 3"
+            )
         if cfg.model.copy_pretrain_steps < 0:
             raise ConfigError(f"model.copy_pretrain_steps must be >= 0, got {cfg.model.copy_pretrain_steps}")
         if cfg.model.copy_pretrain_steps and 2 * cfg.model.copy_pretrain_span > cfg.model.max_position_embeddings:

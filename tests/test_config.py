@@ -129,6 +129,7 @@ def test_a_closed_choice_is_refused_with_the_choices_named(override, choices):
         (["model._target_=rl_agents.model.nope"], "model._target_='rl_agents.model.nope' cannot be imported"),
         (["+env.envs.Calculator-v0.kwargs.split=test"], "the pipeline sets the split"),
         (["model.number_chunk=0"], "model.number_chunk"),
+        (["model.number_tokens=true", "model.number_chunk=4"], "model.number_tokens with model.number_chunk=4"),
         (["model.num_heads=3"], "multiple of model.num_heads"),
         (["model.copy_pretrain_steps=-1"], "model.copy_pretrain_steps"),
         (["model.copy_pretrain_steps=10", "model.copy_pretrain_span=600"], "model.copy_pretrain_span=600"),

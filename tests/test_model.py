@@ -51,6 +51,31 @@ def test_merges_across_words_shorten_sequences_and_keep_numbers_and_text_exact(c
             assert all(p.isdigit() and len(p) <= 3 for p in numeric)  # numbers stay in chunks of their own
 
 
+def test_number_tokens_cut_every_number_the_same_way_seen_in_training_or_not(tmp_path, calculator_data):
+    """model.number_tokens: each chunk of up to three digits is one token whatever the corpus held (the
+    corpus's merges cut an unseen number into other pieces than a seen one), text stays exact, and the
+    saved tokenizer cuts the same way."""
+    corpus = list(trajectory_texts(calculator_data))
+    plain = build_tokenizer(corpus, 400)
+    numbers = build_tokenizer(corpus, 400, number_tokens=True)
+
+    def pieces(tokenizer, text):
+        return [tokenizer.decode([i]) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    cuts = {len(pieces(plain, f"open {n}")) for n in range(100, 1000)}
+    assert len(cuts) > 1  # the corpus's merges: some 3-digit numbers are one token, others several
+    for n in [*range(1000), 4908600, 1369199040]:
+        text = f"open {n}, then {n}."
+        assert numbers.decode(numbers(text, add_special_tokens=False)["input_ids"]) == text
+        digits = [p for p in pieces(numbers, text) if p.isdigit()]
+        expected = [str(n)[i : i + 3] for i in range(0, len(str(n)), 3)] * 2
+        assert digits == expected
+    assert len(numbers) >= 1110 + 256
+    numbers.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded("open 775 and 4908600")["input_ids"] == numbers("open 775 and 4908600")["input_ids"]
+
+
 def test_saved_tiny_model_loads_through_from_pretrained(tmp_path, calculator_data):
     tokenizer = build_tokenizer(trajectory_texts(calculator_data), 400)
     model = build_tiny_model(tokenizer, 0, hidden_size=32, num_layers=1, num_heads=2)
