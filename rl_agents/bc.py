@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 import torch
+from datasets import Dataset, concatenate_datasets
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, Trainer
 from trl import SFTConfig, SFTTrainer
@@ -23,7 +24,7 @@ from trl import SFTConfig, SFTTrainer
 from rl_agents import rundir
 from rl_agents.config import BCConfig
 from rl_agents.tracking import LogToPython
-from rl_agents.trajectory import Trajectory, sft_dataset
+from rl_agents.trajectory import SPECIAL_TOKENS, Trajectory, sft_dataset
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +87,31 @@ def make_trainer(
     trainer = BCTrainer(
         model=model,
         args=args,
-        train_dataset=sft_dataset(trajectories, tokenizer),
+        train_dataset=with_copy_rows(sft_dataset(trajectories, tokenizer), tokenizer, config, seed),
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[LogToPython(), rundir.SafeCheckpoints(), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # with tqdm off it prints every log to stdout: LogToPython logs them
     return trainer
+
+
+def with_copy_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, config: BCConfig, seed: int) -> Dataset:
+    """``config.copy_mix``: rehearsal of copy pretraining during BC. Adds ``copy_mix`` x len(dataset) rows of
+    ``copy_span`` uniformly random ordinary tokens repeated once, loss on the repeat (``copy_pretrain``'s task).
+    Without them BC moves only the tokens its episodes hold, and a token it never sees (the id of a task it
+    never trained on) drifts out of what the model can copy."""
+    rows = round(config.copy_mix * len(dataset))
+    if rows <= 0:
+        return dataset
+    special = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    generator = torch.Generator().manual_seed(seed + 1)
+    picks = ordinary[torch.randint(len(ordinary), (rows, config.copy_span), generator=generator)]
+    ids = torch.cat([picks, picks], dim=1).tolist()
+    mask = [[0] * config.copy_span + [1] * config.copy_span] * rows
+    copies = Dataset.from_dict({"input_ids": ids, "assistant_masks": mask}, features=dataset.features)
+    return concatenate_datasets([dataset, copies])
 
 
 def train_bc(

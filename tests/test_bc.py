@@ -78,3 +78,22 @@ def test_gradient_checkpointing_is_optional_and_changes_no_update(tmp_path, calc
         assert trainer.model.is_gradient_checkpointing == checkpointing
         trained[checkpointing] = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
     assert torch.allclose(trained[False], trained[True], atol=1e-6)
+
+
+def test_copy_rows_rehearse_copying_beside_the_episodes_with_the_loss_on_the_repeat(tmp_path, calculator_data):
+    """bc.copy_mix: copy_mix x episodes extra rows, each a random span of ordinary tokens and its repeat, labelled
+    on the repeat only; the episodes' rows are unchanged, and the rows are the same for the same seed."""
+    model, tokenizer = _tiny(calculator_data)
+    config = BCConfig(max_steps=1, batch_size=2, copy_mix=0.5, copy_span=8)
+    trainer = make_trainer(calculator_data[:8], model, tokenizer, tmp_path, config, seed=0)
+    rows = list(trainer.train_dataset)
+    assert len(rows) == 12
+    for row, trajectory in zip(rows[:8], calculator_data[:8]):
+        assert row["input_ids"] == encode_trajectory(trajectory, tokenizer).input_ids
+    special = set(tokenizer.all_special_ids)
+    for row in rows[8:]:
+        ids = row["input_ids"]
+        assert len(ids) == 16 and ids[:8] == ids[8:] and not special & set(ids)
+        assert row["labels"] == [-100] * 8 + ids[8:]
+    again = make_trainer(calculator_data[:8], model, tokenizer, tmp_path / "again", config, seed=0)
+    assert [r["input_ids"] for r in again.train_dataset][8:] == [r["input_ids"] for r in rows[8:]]
