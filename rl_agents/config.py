@@ -296,7 +296,7 @@ class ModelConfig:
     vocab_size: int = 2048
     number_chunk: int = 3
     merge_across_words: bool = False
-    number_tokens: bool = False
+    number_tokens: bool = True
     """tiny only: every digit string of up to number_chunk (<= 3) digits is a token, whatever the trajectories hold"""
     hidden_size: int = 128
     num_layers: int = 4
