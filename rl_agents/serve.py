@@ -414,15 +414,29 @@ def _agent_completion(model: str, result: AgentResult) -> dict[str, Any]:
             "refused": result.refused, "latency_ms": result.latency_ms}  # fmt: skip
 
 
-async def _stream(model: str, job: _Job, request, cancel):
-    """Server-sent events: a chunk per turn as it ends (``agent_turn``), the answer, ``[DONE]``."""
+def _chunker(model: str):
+    """``chunk(delta, finish, **extra)``: one streamed completion's server-sent events in OpenAI's chunk format,
+    all with its id and time; ``delta=None`` gives a chunk without choices (the usage chunk)."""
     ident, created = _ids()
 
-    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+    def chunk(delta: dict | None, finish: str | None = None, **extra) -> str:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
         data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}  # fmt: skip
+                "choices": choices, **extra}  # fmt: skip
         return f"data: {json.dumps(data)}\n\n"
 
+    return chunk
+
+
+def _error_event(err: Exception) -> str:
+    """A failure after the stream began, as OpenAI's error body in an event (a refusal keeps its own)."""
+    refusal = err if isinstance(err, RequestError) else RequestError(500, str(err), kind="server_error")
+    return f"data: {json.dumps(refusal.body())}\n\n"
+
+
+async def _stream(model: str, job: _Job, request, cancel):
+    """Server-sent events: a chunk per turn as it ends (``agent_turn``), the answer, ``[DONE]``."""
+    chunk = _chunker(model)
     yield chunk({"role": "assistant", "content": ""})
     try:
         while not job.future.done() or not job.events.empty():
@@ -439,8 +453,7 @@ async def _stream(model: str, job: _Job, request, cancel):
     try:
         result = job.future.result()
     except Exception as err:  # noqa: BLE001
-        refusal = err if isinstance(err, RequestError) else RequestError(500, str(err), kind="server_error")
-        yield f"data: {json.dumps(refusal.body())}\n\n"
+        yield _error_event(err)
         return
     yield chunk({"content": result.answer or ""})
     yield chunk({}, "stop" if result.answer is not None else "length", stop_reason=result.stop_reason)
@@ -477,13 +490,7 @@ async def _stream_turn(model: str, job: _Job, request, tokenizer, usage: bool):
     name and arguments in one ``tool_calls`` delta) when the turn ends, then the finish reason and ``[DONE]``. The
     content and calls add up to the unstreamed reply's (but for a turn that opens an answer and never closes it:
     its text streams, and the whole reply is the malformed turn as written)."""
-    ident, created = _ids()
-
-    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-        data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}  # fmt: skip
-        return f"data: {json.dumps(data)}\n\n"
-
+    chunk = _chunker(model)
     yield chunk({"role": "assistant", "content": ""})
     ids, sent = [], ""
     while not job.future.done() or not job.events.empty():
@@ -500,8 +507,7 @@ async def _stream_turn(model: str, job: _Job, request, tokenizer, usage: bool):
     try:
         text, prompt, completion = job.future.result()
     except Exception as err:  # noqa: BLE001
-        refusal = err if isinstance(err, RequestError) else RequestError(500, str(err), kind="server_error")
-        yield f"data: {json.dumps(refusal.body())}\n\n"
+        yield _error_event(err)
         return
     message, finish = _turn_message(text)
     content = message["content"] or ""
@@ -512,9 +518,7 @@ async def _stream_turn(model: str, job: _Job, request, tokenizer, usage: bool):
     yield chunk({}, finish)
     if usage:
         counts = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-        data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
-                "usage": counts}  # fmt: skip
-        yield f"data: {json.dumps(data)}\n\n"
+        yield chunk(None, usage=counts)
     yield "data: [DONE]\n\n"
 
 
