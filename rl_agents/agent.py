@@ -147,6 +147,13 @@ class AgentResult:
     """what the guard refused: each malformed turn, undeclared tool or bad arguments, with its kind"""
 
 
+def _turn_hook(on_turn: Callable[[int, AgentTurn, bool], None] | None):
+    """The runtime's ``on_turn`` for a caller's, each turn given as an ``AgentTurn``."""
+    if on_turn is None:
+        return None
+    return lambda index, turn, done: on_turn(index, AgentTurn.of(turn), done)
+
+
 # --- the agent -----------------------------------------------------------------------------------
 class Agent:
     """A compiled agent: a policy directory with its card, run on the user's tasks."""
@@ -209,12 +216,7 @@ class Agent:
         """The tasks' episodes, batched on the runtime's slots (greedy, as evaluated); ``on_turn(i, turn, done)``
         hears each turn of task ``i`` as it ends."""
         start = time.perf_counter()
-        hook = None
-        if on_turn is not None:
-
-            def hook(index, t, done):
-                on_turn(index, AgentTurn.of(t), done)
-
+        hook = _turn_hook(on_turn)
         trajectories = self.runtime.run(
             self.env_id,
             list(range(len(tasks))),
@@ -235,12 +237,7 @@ class Agent:
         ``poll``, called before every forward pass) run on the runtime's slots as they arrive; yields
         ``(index, result)`` as each ends (``Runtime.stream``). A task whose environment refuses it is left out,
         its error in ``feed.refused``."""
-        hook = None
-        if on_turn is not None:
-
-            def hook(index, t, done):
-                on_turn(index, AgentTurn.of(t), done)
-
+        hook = _turn_hook(on_turn)
         for index, trajectory in self.runtime.stream(self.env_id, feed, poll, make_env=self._make_env, on_turn=hook):
             yield index, self._result(trajectory, 0.0)
 
