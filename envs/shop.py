@@ -263,7 +263,34 @@ class ShopTeacher(ScriptedTeacher):
 
     The expert has privileged access to the goal (which product matches); a lazy teacher opens the first
     result, or skips the size, or buys a near miss over the price limit.
+
+    With ``explain`` (and ``think``), the expert's thought before it opens the product reads the result page
+    line by line up to its pick, saying what rules each earlier line out (``[172] $95.99 is over 50.``),
+    so that the pick is written as a chain of checks a small model can imitate, each beside what it checks.
     """
+
+    def __init__(self, noise: float = 0.0, think: bool = True, explain: bool = False):
+        super().__init__(noise, think)
+        self.explain = explain
+
+    def reading(self, env: ShopEnv, results: str) -> str:
+        """The expert's reading of a result page: one verdict per listed line, up to the goal's product."""
+        goal = env.goal
+        verdicts = []
+        for item_id in re.findall(r"^\[(\d+)\]", results, re.MULTILINE):
+            product = env.catalogue[item_id]
+            missing = [f for f in goal.features if f not in product.features]
+            if product.category != goal.category:
+                verdicts.append(f"[{item_id}] is not {goal.category}.")
+            elif missing:
+                verdicts.append(f"[{item_id}] is not {missing[0]}.")
+            elif product.price > goal.max_price:
+                verdicts.append(f"[{item_id}] ${product.price:.2f} is over {goal.max_price}.")
+            else:
+                verdicts.append(f"[{item_id}] ${product.price:.2f} is under {goal.max_price}: open it.")
+            if item_id == goal.target:
+                break
+        return " ".join(verdicts)
 
     def begin(self, env, rng) -> None:
         super().begin(env, rng)
@@ -289,11 +316,13 @@ class ShopTeacher(ScriptedTeacher):
         goal = env.goal
         if env.current is None or env.current.item_id != goal.target:
             listed = re.compile(rf"^\[{goal.target}\]", re.MULTILINE)
-            searched = (obs for t, obs in history if '"search"' in t and not obs.startswith("ERROR"))
-            if not any(listed.search(obs) for obs in searched):
+            searched = [obs for t, obs in history if '"search"' in t and not obs.startswith("ERROR")]
+            page = next((obs for obs in reversed(searched) if listed.search(obs)), None)
+            if page is None:
                 query = f"{' '.join(goal.features)} {goal.category}"
                 return self.thought("Search for it.") + tool_call("search", query=query)
-            return self.thought("Open the best match.") + tool_call("open", item_id=goal.target)
+            why = self.reading(env, page) if self.explain else "Open the best match."
+            return self.thought(why) + tool_call("open", item_id=goal.target)
         for option in ("color", "size"):
             value = goal.options[option]
             if env.chosen.get(option) != value and value in env.current.options()[option]:

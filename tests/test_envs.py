@@ -446,6 +446,30 @@ def test_expert_shop_episode_takes_at_least_four_tool_calls():
     assert min(sum(t.tool is not None for t in traj.turns) for traj in trajectories) >= 4
 
 
+def test_explaining_shop_expert_reads_the_page_up_to_its_pick_and_each_verdict_holds():
+    from rl_agents.collect import collect
+
+    trajectories, stats = collect("Shop-v0", {}, ShopTeacher(explain=True), list(range(60)), 12, progress=False)
+    assert stats["teacher_success_rate"] == 1.0
+    env = gym.make("Shop-v0", split="train").unwrapped
+    lengths = set()
+    for traj in trajectories:
+        env.reset(seed=traj.metadata["seed"])
+        page, pick = traj.turns[0].observation, traj.turns[1]
+        verdicts = re.findall(r"\[(\d+)\] (.*?)(?= \[|</think>)", pick.agent)
+        listed = re.findall(r"^\[(\d+)\]", page, re.MULTILINE)
+        assert [i for i, _ in verdicts] == listed[: len(verdicts)]  # line by line, in the page's order
+        *ruled_out, (chosen, last) = verdicts
+        assert chosen == env.goal.target and last.endswith("open it.") and f'"item_id": "{chosen}"' in pick.agent
+        for item_id, verdict in ruled_out:  # each reason is true of that product
+            product = env.catalogue[item_id]
+            price = re.fullmatch(r"\$([\d.]+) is over (\d+)\.", verdict)
+            assert price and float(price[1]) == product.price > env.goal.max_price == int(price[2])
+        lengths.add(len(verdicts))
+    assert lengths == {1, 2, 3}  # the pick is not always the first line
+    assert "Open the best match." in ShopTeacher().expert(env, [(tool_call("search", query="x"), page)])
+
+
 def test_frozen_lake_text_hole_ends_the_episode_and_the_goal_succeeds():
     env = gym.make("FrozenLakeText-v0")
     for seed in range(50):  # find a map with a hole next to the start
