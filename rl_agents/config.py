@@ -132,9 +132,9 @@ class BCConfig:
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int = 2
-    copy_mix: float = 0.0
+    copy_mix: float = 0.1
     """rehearsal: synthetic copy rows (random tokens repeated, loss on the repeat) mixed into the BC data, as a
-    fraction of its episodes, so that tokens BC never sees (unseen ids) stay copyable; 0 = off"""
+    fraction of its episodes, so that tokens BC never sees (unseen ids) stay copyable; 0 = off (docs/results.md)"""
     copy_span: int = 32
     """tokens per copy row's span (each row holds it twice)"""
 
