@@ -24,6 +24,7 @@ from trl import SFTConfig, SFTTrainer
 from rl_agents import rundir
 from rl_agents.config import BCConfig
 from rl_agents.tracking import LogToPython
+from rl_agents.model import copy_rows
 from rl_agents.trajectory import SPECIAL_TOKENS, Trajectory, sft_dataset
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,8 @@ def make_trainer(
 
 def with_copy_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, config: BCConfig, seed: int) -> Dataset:
     """``config.copy_mix``: rehearsal of copy pretraining during BC. Adds ``copy_mix`` x len(dataset) rows of
-    ``copy_span`` uniformly random ordinary tokens repeated once, loss on the repeat (``copy_pretrain``'s task).
+    ``copy_pretrain``'s default task (``model.copy_rows`` with ``fixed_offset``: ``copy_span`` random ordinary
+    tokens repeated at once, loss on the repeat).
     Without them BC moves only the tokens its episodes hold, and a token it never sees (the id of a task it
     never trained on) drifts out of what the model can copy."""
     rows = round(config.copy_mix * len(dataset))
@@ -107,10 +109,10 @@ def with_copy_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, config:
     special = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
     generator = torch.Generator().manual_seed(seed + 1)
-    picks = ordinary[torch.randint(len(ordinary), (rows, config.copy_span), generator=generator)]
-    ids = torch.cat([picks, picks], dim=1).tolist()
-    mask = [[0] * config.copy_span + [1] * config.copy_span] * rows
-    copies = Dataset.from_dict({"input_ids": ids, "assistant_masks": mask}, features=dataset.features)
+    ids, mask = copy_rows(ordinary, rows, config.copy_span, generator, fixed_offset=True)
+    copies = Dataset.from_dict(
+        {"input_ids": ids.tolist(), "assistant_masks": mask.tolist()}, features=dataset.features
+    )
     return concatenate_datasets([dataset, copies])
 
 

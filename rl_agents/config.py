@@ -306,7 +306,11 @@ class ModelConfig:
     copy_pretrain_steps: int = 1000
     """tiny only: steps of synthetic copy pretraining (random tokens, repeated) before BC; 0 = off"""
     copy_pretrain_span: int = 32
-    """length of each random span the copy pretraining repeats"""
+    """length of each random span the copy pretraining repeats (the longest, without fixed_offset)"""
+    copy_pretrain_fixed_offset: bool = True
+    """each span repeated at once, at a fixed distance: a positional head solves it without copying by content
+    (``rl_agents.model.copy_rows``). false: the repeat comes at a varying distance, which only an induction
+    head solves, but it needs several times the default steps to form one (docs/log.md, 2026-12-04)"""
 
 
 @dataclass

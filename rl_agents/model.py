@@ -187,6 +187,35 @@ def lora_config(r: int, alpha: int, dropout: float, target_modules: str | list[s
     )
 
 
+def copy_rows(
+    ordinary: torch.Tensor, rows: int, span: int, generator: torch.Generator, fixed_offset: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` rows of the copy task, ``2 * span`` tokens each drawn uniformly from ``ordinary``, and a mask of
+    the tokens to learn. Each row holds a random span and, later, its repeat: the span is ``span // 4`` to
+    ``span`` tokens long and the repeat starts anywhere after it, so the distance back to the copied token varies
+    and only a content-addressed copy (an induction head: find the current token earlier, copy its successor)
+    solves the task. The mask marks the repeat but its first token, which nothing before it predicts.
+
+    ``fixed_offset`` is the earlier task, every row one ``span`` repeated at once: a head that attends exactly
+    ``span`` positions back solves it without reading any content, and a model trained on it copies nothing at
+    any other distance (docs/log.md, 2026-12-04)."""
+    length = 2 * span
+    ids = ordinary[torch.randint(len(ordinary), (rows, length), generator=generator)]
+    mask = torch.zeros(rows, length, dtype=torch.long)
+    if fixed_offset:
+        ids[:, span:] = ids[:, :span]
+        mask[:, span:] = 1
+        return ids, mask
+    shortest = max(2, span // 4)
+    for row, (u_len, u_start, u_repeat) in enumerate(torch.rand(rows, 3, generator=generator).tolist()):
+        n = shortest + int(u_len * (span - shortest + 1))
+        start = int(u_start * (length - 2 * n + 1))
+        repeat = start + n + int(u_repeat * (length - start - 2 * n + 1))
+        ids[row, repeat : repeat + n] = ids[row, start : start + n]
+        mask[row, repeat + 1 : repeat + n] = 1
+    return ids, mask
+
+
 def copy_pretrain(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -195,6 +224,7 @@ def copy_pretrain(
     span: int = 32,
     batch_size: int = 32,
     learning_rate: float = 3e-3,
+    fixed_offset: bool = True,
 ) -> PreTrainedModel:
     """Teach a freshly built model to copy before it sees any trajectory.
 
@@ -203,8 +233,9 @@ def copy_pretrain(
     a loss plateau until the copy circuit forms, and mis-copies rare tokens (3-digit number chunks, item
     ids) after it. This trains on spans of uniformly random ordinary tokens repeated once, loss on the
     repeat only (the standard induction-head curriculum): every token's embedding gets trained and the
-    circuit exists when BC starts. A plain loop in the calling process, on purpose: under torchrun only
-    the main process builds the initial model, and a Trainer there would wait for the other ranks.
+    circuit exists when BC starts. ``fixed_offset`` (the default) repeats each span at once, which a positional
+    head solves; False varies the distance (``copy_rows``), which only content copying solves. A plain loop in
+    the calling process, on purpose: under torchrun only the main process builds the initial model, and a Trainer there would wait for the other ranks.
     """
     from transformers import get_cosine_schedule_with_warmup
 
@@ -216,10 +247,9 @@ def copy_pretrain(
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     model.train()
     for step in range(1, steps + 1):
-        picks = ordinary[torch.randint(len(ordinary), (batch_size, span), generator=generator)]
-        input_ids = torch.cat([picks, picks], dim=1).to(device)
-        labels = input_ids.clone()
-        labels[:, :span] = -100  # nothing to predict before the repeat starts
+        input_ids, mask = copy_rows(ordinary, batch_size, span, generator, fixed_offset)
+        input_ids = input_ids.to(device)
+        labels = input_ids.masked_fill(mask.to(device) == 0, -100)  # the loss is on the repeat only
         loss = model(input_ids=input_ids, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -252,7 +282,10 @@ def tiny_policy(cfg, run_dir: Path, trajectories: list[Trajectory]) -> tuple[Pre
             m.max_position_embeddings,
         )
         if m.copy_pretrain_steps:
-            model = copy_pretrain(model, tokenizer, m.copy_pretrain_steps, cfg.seed, m.copy_pretrain_span)
+            model = copy_pretrain(
+                model, tokenizer, m.copy_pretrain_steps, cfg.seed, m.copy_pretrain_span,
+                fixed_offset=m.copy_pretrain_fixed_offset,
+            )  # fmt: skip
         with rundir.atomic_dir(init_dir) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

@@ -8,6 +8,7 @@ from rl_agents.model import (
     build_tiny_model,
     build_tokenizer,
     copy_pretrain,
+    copy_rows,
     load_policy,
     trajectory_texts,
 )
@@ -124,24 +125,48 @@ def test_auto_classes_load_the_tiny_model_directly(tiny_policy):
     assert model.config.model_type == "llama" and tokenizer.convert_tokens_to_ids("<tool_call>") > 0
 
 
-def _repeat_loss(model, tokenizer, span: int, seed: int) -> float:
-    """Mean loss on the second half of random ordinary-token spans repeated once (fresh samples)."""
+def _repeat_loss(model, tokenizer, span: int, seed: int, gap: int = 0) -> float:
+    """Mean loss on the repeat (its first token aside) of random ordinary-token spans repeated after ``gap``
+    random tokens (fresh samples): the copy is ``span + gap`` tokens back."""
     generator = torch.Generator().manual_seed(seed)
     ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in set(tokenizer.all_special_ids)])
     picks = ordinary[torch.randint(len(ordinary), (16, span), generator=generator)]
-    ids = torch.cat([picks, picks], dim=1)
+    filler = ordinary[torch.randint(len(ordinary), (16, gap), generator=generator)]
+    ids = torch.cat([picks, filler, picks], dim=1)
     labels = ids.clone()
-    labels[:, :span] = -100
+    labels[:, : span + gap + 1] = -100
     with torch.no_grad():
         return model(input_ids=ids, labels=labels).loss.item()
 
 
-def test_copy_pretraining_teaches_a_fresh_model_to_copy_unseen_random_spans(calculator_data):
+def test_copy_pretraining_teaches_a_fresh_model_to_copy_at_the_distance_it_trained_at_only(calculator_data):
+    """Chance is log(vocab) ~ 5.7 nats. The default task repeats each span at once, and the model learns to copy
+    there; it is solved by attending a fixed distance back, so the model copies nothing at another distance
+    (a 10-token span 30 tokens back). The copy a task needs (an id read from an earlier observation) is at
+    any distance: this is why ``copy_rows`` has a varying-distance task."""
     tokenizer = build_tokenizer(trajectory_texts(calculator_data), 300)
     model = build_tiny_model(tokenizer, 0, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
     before = _repeat_loss(model, tokenizer, span=16, seed=123)
     copy_pretrain(model, tokenizer, steps=400, seed=0, span=16, batch_size=16)
     after = _repeat_loss(model, tokenizer, span=16, seed=123)
-    # chance level is log(vocab) ~ 5.7 nats; a model that copies predicts the repeat almost surely
+    elsewhere = _repeat_loss(model, tokenizer, span=10, seed=7, gap=20)
     assert before > 4.0
     assert after < 0.5, (before, after)
+    assert elsewhere > 4.0, elsewhere
+
+
+def test_copy_rows_repeat_a_span_at_a_varying_distance_with_the_loss_on_what_a_copy_predicts():
+    ordinary = torch.arange(1000, 3000)
+    ids, mask = copy_rows(ordinary, 200, 16, torch.Generator().manual_seed(0))
+    assert ids.shape == mask.shape == (200, 32) and bool(((ids >= 1000) & (ids < 3000)).all())
+    distances = set()
+    for row, marks in zip(ids.tolist(), mask.tolist()):
+        learned = [t for t, m in enumerate(marks) if m]
+        assert 3 <= len(learned) <= 15 and learned == list(range(learned[0], learned[-1] + 1))
+        first = learned[0] - 1  # the repeat's first token: no loss, nothing predicts it
+        distance = next(d for d in range(len(learned) + 1, first + 1) if row[first - d : first - d + len(learned) + 1]
+                        == row[first : learned[-1] + 1])
+        distances.add(distance)
+    assert len(distances) > 10  # no single offset solves it
+    fixed_ids, fixed_mask = copy_rows(ordinary, 4, 16, torch.Generator().manual_seed(0), fixed_offset=True)
+    assert torch.equal(fixed_ids[:, :16], fixed_ids[:, 16:]) and fixed_mask[:, 16:].all() and not fixed_mask[:, :16].any()
