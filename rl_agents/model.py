@@ -200,12 +200,11 @@ def copy_rows(
     ``span`` positions back solves it without reading any content, and a model trained on it copies nothing at
     any other distance (docs/log.md, 2026-12-04)."""
     length = 2 * span
+    if fixed_offset:  # drawn as before copy_rows existed, so that its runs reproduce
+        picks = ordinary[torch.randint(len(ordinary), (rows, span), generator=generator)]
+        return torch.cat([picks, picks], dim=1), torch.cat([torch.zeros_like(picks), torch.ones_like(picks)], dim=1)
     ids = ordinary[torch.randint(len(ordinary), (rows, length), generator=generator)]
     mask = torch.zeros(rows, length, dtype=torch.long)
-    if fixed_offset:
-        ids[:, span:] = ids[:, :span]
-        mask[:, span:] = 1
-        return ids, mask
     shortest = max(2, span // 4)
     for row, (u_len, u_start, u_repeat) in enumerate(torch.rand(rows, 3, generator=generator).tolist()):
         n = shortest + int(u_len * (span - shortest + 1))
