@@ -12,6 +12,8 @@ from rl_agents.model import (
     load_policy,
     trajectory_texts,
 )
+from rl_agents import copyprobe
+from rl_agents.copyprobe import copy_accuracy
 from rl_agents.trajectory import SPECIAL_TOKENS, encode_trajectory
 
 
@@ -153,6 +155,15 @@ def test_copy_pretraining_teaches_a_fresh_model_to_copy_at_the_distance_it_train
     assert before > 4.0
     assert after < 0.5, (before, after)
     assert elsewhere > 4.0, elsewhere
+    # the probe a user runs (python -m rl_agents.copyprobe) says the same in greedy accuracy
+    assert copy_accuracy(model, tokenizer, span=16, gap=0) > 0.9 > 0.1 > copy_accuracy(model, tokenizer, 10, 20)
+
+
+def test_copyprobe_cli_prints_one_accuracy_per_distance(tiny_policy, capsys):
+    policy_dir, _, _ = tiny_policy
+    copyprobe.main([str(policy_dir)])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(copyprobe.PROBES) and all(0.0 <= float(line.split()[-1]) <= 1.0 for line in lines)
 
 
 def test_copy_rows_repeat_a_span_at_a_varying_distance_with_the_loss_on_what_a_copy_predicts():
