@@ -229,12 +229,14 @@ def copy_pretrain(
 
     A pretrained LM arrives with induction heads (find the earlier occurrence of the current token, copy
     the token after it); a model built from a config has none, so BC spends its first hundreds of steps on
-    a loss plateau until the copy circuit forms, and mis-copies rare tokens (3-digit number chunks, item
-    ids) after it. This trains on spans of uniformly random ordinary tokens repeated once, loss on the
-    repeat only (the standard induction-head curriculum): every token's embedding gets trained and the
-    circuit exists when BC starts. ``fixed_offset`` (the default) repeats each span at once, which a positional
-    head solves; False varies the distance (``copy_rows``), which only content copying solves. A plain loop in
-    the calling process, on purpose: under torchrun only the main process builds the initial model, and a Trainer there would wait for the other ranks.
+    a loss plateau until a copy circuit forms, and mis-copies rare tokens (3-digit number chunks, item
+    ids) after it. This trains on rows of uniformly random ordinary tokens with a span repeated, loss on the
+    repeat only (``copy_rows``), so that every token's embedding gets trained before BC. ``fixed_offset`` (the
+    default) repeats each span at once: the model learns to copy exactly ``span`` tokens back, a positional
+    head, and BC then learns its own copies from its examples. False repeats spans at varying distances, which
+    only an induction head solves; it needs several times the default steps (``rl_agents.copyprobe`` measures
+    which a model learned). A plain loop in the calling process, on purpose: under torchrun only the main
+    process builds the initial model, and a Trainer there would wait for the other ranks.
     """
     from transformers import get_cosine_schedule_with_warmup
 
