@@ -1,12 +1,14 @@
 """End to end through the CLI on budget=smoke: collect -> bc -> eval, resume, evaluate, W&B offline."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from rl_agents.trajectory import read_jsonl
 from tests.helpers.cli import ROOT  # noqa: F401
@@ -265,9 +267,11 @@ def test_two_cpu_processes_train_bc_and_grpo_data_parallel(tmp_path):
     assert log_text.count("collect Calculator-v0: {") == 1  # only the main process collects
     (checkpoint,) = sorted((run_dir / "bc" / "checkpoints").glob("checkpoint-*"))[-1:]
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    n = len(read_jsonl(run_dir / "trajectories" / "train.jsonl"))
-    # each optimizer step saw a batch from each of the 2 processes
-    assert state["epoch"] == pytest.approx(state["global_step"] * state["train_batch_size"] * 2 / n, rel=1e-3)
+    episodes = len(read_jsonl(run_dir / "trajectories" / "train.jsonl"))
+    rows = episodes + round(OmegaConf.load(run_dir / "config.yaml").bc.copy_mix * episodes)  # with the copy rows
+    # each optimizer step saw a batch from each of the 2 processes: an epoch is each process's half of the rows
+    steps_per_epoch = math.ceil(math.ceil(rows / 2) / state["train_batch_size"])
+    assert state["epoch"] == pytest.approx(state["global_step"] / steps_per_epoch, rel=1e-3)
     data = json.loads((run_dir / "eval.json").read_text())
     assert set(data["policies"]) == {"teacher", "bc", "rl"}
     # each rank sampled its share of every step's groups, and no two episodes of a group are the same
