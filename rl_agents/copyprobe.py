@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_policy(args.model, "float32", local_files_only=True)
     model.eval()
     for span, gap in PROBES:
-        print(f"span {span:3d} gap {gap:3d} (distance {span + gap:3d}): {copy_accuracy(model, tokenizer, span, gap):.3f}")
+        accuracy = copy_accuracy(model, tokenizer, span, gap)
+        print(f"span {span:3d} gap {gap:3d} (distance {span + gap:3d}): {accuracy:.3f}")
 
 
 if __name__ == "__main__":

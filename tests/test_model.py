@@ -3,6 +3,8 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rl_agents import copyprobe
+from rl_agents.copyprobe import copy_accuracy
 from rl_agents.model import (
     add_special_tokens,
     build_tiny_model,
@@ -12,8 +14,6 @@ from rl_agents.model import (
     load_policy,
     trajectory_texts,
 )
-from rl_agents import copyprobe
-from rl_agents.copyprobe import copy_accuracy
 from rl_agents.trajectory import SPECIAL_TOKENS, encode_trajectory
 
 
@@ -175,9 +175,13 @@ def test_copy_rows_repeat_a_span_at_a_varying_distance_with_the_loss_on_what_a_c
         learned = [t for t, m in enumerate(marks) if m]
         assert 3 <= len(learned) <= 15 and learned == list(range(learned[0], learned[-1] + 1))
         first = learned[0] - 1  # the repeat's first token: no loss, nothing predicts it
-        distance = next(d for d in range(len(learned) + 1, first + 1) if row[first - d : first - d + len(learned) + 1]
-                        == row[first : learned[-1] + 1])
+        distance = next(
+            d
+            for d in range(len(learned) + 1, first + 1)
+            if row[first - d : first - d + len(learned) + 1] == row[first : learned[-1] + 1]
+        )
         distances.add(distance)
     assert len(distances) > 10  # no single offset solves it
     fixed_ids, fixed_mask = copy_rows(ordinary, 4, 16, torch.Generator().manual_seed(0), fixed_offset=True)
-    assert torch.equal(fixed_ids[:, :16], fixed_ids[:, 16:]) and fixed_mask[:, 16:].all() and not fixed_mask[:, :16].any()
+    assert torch.equal(fixed_ids[:, :16], fixed_ids[:, 16:])
+    assert fixed_mask[:, 16:].all() and not fixed_mask[:, :16].any()
