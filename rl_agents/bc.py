@@ -23,9 +23,9 @@ from trl import SFTConfig, SFTTrainer
 
 from rl_agents import rundir
 from rl_agents.config import BCConfig
-from rl_agents.model import copy_rows
+from rl_agents.model import copy_rows, ordinary_tokens
 from rl_agents.tracking import LogToPython
-from rl_agents.trajectory import SPECIAL_TOKENS, Trajectory, sft_dataset
+from rl_agents.trajectory import Trajectory, sft_dataset
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +106,8 @@ def with_copy_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, config:
     rows = round(config.copy_mix * len(dataset))
     if rows <= 0:
         return dataset
-    special = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
     generator = torch.Generator().manual_seed(seed + 1)
-    ids, mask = copy_rows(ordinary, rows, config.copy_span, generator, fixed_offset=True)
+    ids, mask = copy_rows(ordinary_tokens(tokenizer), rows, config.copy_span, generator, fixed_offset=True)
     copies = Dataset.from_dict({"input_ids": ids.tolist(), "assistant_masks": mask.tolist()}, features=dataset.features)
     return concatenate_datasets([dataset, copies])
 

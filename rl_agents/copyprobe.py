@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from rl_agents.trajectory import SPECIAL_TOKENS
+from rl_agents.model import load_policy, ordinary_tokens
 
 PROBES = ((32, 0), (16, 0), (24, 0), (8, 0), (32, 16), (16, 40), (8, 80))  # (span, gap)
 
@@ -20,8 +20,7 @@ PROBES = ((32, 0), (16, 0), (24, 0), (8, 0), (32, 16), (16, 40), (8, 80))  # (sp
 @torch.no_grad()
 def copy_accuracy(model, tokenizer, span: int, gap: int, rows: int = 64, seed: int = 0, cue: int = 2) -> float:
     """Greedy accuracy on a repeated span's tokens after its first ``cue``, ``span + gap`` tokens back."""
-    special = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    ordinary = ordinary_tokens(tokenizer)
     generator = torch.Generator().manual_seed(seed)
     picks = ordinary[torch.randint(len(ordinary), (rows, span), generator=generator)]
     filler = ordinary[torch.randint(len(ordinary), (rows, gap), generator=generator)]
@@ -33,7 +32,6 @@ def copy_accuracy(model, tokenizer, span: int, gap: int, rows: int = 64, seed: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    from rl_agents.model import load_policy
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a saved model directory (e.g. <run>/model/init or <run>/bc/policy)")

@@ -187,22 +187,29 @@ def lora_config(r: int, alpha: int, dropout: float, target_modules: str | list[s
     )
 
 
+def ordinary_tokens(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The ids of every token but the special ones and the format's (what the copy tasks draw from)."""
+    special = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+
+
 def copy_rows(
-    ordinary: torch.Tensor, rows: int, span: int, generator: torch.Generator, fixed_offset: bool = False
+    ordinary: torch.Tensor, rows: int, span: int, generator: torch.Generator, fixed_offset: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``rows`` rows of the copy task, ``2 * span`` tokens each drawn uniformly from ``ordinary``, and a mask of
-    the tokens to learn. Each row holds a random span and, later, its repeat: the span is ``span // 4`` to
-    ``span`` tokens long and the repeat starts anywhere after it, so the distance back to the copied token varies
-    and only a content-addressed copy (an induction head: find the current token earlier, copy its successor)
-    solves the task. The mask marks the repeat but its first token, which nothing before it predicts.
+    the tokens to learn. Without ``fixed_offset``, each row holds a random span and, later, its repeat: the span
+    is ``span // 4`` to ``span`` tokens long and the repeat starts anywhere after it, so the distance back to the
+    copied token varies and only a content-addressed copy (an induction head: find the current token earlier,
+    copy its successor) solves the task. The mask marks the repeat but its first token, which nothing before it
+    predicts.
 
-    ``fixed_offset`` is the earlier task, every row one ``span`` repeated at once: a head that attends exactly
-    ``span`` positions back solves it without reading any content, and a model trained on it copies nothing at
-    any other distance (docs/log.md, 2026-12-04)."""
-    length = 2 * span
+    ``fixed_offset`` (the default, as copy pretraining's) is the earlier task, every row one ``span`` repeated
+    at once: a head that attends exactly ``span`` positions back solves it without reading any content, and a
+    model trained on it copies nothing at any other distance (docs/log.md, 2026-12-04)."""
     if fixed_offset:  # drawn as before copy_rows existed, so that its runs reproduce
         picks = ordinary[torch.randint(len(ordinary), (rows, span), generator=generator)]
         return torch.cat([picks, picks], dim=1), torch.cat([torch.zeros_like(picks), torch.ones_like(picks)], dim=1)
+    length = 2 * span
     ids = ordinary[torch.randint(len(ordinary), (rows, length), generator=generator)]
     mask = torch.zeros(rows, length, dtype=torch.long)
     shortest = max(2, span // 4)
@@ -240,8 +247,7 @@ def copy_pretrain(
     """
     from transformers import get_cosine_schedule_with_warmup
 
-    special = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    ordinary = ordinary_tokens(tokenizer)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)

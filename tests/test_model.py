@@ -168,7 +168,7 @@ def test_copyprobe_cli_prints_one_accuracy_per_distance(tiny_policy, capsys):
 
 def test_copy_rows_repeat_a_span_at_a_varying_distance_with_the_loss_on_what_a_copy_predicts():
     ordinary = torch.arange(1000, 3000)
-    ids, mask = copy_rows(ordinary, 200, 16, torch.Generator().manual_seed(0))
+    ids, mask = copy_rows(ordinary, 200, 16, torch.Generator().manual_seed(0), fixed_offset=False)
     assert ids.shape == mask.shape == (200, 32) and bool(((ids >= 1000) & (ids < 3000)).all())
     distances = set()
     for row, marks in zip(ids.tolist(), mask.tolist()):
