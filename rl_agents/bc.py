@@ -107,7 +107,7 @@ def with_copy_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, config:
     if rows <= 0:
         return dataset
     generator = torch.Generator().manual_seed(seed + 1)
-    ids, mask = copy_rows(ordinary_tokens(tokenizer), rows, config.copy_span, generator, fixed_offset=True)
+    ids, mask = copy_rows(ordinary_tokens(tokenizer), rows, config.copy_span, generator, config.copy_fixed_offset)
     copies = Dataset.from_dict({"input_ids": ids.tolist(), "assistant_masks": mask.tolist()}, features=dataset.features)
     return concatenate_datasets([dataset, copies])
 

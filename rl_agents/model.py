@@ -222,6 +222,70 @@ def copy_rows(
     return ids, mask
 
 
+def wire_previous_token_head(
+    model: PreTrainedModel, pairs: int = 5, sharpness: float = 12.0, channel: int | None = None, gain: float = 1.0
+) -> list[tuple]:
+    """Set the first attention head of the first layer of a freshly built Llama to attend to the previous token,
+    and write what it reads into a reserved slice of the residual stream: half of an induction head, built by hand.
+
+    An induction head (find the earlier occurrence of the current token, copy the token after it) needs a head
+    that looks one token back, so that a later head can match "my token" against "the token before you". Gradient
+    descent finds the pair together only after a long plateau (docs/log.md, 2026-12-05); given the first half,
+    the second forms within copy pretraining's steps. The construction:
+
+    - every token's embedding gets the same value in dimension 0, a constant direction the head's query and key
+      read (the same logit shift for every token in the tied output layer, so the model's predictions do not
+      change), and none in the last ``channel`` dimensions, the reserved slice;
+    - query and key are that constant, set on the ``pairs`` fastest rotary frequencies so that after RoPE their
+      score is sum_i cos((distance - 1) * theta_i): highest one token back, ``sharpness`` nats above any other
+      distance up to the context length;
+    - the value is a random orthonormal projection of the token's other dimensions, and the output writes it into
+      the reserved slice.
+
+    Returns (parameter, mask) pairs of the entries set, for ``copy_pretrain`` to hold while it trains."""
+    cfg = model.config
+    d, heads = cfg.hidden_size, cfg.num_attention_heads
+    head_dim = d // heads
+    half, channel = head_dim // 2, channel or min(head_dim, d // 4)
+    embed = model.get_input_embeddings().weight
+    attn = model.model.layers[0].self_attn
+    theta = float((getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    inv_freq = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / head_dim)
+    weight = torch.zeros(half, dtype=torch.float64)
+    weight[:pairs] = 1.0
+    distances = torch.tensor([0, *range(2, cfg.max_position_embeddings)], dtype=torch.float64)
+    margin = (weight * (1 - torch.cos(torch.outer(distances - 1, inv_freq)))).sum(1).min().item()
+    query = torch.zeros(head_dim, dtype=torch.float64)
+    key = torch.zeros(head_dim, dtype=torch.float64)
+    query[:half] = weight.sqrt()  # HF rotates dims (i, i + half) together: key = query turned by one position
+    key[:half], key[half:] = weight.sqrt() * torch.cos(inv_freq), weight.sqrt() * torch.sin(inv_freq)
+    with torch.no_grad():
+        scale = embed[:, 1:].std().item()
+        embed[:, 0] = 3 * scale
+        embed[:, d - channel :] = 0
+        normed = embed[0, 0].item() / embed.pow(2).mean(1).sqrt().mean().item()  # dimension 0 after RMSNorm
+        amplitude = (sharpness * head_dim**0.5 / margin) ** 0.5 / normed
+        for proj, vector in ((attn.q_proj, query), (attn.k_proj, key)):
+            proj.weight[:head_dim] = 0
+            proj.weight[:head_dim, 0] = (amplitude * vector).to(proj.weight.dtype)
+        content = d - channel - 1
+        generator = torch.Generator().manual_seed(cfg.hidden_size)
+        projection = torch.linalg.qr(torch.randn(content, channel, generator=generator))[0].T
+        attn.v_proj.weight[:head_dim] = 0
+        attn.v_proj.weight[:channel, 1 : 1 + content] = projection.to(attn.v_proj.weight.dtype)
+        attn.o_proj.weight[:, :head_dim] = 0
+        attn.o_proj.weight[d - channel :, :channel] = gain * scale * torch.eye(channel, dtype=attn.o_proj.weight.dtype)
+
+    masks = [torch.zeros_like(p.weight) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)]
+    for mask in masks[:3]:
+        mask[:head_dim] = 1  # the head's rows of query, key and value
+    masks[3][:, :head_dim] = 1  # its columns of the output
+    held = torch.zeros_like(embed)
+    held[:, 0] = 1
+    params = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight, embed]
+    return list(zip(params, [*masks, held]))
+
+
 def copy_pretrain(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -231,6 +295,7 @@ def copy_pretrain(
     batch_size: int = 32,
     learning_rate: float = 3e-3,
     fixed_offset: bool = True,
+    previous_token_head: bool = False,
 ) -> PreTrainedModel:
     """Teach a freshly built model to copy before it sees any trajectory.
 
@@ -242,7 +307,9 @@ def copy_pretrain(
     default) repeats each span at once: the model learns to copy exactly ``span`` tokens back, a positional
     head, and BC then learns its own copies from its examples. False repeats spans at varying distances, which
     only an induction head solves; it needs several times the default steps (``rl_agents.copyprobe`` measures
-    which a model learned). A plain loop in the calling process, on purpose: under torchrun only the main
+    which a model learned). ``previous_token_head`` first builds the first half of an induction head by hand
+    (``wire_previous_token_head``) and holds it while training, so that the varying-distance task forms the
+    second half within the default steps. A plain loop in the calling process, on purpose: under torchrun only the main
     process builds the initial model, and a Trainer there would wait for the other ranks.
     """
     from transformers import get_cosine_schedule_with_warmup
@@ -250,6 +317,11 @@ def copy_pretrain(
     ordinary = ordinary_tokens(tokenizer)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
+    hooks = []
+    if previous_token_head:  # a zero gradient leaves AdamW (no weight decay) at the wired values
+        for param, mask in wire_previous_token_head(model):
+            keep = (1 - mask).to(device=param.device, dtype=param.dtype)
+            hooks.append(param.register_hook(lambda grad, keep=keep: grad * keep))
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     model.train()
@@ -265,6 +337,8 @@ def copy_pretrain(
         optimizer.zero_grad(set_to_none=True)
         if step % max(1, steps // 10) == 0 or step == steps:
             log.info("copy pretraining step %d/%d: loss on the repeat %.4f", step, steps, loss.item())
+    for hook in hooks:
+        hook.remove()
     model.eval()
     return model
 
@@ -291,7 +365,8 @@ def tiny_policy(cfg, run_dir: Path, trajectories: list[Trajectory]) -> tuple[Pre
         if m.copy_pretrain_steps:
             model = copy_pretrain(
                 model, tokenizer, m.copy_pretrain_steps, cfg.seed, m.copy_pretrain_span,
-                fixed_offset=m.copy_pretrain_fixed_offset,
+                learning_rate=m.copy_pretrain_learning_rate,
+                fixed_offset=m.copy_pretrain_fixed_offset, previous_token_head=m.previous_token_head,
             )  # fmt: skip
         with rundir.atomic_dir(init_dir) as tmp:
             model.save_pretrained(tmp)

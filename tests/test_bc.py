@@ -97,3 +97,10 @@ def test_copy_rows_rehearse_copying_beside_the_episodes_with_the_loss_on_the_rep
         assert row["labels"] == [-100] * 8 + ids[8:]
     again = make_trainer(calculator_data[:8], model, tokenizer, tmp_path / "again", config, seed=0)
     assert [r["input_ids"] for r in again.train_dataset][8:] == [r["input_ids"] for r in rows[8:]]
+    # bc.copy_fixed_offset=false: the varying-distance task that keeps an induction head (model.copy_rows)
+    varied = BCConfig(max_steps=1, batch_size=2, copy_mix=0.5, copy_span=8, copy_fixed_offset=False)
+    trainer = make_trainer(calculator_data[:8], model, tokenizer, tmp_path / "varied", varied, seed=0)
+    for row in list(trainer.train_dataset)[8:]:
+        ids, learned = row["input_ids"], [t for t, label in enumerate(row["labels"]) if label != -100]
+        assert len(ids) == 16 and 1 <= len(learned) < 8 and ids[:8] != ids[8:]
+        assert all(row["labels"][t] == ids[t] for t in learned)

@@ -11,6 +11,7 @@ from rl_agents.model import (
     build_tokenizer,
     copy_pretrain,
     copy_rows,
+    ordinary_tokens,
     load_policy,
     trajectory_texts,
 )
@@ -185,3 +186,29 @@ def test_copy_rows_repeat_a_span_at_a_varying_distance_with_the_loss_on_what_a_c
     fixed_ids, fixed_mask = copy_rows(ordinary, 4, 16, torch.Generator().manual_seed(0), fixed_offset=True)
     assert torch.equal(fixed_ids[:, :16], fixed_ids[:, 16:])
     assert fixed_mask[:, 16:].all() and not fixed_mask[:, :16].any()
+
+
+def _previous_token_attention(model, ids: torch.Tensor) -> float:
+    """Share of positions (the first aside) where layer 0's head 0 attends most to the token just before."""
+    model.config._attn_implementation = "eager"  # the only implementation that returns attention weights
+    with torch.no_grad():
+        weights = model(input_ids=ids, output_attentions=True).attentions[0][:, 0]
+    return (weights.argmax(-1)[:, 1:] == torch.arange(ids.shape[1] - 1)).float().mean().item()
+
+
+def test_a_hand_built_previous_token_head_lets_copy_pretraining_form_an_induction_head(calculator_data):
+    """The varying-distance copy task on its own forms no induction head in copy pretraining's steps; with the
+    head that looks one token back built first (and held while it trains), the model copies by content: a span
+    24 and 40 tokens back, distances the task never fixed."""
+    tokenizer = build_tokenizer(trajectory_texts(calculator_data), 300)
+    ids = copy_rows(ordinary_tokens(tokenizer), 8, 32, torch.Generator().manual_seed(1), fixed_offset=False)[0]
+    models = {}
+    for wired in (False, True):
+        model = build_tiny_model(tokenizer, 0, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
+        before = _previous_token_attention(model, ids)
+        models[wired] = copy_pretrain(model, tokenizer, 600, 0, 32, batch_size=16, previous_token_head=wired,
+                                      fixed_offset=False)  # fmt: skip
+        if wired:
+            assert before < 0.3 and _previous_token_attention(model, ids) > 0.9  # built, and held through training
+    accuracy = {wired: (copy_accuracy(m, tokenizer, 8, 16), copy_accuracy(m, tokenizer, 16, 24)) for wired, m in models.items()}
+    assert min(accuracy[True]) > 0.8 and max(accuracy[False]) < 0.2, accuracy
