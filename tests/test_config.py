@@ -39,7 +39,8 @@ def test_every_experiment_composes_and_validates(name, tmp_path):
     """Each published result's recipe (docs/results.md cites them) still composes and passes validation."""
     cfg = _compose([f"experiment={name}"])
     validate_train(cfg, tmp_path)
-    assert cfg.env.name == name.removeprefix("compile_").split("_")[0]  # <env>_... or compile_<env>
+    env = name.removeprefix("compile_").removeprefix("induction_").split("_")[0]
+    assert cfg.env.name == env  # <env>_..., compile_<env> or induction_<env>...
 
 
 def test_hf_model_and_openai_teacher_compose_with_their_settings(tmp_path):
