@@ -223,7 +223,7 @@ def copy_rows(
 
 
 def wire_previous_token_head(
-    model: PreTrainedModel, pairs: int = 5, sharpness: float = 12.0, channel: int | None = None, gain: float = 1.0
+    model: PreTrainedModel, pairs: int = 5, sharpness: float = 12.0, channel: int | None = None
 ) -> list[tuple]:
     """Set the first attention head of the first layer of a freshly built Llama to attend to the previous token,
     and write what it reads into a reserved slice of the residual stream: half of an induction head, built by hand.
@@ -274,7 +274,7 @@ def wire_previous_token_head(
         attn.v_proj.weight[:head_dim] = 0
         attn.v_proj.weight[:channel, 1 : 1 + content] = projection.to(attn.v_proj.weight.dtype)
         attn.o_proj.weight[:, :head_dim] = 0
-        attn.o_proj.weight[d - channel :, :channel] = gain * scale * torch.eye(channel, dtype=attn.o_proj.weight.dtype)
+        attn.o_proj.weight[d - channel :, :channel] = scale * torch.eye(channel, dtype=attn.o_proj.weight.dtype)
 
     masks = [torch.zeros_like(p.weight) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)]
     for mask in masks[:3]:
