@@ -99,8 +99,8 @@ def make_trainer(
 
 def with_copy_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, config: BCConfig, seed: int) -> Dataset:
     """``config.copy_mix``: rehearsal of copy pretraining during BC. Adds ``copy_mix`` x len(dataset) rows of
-    ``copy_pretrain``'s default task (``model.copy_rows`` with ``fixed_offset``: ``copy_span`` random ordinary
-    tokens repeated at once, loss on the repeat).
+    copy pretraining's task (``model.copy_rows``: ``copy_span`` random ordinary tokens repeated at a varying
+    distance, or at once with ``copy_fixed_offset``; loss on the repeat).
     Without them BC moves only the tokens its episodes hold, and a token it never sees (the id of a task it
     never trained on) drifts out of what the model can copy."""
     rows = round(config.copy_mix * len(dataset))

@@ -137,9 +137,9 @@ class BCConfig:
     fraction of its episodes, so that tokens BC never sees (unseen ids) stay copyable; 0 = off (docs/results.md)"""
     copy_span: int = 32
     """tokens per copy row's span (each row holds it twice)"""
-    copy_fixed_offset: bool = True
-    """copy rows repeat each span at once (copy pretraining's default task); false: at a varying distance, the
-    task that keeps an induction head (``model.copy_pretrain_fixed_offset=false``)"""
+    copy_fixed_offset: bool = False
+    """copy rows repeat each span at a varying distance, the task that keeps an induction head (copy
+    pretraining's default); true: at once, the fixed-offset task (``model.copy_pretrain_fixed_offset=true``)"""
 
 
 @dataclass
@@ -310,15 +310,16 @@ class ModelConfig:
     """tiny only: steps of synthetic copy pretraining (random tokens, repeated) before BC; 0 = off"""
     copy_pretrain_span: int = 32
     """length of each random span the copy pretraining repeats (the longest, without fixed_offset)"""
-    copy_pretrain_learning_rate: float = 3e-3
+    copy_pretrain_learning_rate: float = 1e-3
     """copy pretraining's peak learning rate (cosine schedule); an induction head forms at 1e-3, not at 3e-3"""
-    copy_pretrain_fixed_offset: bool = True
-    """each span repeated at once, at a fixed distance: a positional head solves it without copying by content
-    (``rl_agents.model.copy_rows``). false: the repeat comes at a varying distance, which only an induction
-    head solves, but it needs several times the default steps to form one (docs/log.md, 2026-12-04)"""
-    previous_token_head: bool = False
+    copy_pretrain_fixed_offset: bool = False
+    """false: each span's repeat comes at a varying distance, which only an induction head solves
+    (``rl_agents.model.copy_rows``). true: each span repeated at once, at a fixed distance, which a positional
+    head solves without copying by content (the earlier recipe, ``recipe=fixed_offset``)"""
+    previous_token_head: bool = True
     """copy pretraining starts from a previous-token head built by hand (``rl_agents.model.wire_previous_token_head``),
-    the first half of an induction head: with ``copy_pretrain_fixed_offset=false`` the second half forms"""
+    the first half of an induction head; on the varying-distance task the second half forms in the default steps
+    (without it, not in 1,500: docs/results.md#an-induction-head-from-copy-pretraining)"""
 
 
 @dataclass

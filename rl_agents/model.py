@@ -203,9 +203,10 @@ def copy_rows(
     copy its successor) solves the task. The mask marks the repeat but its first token, which nothing before it
     predicts.
 
-    ``fixed_offset`` (the default, as copy pretraining's) is the earlier task, every row one ``span`` repeated
-    at once: a head that attends exactly ``span`` positions back solves it without reading any content, and a
-    model trained on it copies nothing at any other distance (docs/log.md, 2026-12-04)."""
+    ``fixed_offset`` (this function's default; ``model.copy_pretrain_fixed_offset=true``, ``recipe=fixed_offset``)
+    is the earlier task, every row one ``span`` repeated at once: a head that attends exactly ``span`` positions
+    back solves it without reading any content, and a model trained on it copies nothing at any other distance
+    (docs/log.md, 2026-12-04)."""
     if fixed_offset:  # drawn as before copy_rows existed, so that its runs reproduce
         picks = ordinary[torch.randint(len(ordinary), (rows, span), generator=generator)]
         return torch.cat([picks, picks], dim=1), torch.cat([torch.zeros_like(picks), torch.ones_like(picks)], dim=1)

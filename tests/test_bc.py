@@ -84,7 +84,8 @@ def test_copy_rows_rehearse_copying_beside_the_episodes_with_the_loss_on_the_rep
     """bc.copy_mix: copy_mix x episodes extra rows, each a random span of ordinary tokens and its repeat, labelled
     on the repeat only; the episodes' rows are unchanged, and the rows are the same for the same seed."""
     model, tokenizer = _tiny(calculator_data)
-    config = BCConfig(max_steps=1, batch_size=2, copy_mix=0.5, copy_span=8)
+    # bc.copy_fixed_offset=true: the fixed-offset task, each span repeated at once
+    config = BCConfig(max_steps=1, batch_size=2, copy_mix=0.5, copy_span=8, copy_fixed_offset=True)
     trainer = make_trainer(calculator_data[:8], model, tokenizer, tmp_path, config, seed=0)
     rows = list(trainer.train_dataset)
     assert len(rows) == 12
@@ -97,7 +98,7 @@ def test_copy_rows_rehearse_copying_beside_the_episodes_with_the_loss_on_the_rep
         assert row["labels"] == [-100] * 8 + ids[8:]
     again = make_trainer(calculator_data[:8], model, tokenizer, tmp_path / "again", config, seed=0)
     assert [r["input_ids"] for r in again.train_dataset][8:] == [r["input_ids"] for r in rows[8:]]
-    # bc.copy_fixed_offset=false: the varying-distance task that keeps an induction head (model.copy_rows)
+    # bc.copy_fixed_offset=false (the default): the varying-distance task that keeps an induction head
     varied = BCConfig(max_steps=1, batch_size=2, copy_mix=0.5, copy_span=8, copy_fixed_offset=False)
     trainer = make_trainer(calculator_data[:8], model, tokenizer, tmp_path / "varied", varied, seed=0)
     for row in list(trainer.train_dataset)[8:]:

@@ -11,8 +11,8 @@ from rl_agents.model import (
     build_tokenizer,
     copy_pretrain,
     copy_rows,
-    ordinary_tokens,
     load_policy,
+    ordinary_tokens,
     trajectory_texts,
 )
 from rl_agents.trajectory import SPECIAL_TOKENS, encode_trajectory
@@ -210,5 +210,7 @@ def test_a_hand_built_previous_token_head_lets_copy_pretraining_form_an_inductio
                                       fixed_offset=False)  # fmt: skip
         if wired:
             assert before < 0.3 and _previous_token_attention(model, ids) > 0.9  # built, and held through training
-    accuracy = {wired: (copy_accuracy(m, tokenizer, 8, 16), copy_accuracy(m, tokenizer, 16, 24)) for wired, m in models.items()}
+    accuracy = {
+        wired: (copy_accuracy(m, tokenizer, 8, 16), copy_accuracy(m, tokenizer, 16, 24)) for wired, m in models.items()
+    }
     assert min(accuracy[True]) > 0.8 and max(accuracy[False]) < 0.2, accuracy
