@@ -62,6 +62,15 @@ def _run_training_files(run_dir: Path) -> list[Path]:
     return [run_dir / "trajectories" / "train.jsonl", *sorted(run_dir.glob("dagger/round-*/samples.jsonl"))]
 
 
+def checkpoint_run(policy: str | Path) -> Path:
+    """The run dir a policy was saved in: ``<run>/<stage>/policy``, or ``<run>/dagger/round-<i>/policy`` for a
+    DAgger round's policy. Outside a run, the dir two levels up (which then holds no ``config.yaml``)."""
+    path = Path(policy).resolve()
+    if path.parent.parent.name == "dagger" and (path.parent.parent.parent / "config.yaml").is_file():
+        return path.parent.parent.parent
+    return path.parent.parent
+
+
 def training_trajectory_files(cfg: DictConfig, run_dir: Path | None) -> list[Path]:
     """The trajectories the evaluated policies were trained on: this run's (the teacher's and DAgger's),
     ``trajectories=PATH``, and those of the runs that ``rl.init_from``, ``rl.ref_from`` or ``checkpoint`` come
@@ -73,8 +82,8 @@ def training_trajectory_files(cfg: DictConfig, run_dir: Path | None) -> list[Pat
         candidates.append(Path(cfg.trajectories))
     policies = [cfg.rl.get("init_from"), cfg.rl.get("ref_from")] if "rl" in cfg else []
     for policy in [*policies, cfg.get("checkpoint")]:
-        if policy:  # <run>/<stage>/policy
-            candidates += _run_training_files(Path(policy).resolve().parent.parent)
+        if policy:
+            candidates += _run_training_files(checkpoint_run(policy))
     seen, files = set(), []
     for path in candidates:
         if path.is_file() and path.resolve() not in seen:
@@ -261,11 +270,12 @@ def write_eval(path: Path, cfg: DictConfig, policies: dict[str, dict], sources: 
 
 # --- python -m rl_agents.evaluate ------------------------------------------------------------------
 def settings_from_run(cfg: DictConfig, overrides: list[str]) -> Path | None:
-    """Evaluate what was trained: a checkpoint inside a run (``<run>/<stage>/policy``) takes its run's
+    """Evaluate what was trained: a checkpoint inside a run (``<run>/<stage>/policy``, a DAgger round's
+    ``<run>/dagger/round-<i>/policy``) takes its run's
     environments (``env``) and runtime settings (``runtime``) unless the command line sets them (``env=...``,
     ``env.*``; a ``runtime.*`` key overrides that key only). Returns the run's config file, or None for a
     policy dir outside a run (the command line's settings then apply); logs which settings it used."""
-    source = Path(cfg.checkpoint).resolve().parent.parent / "config.yaml"
+    source = checkpoint_run(cfg.checkpoint) / "config.yaml"
     if not source.is_file():
         log.info("evaluate: %s is not inside a run: env and runtime from the command line", cfg.checkpoint)
         return None

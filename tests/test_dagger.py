@@ -183,6 +183,31 @@ def test_dagger_samples_count_as_training_tasks_of_the_run(tmp_path):
     ]
 
 
+def test_a_rounds_policy_is_evaluated_with_its_runs_settings_and_training_tasks(tmp_path):
+    """``<run>/dagger/round-<i>/policy`` belongs to ``<run>``: evaluate takes that run's env (not the default
+    one) and counts that run's teacher and DAgger trajectories as its training tasks."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from rl_agents.evaluate import settings_from_run, training_trajectory_files
+
+    run = tmp_path / "run"
+    policy = run / "dagger" / "round-1" / "policy"
+    policy.mkdir(parents=True)
+    (run / "trajectories").mkdir()
+    (run / "trajectories" / "train.jsonl").write_text("")
+    (run / "dagger" / "round-1" / "samples.jsonl").write_text("")
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        OmegaConf.save(compose(config_name="train", overrides=["env=shop"]), run / "config.yaml")
+        cfg = compose(config_name="evaluate", overrides=[f"checkpoint={policy}"])
+    assert list(cfg.env.envs) == ["Calculator-v0"]  # the default, before the run's settings
+    assert settings_from_run(cfg, [f"checkpoint={policy}"]) == run / "config.yaml"
+    assert list(cfg.env.envs) == ["Shop-v0"]
+    files = [f.relative_to(run).as_posix() for f in training_trajectory_files(cfg, None)]
+    assert files == ["trajectories/train.jsonl", "dagger/round-1/samples.jsonl"]
+
+
 def test_an_llm_teacher_labels_the_policys_states_from_the_policys_history():
     """DAgger with teacher=openai: at each state the endpoint is asked with the policy's own history."""
     from rl_agents.teachers import OpenAITeacher
