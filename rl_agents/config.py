@@ -66,6 +66,13 @@ class Keep(StrEnum):
     all = "all"
 
 
+class DAggerKeep(StrEnum):
+    """dagger.keep: which round's policy the stage returns."""
+
+    best_val = "best_val"
+    last = "last"
+
+
 class OnMalformed(StrEnum):
     feedback = "feedback"
     end = "end"
@@ -198,6 +205,10 @@ class DAggerConfig:
     """null: greedy rollouts (the states the deployed agent visits); a temperature: sampled ones"""
     val_episodes: int = 200
     """validation-task episodes after each round (greedy success in dagger/metrics.jsonl); 0: none"""
+    keep: DAggerKeep = DAggerKeep.best_val
+    """the policy the stage returns (dagger/policy): best_val, the round with the highest validation success (the
+    later one on a tie; the last without val_episodes), as the paper returns the best of its iterates on
+    validation; last: the last round's"""
 
 
 @dataclass

@@ -227,7 +227,20 @@ def train_dagger(
         if tracker is not None:
             tracker.log({k: v for k, v in stats.items() if v is not None}, "dagger")
         log.info("dagger round %d: val success %s", index, stats["val_success"])
+    chosen = kept_round(rounds, d.keep)
+    for r in rounds:
+        r["kept"] = r["round"] == chosen
     rundir.write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rounds))
-    with rundir.atomic_dir(out / "policy") as tmp:  # the last round's policy, as files: no reload and re-save
-        shutil.copytree(policy, tmp, dirs_exist_ok=True)
+    log.info("dagger: keeping round %d's policy (dagger.keep=%s)", chosen, d.keep)
+    with rundir.atomic_dir(out / "policy") as tmp:  # the kept round's policy, as files: no reload and re-save
+        shutil.copytree(out / f"round-{chosen}" / "policy", tmp, dirs_exist_ok=True)
     return out / "policy"
+
+
+def kept_round(rounds: list[dict], keep: str) -> int:
+    """The round whose policy the stage returns: the last, or the one with the highest ``val_success`` (the later
+    on a tie, and the last where no round was validated)."""
+    if keep == "last" or all(r.get("val_success") is None for r in rounds):
+        return rounds[-1]["round"]
+    validated = [r for r in rounds if r.get("val_success") is not None]
+    return max(validated, key=lambda r: (r["val_success"], r["round"]))["round"]

@@ -146,6 +146,10 @@ def test_the_dagger_stage_runs_end_to_end_resumes_and_counts_its_tasks_as_seen(t
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["episodes"] == 6 and r["states"] >= 6 and 0 <= r["disagreement_rate"] <= 1 for r in rounds)
     assert all(r["val_success"] is not None for r in rounds) and rounds[1]["targets"] > rounds[0]["targets"]
+    kept = [r["round"] for r in rounds if r["kept"]]  # dagger.keep=best_val: the policy of the round best on val
+    assert len(kept) == 1 and rounds[kept[0] - 1]["val_success"] == max(r["val_success"] for r in rounds)
+    kept_policy = run_dir / "dagger" / f"round-{kept[0]}" / "policy" / "model.safetensors"
+    assert (run_dir / "dagger" / "policy" / "model.safetensors").read_bytes() == kept_policy.read_bytes()
     samples = [json.loads(line) for line in (run_dir / "dagger" / "round-1" / "samples.jsonl").read_text().splitlines()]
     seeds = {s["metadata"]["seed"] for s in samples}
     assert seeds and min(seeds) >= 24  # after the collect stage's 24 seeds: new train tasks
@@ -181,6 +185,16 @@ def test_dagger_samples_count_as_training_tasks_of_the_run(tmp_path):
         "dagger/round-1/samples.jsonl",
         "dagger/round-2/samples.jsonl",
     ]
+
+
+def test_the_stage_keeps_the_round_best_on_validation_or_the_last():
+    from rl_agents.dagger import kept_round
+
+    rounds = [{"round": 1, "val_success": 0.31}, {"round": 2, "val_success": 0.08}, {"round": 3, "val_success": 0.2}]
+    assert kept_round(rounds, "best_val") == 1 and kept_round(rounds, "last") == 3
+    tied = [{"round": 1, "val_success": 0.0}, {"round": 2, "val_success": 0.0}]
+    assert kept_round(tied, "best_val") == 2  # a tie keeps the later round
+    assert kept_round([{"round": 1, "val_success": None}, {"round": 2, "val_success": None}], "best_val") == 2
 
 
 def test_a_rounds_policy_is_evaluated_with_its_runs_settings_and_training_tasks(tmp_path):
