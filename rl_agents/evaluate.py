@@ -271,10 +271,10 @@ def write_eval(path: Path, cfg: DictConfig, policies: dict[str, dict], sources: 
 # --- python -m rl_agents.evaluate ------------------------------------------------------------------
 def settings_from_run(cfg: DictConfig, overrides: list[str]) -> Path | None:
     """Evaluate what was trained: a checkpoint inside a run (``<run>/<stage>/policy``, a DAgger round's
-    ``<run>/dagger/round-<i>/policy``) takes its run's
-    environments (``env``) and runtime settings (``runtime``) unless the command line sets them (``env=...``,
-    ``env.*``; a ``runtime.*`` key overrides that key only). Returns the run's config file, or None for a
-    policy dir outside a run (the command line's settings then apply); logs which settings it used."""
+    ``<run>/dagger/round-<i>/policy``) takes its run's environments (``env``) and runtime settings
+    (``runtime``) unless the command line names another env group (``env=...``); an ``env.*`` or
+    ``runtime.*`` key overrides that key only, on top of the run's settings. Returns the run's config file,
+    or None for a policy dir outside a run (the command line's settings then apply); logs which it used."""
     source = checkpoint_run(cfg.checkpoint) / "config.yaml"
     if not source.is_file():
         log.info("evaluate: %s is not inside a run: env and runtime from the command line", cfg.checkpoint)
@@ -284,11 +284,18 @@ def settings_from_run(cfg: DictConfig, overrides: list[str]) -> Path | None:
     taken = []
     try:
         with open_dict(cfg):
-            if "env" not in run or any(k == "env" or k.startswith("env.") for k in keys):
+            if "env" not in run or "env" in keys:
                 log.info("evaluate: env from the command line (%s)", ", ".join(cfg.env.envs))
             else:
+                mine = {k: OmegaConf.select(cfg, k) for k in sorted(keys) if k.startswith("env.")}
                 cfg.env = OmegaConf.merge(OmegaConf.structured(EnvConfig), run.env)
-                taken.append("env")
+                for key, value in mine.items():
+                    env_id = key.split(".")[2] if key.startswith("env.envs.") else None
+                    if env_id is not None and env_id not in cfg.env.envs:
+                        raise ConfigError(f"{key}: the checkpoint's run trains on {', '.join(cfg.env.envs)}, not "
+                                          f"{env_id}; name the env group (env=...) to evaluate on another")  # fmt: skip
+                    OmegaConf.update(cfg, key, value, force_add=True)
+                taken.append("env" + (f" (but {', '.join(mine)} from the command line)" if mine else ""))
             if "runtime" in run:
                 mine = {k.split(".", 1)[1]: OmegaConf.select(cfg, k) for k in keys if k.startswith("runtime.")}
                 cfg.runtime = OmegaConf.merge(OmegaConf.structured(RuntimeConfig), run.runtime, mine)

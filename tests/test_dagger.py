@@ -237,3 +237,32 @@ def test_an_llm_teacher_labels_the_policys_states_from_the_policys_history():
     assert labels == [right, right]
     first, second = (r["messages"] for r in client.requests)
     assert len(first) == 2 and second[2] == {"role": "assistant", "content": wrong}  # the policy's turn, as history
+
+
+def test_an_env_key_on_the_command_line_overrides_that_key_of_the_runs_env(tmp_path):
+    """``env.eval_seed_start=0`` on a SQL run's checkpoint evaluates SQL-v0 from seed 0, not the default env;
+    ``env=...`` names another env; a key for an env the run never had is refused with its name."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from rl_agents.config import ConfigError
+    from rl_agents.evaluate import settings_from_run
+
+    policy = tmp_path / "run" / "bc" / "policy"
+    policy.mkdir(parents=True)
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        OmegaConf.save(compose(config_name="train", overrides=["env=sql"]), tmp_path / "run" / "config.yaml")
+        overrides = {
+            "key": [f"checkpoint={policy}", "env.eval_seed_start=0", "++env.envs.SQL-v0.weight=0.5"],
+            "group": [f"checkpoint={policy}", "env=frozenlake"],
+            "foreign": [f"checkpoint={policy}", "env.envs.Calculator-v0.weight=0.5"],
+        }
+        cfgs = {name: compose(config_name="evaluate", overrides=o) for name, o in overrides.items()}
+    settings_from_run(cfgs["key"], overrides["key"])
+    assert list(cfgs["key"].env.envs) == ["SQL-v0"] and cfgs["key"].env.eval_seed_start == 0
+    assert cfgs["key"].env.envs["SQL-v0"].weight == 0.5
+    settings_from_run(cfgs["group"], overrides["group"])
+    assert list(cfgs["group"].env.envs) == ["FrozenLakeText-v0"]
+    with pytest.raises(ConfigError, match="Calculator-v0"):
+        settings_from_run(cfgs["foreign"], overrides["foreign"])
