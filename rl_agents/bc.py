@@ -12,7 +12,10 @@ need a dense block-diagonal attention mask with SDPA. Packing pays off on GPUs w
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import random
+import re
 from pathlib import Path
 
 import torch
@@ -88,7 +91,12 @@ def make_trainer(
     trainer = BCTrainer(
         model=model,
         args=args,
-        train_dataset=with_copy_rows(sft_dataset(trajectories, tokenizer), tokenizer, config, seed),
+        train_dataset=with_copy_rows(
+            sft_dataset(trajectories + counterfactual_copies(trajectories, config.copy_augment, seed), tokenizer),
+            tokenizer,
+            config,
+            seed,
+        ),
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[LogToPython(), rundir.SafeCheckpoints(), *(callbacks or [])],
@@ -110,6 +118,59 @@ def with_copy_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, config:
     ids, mask = copy_rows(ordinary_tokens(tokenizer), rows, config.copy_span, generator, config.copy_fixed_offset)
     copies = Dataset.from_dict({"input_ids": ids.tolist(), "assistant_masks": mask.tolist()}, features=dataset.features)
     return concatenate_datasets([dataset, copies])
+
+
+_NUMBER = re.compile(r"(?<![\w.])\d+(?![\w]|\.\d)")
+
+
+def copied_numbers(trajectory: Trajectory) -> set[str]:
+    """The whole numbers (digit strings not inside a word or a decimal) that an agent turn writes after the
+    task or an observation showed them: the values the agent copies rather than decides."""
+    shown = set(_NUMBER.findall(trajectory.task))
+    copied = set()
+    for turn in trajectory.turns:
+        copied |= shown & set(_NUMBER.findall(turn.agent))
+        shown |= set(_NUMBER.findall(turn.observation or ""))
+    return copied
+
+
+def _swap(text: str | None, mapping: dict[str, str]) -> str | None:
+    return None if text is None else _NUMBER.sub(lambda m: mapping.get(m.group(0), m.group(0)), text)
+
+
+def counterfactual_copies(trajectories: list[Trajectory], fraction: float, seed: int) -> list[Trajectory]:
+    """``bc.copy_augment``: ``fraction`` x len(trajectories) extra episodes, each an episode drawn at random in
+    which every number the agent copies (``copied_numbers``) is replaced, in the task, the observations and
+    the agent's turns alike, by a random number of as many digits. The copy stays right, the value becomes
+    unpredictable: where the copied values have a narrow prior (counts, rates, prices in a range, listed
+    ids), the model can lower its loss by writing a plausible value instead of reading it, and these rows
+    take that away. Episodes with nothing copied are left out; runtime token ids are dropped (the text
+    changed)."""
+    count = round(fraction * len(trajectories))
+    candidates = [t for t in trajectories if copied_numbers(t)]
+    if count <= 0 or not candidates:
+        return []
+    rng = random.Random(seed + 2)
+    out = []
+    for trajectory in rng.choices(candidates, k=count):
+        mapping = {}
+        for number in sorted(copied_numbers(trajectory)):
+            low = 10 ** (len(number) - 1) if len(number) > 1 else 0
+            mapping[number] = str(rng.randint(low, 10 ** len(number) - 1))
+
+        turns = [
+            dataclasses.replace(
+                turn,
+                agent=_swap(turn.agent, mapping),
+                observation=_swap(turn.observation, mapping),
+                token_ids=None,
+                logprobs=None,
+            )
+            for turn in trajectory.turns
+        ]
+        out.append(dataclasses.replace(trajectory, task=_swap(trajectory.task, mapping), turns=turns,
+                                       metadata={**trajectory.metadata, "counterfactual": True}))  # fmt: skip
+    return out
 
 
 def train_bc(

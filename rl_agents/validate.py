@@ -274,7 +274,7 @@ def _check_values(cfg: DictConfig) -> None:
               "bc.logging_steps", "bc.save_total_limit"]  # fmt: skip
     _at_least(cfg, (["collect.episodes"] if "collect" in cfg.stages else []) + counts, 1)
     _at_least(cfg, ["bc.learning_rate"], 0, strict=True)
-    _at_least(cfg, ["bc.weight_decay", "bc.warmup_steps"], 0)
+    _at_least(cfg, ["bc.weight_decay", "bc.warmup_steps", "bc.copy_mix", "bc.copy_augment"], 0)
     if cfg.bc.max_length < 32:
         raise ConfigError(f"bc.max_length must be >= 32 tokens (a prompt and a turn), got {cfg.bc.max_length}")
     if cfg.model._target_ == TINY_MODEL and cfg.bc.max_length > cfg.model.max_position_embeddings:

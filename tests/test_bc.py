@@ -105,3 +105,47 @@ def test_copy_rows_rehearse_copying_beside_the_episodes_with_the_loss_on_the_rep
         ids, learned = row["input_ids"], [t for t, label in enumerate(row["labels"]) if label != -100]
         assert len(ids) == 16 and 1 <= len(learned) < 8 and ids[:8] != ids[8:]
         assert all(row["labels"][t] == ids[t] for t in learned)
+
+
+def test_counterfactual_copies_replace_every_copied_number_alike_and_leave_decided_ones():
+    """bc.copy_augment: a number the agent copies from the task or an observation is replaced by a random one of as
+    many digits everywhere it occurs (task, observations, agent turns), so the copy still holds; a number the agent
+    writes that nothing showed it, decimals and digits inside words are left alone."""
+    from rl_agents.bc import copied_numbers, counterfactual_copies
+    from rl_agents.trajectory import Trajectory, Turn
+
+    episode = Trajectory(
+        "Average salary of Finance hires after 2022 (table t2)?",
+        [
+            Turn("<tool_call>SELECT AVG(s) FROM t2 WHERE year > 2022 LIMIT 5</tool_call>", "AVG(s)\n85417\nrate 0.25"),
+            Turn("<answer>85417</answer>", "Correct."),
+        ],
+        metadata={"seed": 3},
+    )
+    assert copied_numbers(episode) == {"2022", "85417"}  # not 2 (inside t2), 5 (nothing showed it), 0.25
+    copies = counterfactual_copies([episode], 2.0, seed=0)
+    assert len(copies) == 2 and copies != counterfactual_copies([episode], 2.0, seed=1)
+    assert copies == counterfactual_copies([episode], 2.0, seed=0)
+    for copy in copies:
+        year = copy.task.split("after ")[1].split(" ")[0]
+        value = copy.turns[1].agent.removeprefix("<answer>").removesuffix("</answer>")
+        assert len(year) == 4 and len(value) == 5 and year != "2022" and value != "85417"
+        assert copy.turns[0].agent == f"<tool_call>SELECT AVG(s) FROM t2 WHERE year > {year} LIMIT 5</tool_call>"
+        assert copy.turns[0].observation == f"AVG(s)\n{value}\nrate 0.25"
+        assert copy.metadata == {"seed": 3, "counterfactual": True} and episode.metadata == {"seed": 3}
+    assert episode.turns[1].agent == "<answer>85417</answer>"  # the original is untouched
+    nothing_copied = Trajectory("Say hi.", [Turn("<answer>hi 7</answer>", "Correct.")])
+    assert counterfactual_copies([nothing_copied], 1.0, seed=0) == []
+
+
+def test_counterfactual_copies_are_extra_rows_of_the_bc_data(tmp_path, calculator_data):
+    """copy_augment x episodes extra rows, after the episodes (which are unchanged)."""
+    model, tokenizer = _tiny(calculator_data)
+    config = BCConfig(max_steps=1, batch_size=2, copy_mix=0.0, copy_augment=0.5)
+    trainer = make_trainer(calculator_data[:8], model, tokenizer, tmp_path, config, seed=0)
+    rows = list(trainer.train_dataset)
+    assert len(rows) == 12
+    for row, trajectory in zip(rows[:8], calculator_data[:8]):
+        assert row["input_ids"] == encode_trajectory(trajectory, tokenizer).input_ids
+    originals = {tuple(encode_trajectory(t, tokenizer).input_ids) for t in calculator_data[:8]}
+    assert not originals & {tuple(row["input_ids"]) for row in rows[8:]}
