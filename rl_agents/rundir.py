@@ -34,10 +34,11 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import TrainerCallback
 
 log = logging.getLogger(__name__)
@@ -289,12 +290,29 @@ def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[st
     ]
 
 
+def _added_since(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """The schema's default of each key ``current`` has and ``recorded`` lacks: a key added to the schema after the
+    stage was recorded ran with what its default does (e.g. ``bc.copy_augment=0``, off), so a resume that leaves it
+    at that default is the same run."""
+    from rl_agents.config import TrainConfig  # rl_agents.config imports nothing from here; this keeps it that way
+
+    schema = OmegaConf.structured(TrainConfig)
+    defaults = {}
+    for key in set(current) - set(recorded):
+        value = OmegaConf.select(schema, key, default=None)  # None: no default (an open group, a missing value)
+        if value is not None and not isinstance(value, DictConfig | ListConfig):
+            defaults[key] = json.loads(json.dumps(value.value if isinstance(value, Enum) else value))
+    return defaults
+
+
 def check_stage(run_dir: Path, stage: str, cfg: DictConfig) -> None:
     """Refuse to resume ``stage`` with config keys other than those it was started or finished with."""
     record = read_record(run_dir, stage)
     if record is None:
         return
-    changes = config_changes(record["config"], stage_config(cfg, stage))
+    current = stage_config(cfg, stage)
+    recorded = {**_added_since(record["config"], current), **record["config"]}
+    changes = config_changes(recorded, current)
     if changes:
         shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
         raise RunDirError(

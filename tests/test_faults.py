@@ -141,6 +141,13 @@ def test_a_resume_with_other_settings_is_refused_with_the_key_named(tmp_path, fr
     # nor can a later stage evaluate this run's policy under another environment's name
     with pytest.raises(rundir.RunDirError, match="env.name: 'calculator' -> 'sql'"):
         train("stages=[eval]", "eval.policies=[bc]", "resume=true", env="sql")
+    # a record from before a key existed (here bc.copy_augment) resumes at that key's default, and only there
+    record = json.loads((tmp_path / "stages/bc.json").read_text())
+    del record["config"]["bc.copy_augment"]
+    (tmp_path / "stages/bc.json").write_text(json.dumps(record))
+    with pytest.raises(rundir.RunDirError, match="bc.copy_augment: 0.0 -> 0.5"):
+        train("stages=[collect,bc]", "resume=true", "bc.copy_augment=0.5")
+    train("stages=[collect,bc]", "resume=true")
     # a stage not started yet may take new settings
     train("stages=[collect,bc,rl]", "resume=true", "rl.steps=1")
     assert json.loads((tmp_path / "stages/rl.json").read_text())["status"] == "done"
