@@ -290,13 +290,10 @@ def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[st
     ]
 
 
-def _added_since(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+def _added_since(recorded: dict[str, Any], current: dict[str, Any], schema: DictConfig) -> dict[str, Any]:
     """The schema's default of each key ``current`` has and ``recorded`` lacks: a key added to the schema after the
     stage was recorded ran with what its default does (e.g. ``bc.copy_augment=0``, off), so a resume that leaves it
     at that default is the same run."""
-    from rl_agents.config import TrainConfig  # rl_agents.config imports nothing from here; this keeps it that way
-
-    schema = OmegaConf.structured(TrainConfig)
     defaults = {}
     for key in set(current) - set(recorded):
         value = OmegaConf.select(schema, key, default=None)  # None: no default (an open group, a missing value)
@@ -305,13 +302,15 @@ def _added_since(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str,
     return defaults
 
 
-def check_stage(run_dir: Path, stage: str, cfg: DictConfig) -> None:
-    """Refuse to resume ``stage`` with config keys other than those it was started or finished with."""
+def check_stage(run_dir: Path, stage: str, cfg: DictConfig, schema: DictConfig | None = None) -> None:
+    """Refuse to resume ``stage`` with config keys other than those it was started or finished with; a key the
+    record lacks counts as its default in ``schema`` (the structured config's defaults), where it has one."""
     record = read_record(run_dir, stage)
     if record is None:
         return
     current = stage_config(cfg, stage)
-    recorded = {**_added_since(record["config"], current), **record["config"]}
+    added = _added_since(record["config"], current, schema) if schema is not None else {}
+    recorded = {**added, **record["config"]}
     changes = config_changes(recorded, current)
     if changes:
         shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")

@@ -35,7 +35,7 @@ from rl_agents import distributed, rundir, tracking
 from rl_agents.agent import agent_card, write_card
 from rl_agents.bc import BCConfig, train_bc
 from rl_agents.collect import Health, collect
-from rl_agents.config import TINY_MODEL, ConfigError, env_entries
+from rl_agents.config import TINY_MODEL, ConfigError, TrainConfig, env_entries
 from rl_agents.dagger import train_dagger
 from rl_agents.evaluate import SeenTaskError, check_held_out, evaluate_policy, write_eval
 from rl_agents.export import model_card
@@ -218,7 +218,7 @@ def run(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict[str, Any
             rundir.prepare(run_dir, cfg.resume, cfg.overwrite)
             if cfg.resume:  # every recorded stage, run now or not: config.yaml must stay true of the whole dir
                 for stage in rundir.STAGE_KEYS:
-                    rundir.check_stage(run_dir, stage, cfg)
+                    rundir.check_stage(run_dir, stage, cfg, OmegaConf.structured(TrainConfig))
             rundir.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         distributed.barrier()
         return _run_stages(cfg, run_dir, main)
