@@ -147,14 +147,16 @@ def counterfactual_copies(trajectories: list[Trajectory], fraction: float, seed:
     take that away. Episodes with nothing copied are left out; runtime token ids are dropped (the text
     changed)."""
     count = round(fraction * len(trajectories))
-    candidates = [t for t in trajectories if copied_numbers(t)]
-    if count <= 0 or not candidates:
+    if count <= 0:
+        return []
+    candidates = [(t, numbers) for t in trajectories if (numbers := copied_numbers(t))]
+    if not candidates:
         return []
     rng = random.Random(seed + 2)
     out = []
-    for trajectory in rng.choices(candidates, k=count):
+    for trajectory, numbers in rng.choices(candidates, k=count):
         mapping = {}
-        for number in sorted(copied_numbers(trajectory)):
+        for number in sorted(numbers):
             low = 10 ** (len(number) - 1) if len(number) > 1 else 0
             mapping[number] = str(rng.randint(low, 10 ** len(number) - 1))
 

@@ -34,7 +34,6 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -294,23 +293,22 @@ def _added_since(recorded: dict[str, Any], current: dict[str, Any], schema: Dict
     """The schema's default of each key ``current`` has and ``recorded`` lacks: a key added to the schema after the
     stage was recorded ran with what its default does (e.g. ``bc.copy_augment=0``, off), so a resume that leaves it
     at that default is the same run."""
-    defaults = {}
+    defaults: dict[str, Any] = {}
     for key in set(current) - set(recorded):
         value = OmegaConf.select(schema, key, default=None)  # None: no default (an open group, a missing value)
         if value is not None and not isinstance(value, DictConfig | ListConfig):
-            defaults[key] = json.loads(json.dumps(value.value if isinstance(value, Enum) else value))
+            defaults.update(_flatten(key, value))  # as stage_config records it
     return defaults
 
 
-def check_stage(run_dir: Path, stage: str, cfg: DictConfig, schema: DictConfig | None = None) -> None:
+def check_stage(run_dir: Path, stage: str, cfg: DictConfig, schema: DictConfig) -> None:
     """Refuse to resume ``stage`` with config keys other than those it was started or finished with; a key the
     record lacks counts as its default in ``schema`` (the structured config's defaults), where it has one."""
     record = read_record(run_dir, stage)
     if record is None:
         return
     current = stage_config(cfg, stage)
-    added = _added_since(record["config"], current, schema) if schema is not None else {}
-    recorded = {**added, **record["config"]}
+    recorded = {**_added_since(record["config"], current, schema), **record["config"]}
     changes = config_changes(recorded, current)
     if changes:
         shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")

@@ -217,8 +217,9 @@ def run(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict[str, Any
         if main:
             rundir.prepare(run_dir, cfg.resume, cfg.overwrite)
             if cfg.resume:  # every recorded stage, run now or not: config.yaml must stay true of the whole dir
+                schema = OmegaConf.structured(TrainConfig)
                 for stage in rundir.STAGE_KEYS:
-                    rundir.check_stage(run_dir, stage, cfg, OmegaConf.structured(TrainConfig))
+                    rundir.check_stage(run_dir, stage, cfg, schema)
             rundir.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         distributed.barrier()
         return _run_stages(cfg, run_dir, main)
