@@ -155,10 +155,21 @@ def counterfactual_copies(trajectories: list[Trajectory], fraction: float, seed:
     rng = random.Random(seed + 2)
     out = []
     for trajectory, numbers in rng.choices(candidates, k=count):
+        # A replacement is never a number the episode already shows (another listed id, say): the copy
+        # must stay unambiguous. Without a collision the draws are one per number.
+        taken = set(_NUMBER.findall(trajectory.task))
+        for turn in trajectory.turns:
+            taken |= set(_NUMBER.findall(turn.agent)) | set(_NUMBER.findall(turn.observation or ""))
         mapping = {}
         for number in sorted(numbers):
             low = 10 ** (len(number) - 1) if len(number) > 1 else 0
-            mapping[number] = str(rng.randint(low, 10 ** len(number) - 1))
+            if 10 ** len(number) - low <= len(taken):  # too few values of this length to avoid them all
+                mapping[number] = str(rng.randint(low, 10 ** len(number) - 1))
+                continue
+            while (value := str(rng.randint(low, 10 ** len(number) - 1))) in taken:
+                pass
+            mapping[number] = value
+            taken.add(value)
 
         turns = [
             dataclasses.replace(

@@ -138,6 +138,20 @@ def test_counterfactual_copies_replace_every_copied_number_alike_and_leave_decid
     assert counterfactual_copies([nothing_copied], 1.0, seed=0) == []
 
 
+def test_a_counterfactual_copy_never_takes_a_number_the_episode_already_shows():
+    """A replaced id that lands on another listed id would make the copy ambiguous (which [id] is opened?): the
+    replacement avoids every number the episode shows. Here digits 0-8 are shown, so 3 can only become 9."""
+    from rl_agents.bc import counterfactual_copies
+    from rl_agents.trajectory import Trajectory, Turn
+
+    listing = "\n".join(f"[{i}] item" for i in range(9))
+    search, open_3 = '<tool_call>{"name": "search"}</tool_call>', '<tool_call>{"name": "open", "id": 3}</tool_call>'
+    episode = Trajectory("Open the third.", [Turn(search, listing), Turn(open_3, "[3] item")])
+    copies = counterfactual_copies([episode], 20.0, seed=0)
+    assert {copy.turns[1].agent for copy in copies} == {'<tool_call>{"name": "open", "id": 9}</tool_call>'}
+    assert {copy.turns[0].observation for copy in copies} == {listing.replace("[3]", "[9]")}
+
+
 def test_counterfactual_copies_are_extra_rows_of_the_bc_data(tmp_path, calculator_data):
     """copy_augment x episodes extra rows, after the episodes (which are unchanged)."""
     model, tokenizer = _tiny(calculator_data)
