@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset, concatenate_datasets
 from torch import nn
+from torch.utils.data import Sampler
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, Trainer
 from trl import SFTConfig, SFTTrainer
 
@@ -33,12 +34,55 @@ from rl_agents.trajectory import Trajectory, sft_dataset
 log = logging.getLogger(__name__)
 
 
+class LengthBatches(Sampler[int]):
+    """Batches of episodes of similar length, in random order: each run of ``bucket`` batches' worth of
+    shuffled episodes is sorted by length and cut into batches, and all the batches of the epoch are shuffled
+    (a short last batch stays last, so the data loader cuts the stream where this sampler did). transformers'
+    ``LengthGroupedSampler`` makes the same batches but leaves each run of ``bucket`` in order, longest first.
+    The order depends only on (seed, epoch): a resumed run sees the batches the interrupted one would have."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, bucket: int = 50):
+        self.lengths, self.batch_size, self.seed, self.bucket = lengths, batch_size, seed, bucket
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        size = self.batch_size * self.bucket
+        batches = []
+        for start in range(0, len(order), size):
+            run = sorted(order[start : start + size], key=self.lengths.__getitem__)
+            batches += [run[i : i + self.batch_size] for i in range(0, len(run), self.batch_size)]
+        last = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()] + last
+
+    def __iter__(self):
+        return (index for batch in self.batches() for index in batch)
+
+
 class BCTrainer(SFTTrainer):
-    """TRL's SFTTrainer, except where its fused LM head would skip the LM head's module: with LoRA's trainable
-    tokens on a model whose output embeddings are tied to the input ones (Qwen2, Llama 3.2, Gemma, ...), peft
-    wraps the head too, and the fused head reads ``lm_head.weight`` directly (it fails on the wrapper, and
-    would ignore the new tokens' trained rows). There the loss is the model's own, from the full logits, with
-    the same normalisation (summed over the batch's loss tokens, divided by their number)."""
+    """TRL's SFTTrainer with ``bc.batching=length`` (``LengthBatches``), and the model's own loss where TRL's
+    fused LM head would skip the LM head's module: with LoRA's trainable tokens on a model whose output
+    embeddings are tied to the input ones (Qwen2, Llama 3.2, Gemma, ...), peft wraps the head too, and the fused
+    head reads ``lm_head.weight`` directly (it fails on the wrapper, and would ignore the new tokens' trained
+    rows). There the loss is the model's own, from the full logits, with the same normalisation (summed over the
+    batch's loss tokens, divided by their number)."""
+
+    length_batches = False
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.length_batches:
+            return super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
+        return LengthBatches(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps, seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if isinstance(self.model.get_output_embeddings(), nn.Linear):
@@ -74,7 +118,9 @@ def make_trainer(
         max_length=config.max_length,
         packing=config.packing,
         packing_strategy="bfd",
-        train_sampling_strategy="group_by_length" if config.group_by_length and not config.packing else "random",
+        train_sampling_strategy="group_by_length"
+        if config.batching == "length_sorted" and not config.packing
+        else "random",
         activation_checkpointing=config.gradient_checkpointing,
         logging_steps=config.logging_steps,
         save_steps=config.save_steps,
@@ -101,6 +147,7 @@ def make_trainer(
         peft_config=peft_config,
         callbacks=[LogToPython(), rundir.SafeCheckpoints(), *(callbacks or [])],
     )
+    trainer.length_batches = config.batching == "length" and not config.packing
     trainer.remove_callback(PrinterCallback)  # with tqdm off it prints every log to stdout: LogToPython logs them
     return trainer
 

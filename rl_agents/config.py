@@ -51,6 +51,14 @@ class Split(StrEnum):
     test = "test"
 
 
+class Batching(StrEnum):
+    """bc.batching: which episodes share a BC batch, and in what order the batches come."""
+
+    random = "random"  # each batch a random sample of the data (the most padding)
+    length = "length"  # batches of episodes of similar length (little padding), in random order
+    length_sorted = "length_sorted"  # transformers' group_by_length: such batches, each run of 50 longest first
+
+
 class Malformed(StrEnum):
     """collect.malformed: what becomes of a kept episode's malformed teacher turns."""
 
@@ -132,8 +140,10 @@ class BCConfig:
     """longest training sequence, in tokens"""
     packing: bool = False
     """pack sequences (best-fit decreasing, padding-free) instead of padding them (best on GPUs)"""
-    group_by_length: bool = True
-    """batch episodes of similar length together (less padding); ignored when packing"""
+    batching: Batching = Batching.length
+    """random | length | length_sorted (ignored when packing). ``length_sorted`` (the earlier recipes) orders
+    each run of 50 batches from the longest episodes to the shortest: the steps are not i.i.d., the loss jumps
+    every 50 steps and BC fails on tasks it learns otherwise (docs/results.md#length-grouped-batches)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory for large models, slower steps (11% on the tiny one)"""
     logging_steps: int = 10

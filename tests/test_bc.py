@@ -1,8 +1,10 @@
 """Behavioural cloning: labels only on agent tokens, packing isolates episodes, training changes the policy."""
 
 import torch
+from torch.utils.data import RandomSampler
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
-from rl_agents.bc import BCConfig, make_trainer
+from rl_agents.bc import BCConfig, LengthBatches, make_trainer
 from rl_agents.model import build_tiny_model, build_tokenizer, load_policy, trajectory_texts
 from rl_agents.trajectory import encode_trajectory
 
@@ -163,3 +165,55 @@ def test_counterfactual_copies_are_extra_rows_of_the_bc_data(tmp_path, calculato
         assert row["input_ids"] == encode_trajectory(trajectory, tokenizer).input_ids
     originals = {tuple(encode_trajectory(t, tokenizer).input_ids) for t in calculator_data[:8]}
     assert not originals & {tuple(row["input_ids"]) for row in rows[8:]}
+
+
+def _padding(batches, lengths):
+    return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+
+
+def test_length_batches_hold_similar_lengths_in_random_order_and_replay_per_epoch():
+    """Every episode once per epoch; batches cut from length-sorted runs (a fraction of random batches' padding);
+    their order random (transformers' runs go longest first: every adjacent pair in a run descends); the same
+    epoch gives the same order (a resumed run), another epoch another; a short last batch stays last."""
+    lengths = torch.randint(20, 400, (1003,), generator=torch.Generator().manual_seed(0)).tolist()
+    sampler = LengthBatches(lengths, batch_size=8, seed=3, bucket=10)
+    stream = list(sampler)
+    assert sorted(stream) == list(range(1003))
+    batches = sampler.batches()
+    assert [stream[i : i + 8] for i in range(0, 1003, 8)] == batches and len(batches[-1]) == 3
+    shuffled = torch.randperm(1003, generator=torch.Generator().manual_seed(1)).tolist()
+    assert _padding(batches, lengths) < 0.2 * _padding([shuffled[i : i + 8] for i in range(0, 1003, 8)], lengths)
+
+    def descending(order):
+        tops = [max(lengths[i] for i in order[j : j + 8]) for j in range(0, 1000, 8)]
+        return sum(a >= b for a, b in zip(tops, tops[1:])) / (len(tops) - 1)
+
+    torch.manual_seed(0)
+    assert descending(get_length_grouped_indices(lengths, 8, mega_batch_mult=10)) > 0.85
+    assert 0.3 < descending(stream) < 0.7
+    assert list(LengthBatches(lengths, 8, seed=3, bucket=10)) == stream
+    sampler.set_epoch(1)
+    assert list(sampler) != stream and sorted(sampler) == list(range(1003))
+
+
+def test_bc_batching_picks_the_sampler_and_the_loader_follows_it(tmp_path, calculator_data):
+    model, tokenizer = _tiny(calculator_data)
+    trainers = {
+        batching: make_trainer(
+            calculator_data[:40],
+            model,
+            tokenizer,
+            tmp_path,
+            BCConfig(max_steps=1, batch_size=4, copy_mix=0.0, batching=batching),
+            seed=0,
+        )
+        for batching in ("random", "length", "length_sorted")
+    }
+    assert isinstance(trainers["random"]._get_train_sampler(), RandomSampler)
+    assert isinstance(trainers["length_sorted"]._get_train_sampler(), LengthGroupedSampler)
+    sampler = trainers["length"]._get_train_sampler()
+    assert isinstance(sampler, LengthBatches)
+    first = next(iter(trainers["length"].get_train_dataloader()))
+    expected = [encode_trajectory(calculator_data[i], tokenizer).input_ids for i in sampler.batches()[0]]
+    assert first["input_ids"].shape == (4, max(map(len, expected)))
+    assert [row[: len(ids)].tolist() for row, ids in zip(first["input_ids"], expected)] == expected

@@ -34,6 +34,13 @@ def test_every_group_option_composes(group, tmp_path):
     validate_train(_compose([group]), tmp_path)
 
 
+def test_the_default_recipe_pinned_is_the_default():
+    """recipe=shuffled pins today's defaults: composing it changes nothing (when a default moves, the pinned
+    recipe is renamed and a new one pins the new default)."""
+    assert _compose(["+recipe=shuffled"]) == _compose()
+    assert _compose(["+recipe=induction"]).bc.batching != _compose().bc.batching
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml")))
 def test_every_experiment_composes_and_validates(name, tmp_path):
     """Each published result's recipe (docs/results.md cites them) still composes and passes validation."""
