@@ -23,6 +23,7 @@ from datasets import Dataset, concatenate_datasets
 from torch import nn
 from torch.utils.data import Sampler
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, Trainer
+from transformers.trainer_pt_utils import get_length_grouped_indices
 from trl import SFTConfig, SFTTrainer
 
 from rl_agents import rundir
@@ -64,6 +65,22 @@ class LengthBatches(Sampler[int]):
 
     def __iter__(self):
         return (index for batch in self.batches() for index in batch)
+
+
+def padded_tokens(lengths: list[int], batch_size: int, seed: int) -> dict[str, int]:
+    """The tokens one epoch feeds the model, padding included, under each ``bc.batching``, beside ``real`` (the
+    rows' own): a padded step's compute follows them (docs/results.md#length-grouped-batches)."""
+    generator = torch.Generator().manual_seed(seed)
+    orders = {
+        "random": torch.randperm(len(lengths), generator=generator).tolist(),
+        "length": list(LengthBatches(lengths, batch_size, seed)),
+        "length_sorted": get_length_grouped_indices(lengths, batch_size, generator=generator),
+    }
+    batches = {
+        name: [order[i : i + batch_size] for i in range(0, len(order), batch_size)] for name, order in orders.items()
+    }
+    padded = {name: sum(len(b) * max(lengths[i] for i in b) for b in bs) for name, bs in batches.items()}
+    return {"real": sum(lengths), **padded}
 
 
 class BCTrainer(SFTTrainer):
@@ -248,6 +265,12 @@ def train_bc(
     """Fine-tune ``model`` on ``trajectories``; returns the directory of the saved BC policy."""
     out_dir = Path(out_dir)
     trainer = make_trainer(trajectories, model, tokenizer, out_dir, config, seed, peft_config, report_to, callbacks)
+    if not config.packing:
+        lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+        log.info(
+            "bc: one epoch's tokens, padding included, per bc.batching: %s",
+            padded_tokens(lengths, config.batch_size, seed),
+        )
     checkpoints = trainer.args.output_dir
     checkpoint = rundir.last_checkpoint(checkpoints) if resume else None
     if resume and checkpoint is None:

@@ -4,7 +4,7 @@ import torch
 from torch.utils.data import RandomSampler
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
-from rl_agents.bc import BCConfig, LengthBatches, make_trainer
+from rl_agents.bc import BCConfig, LengthBatches, make_trainer, padded_tokens
 from rl_agents.model import build_tiny_model, build_tokenizer, load_policy, trajectory_texts
 from rl_agents.trajectory import encode_trajectory
 
@@ -194,6 +194,9 @@ def test_length_batches_hold_similar_lengths_in_random_order_and_replay_per_epoc
     assert list(LengthBatches(lengths, 8, seed=3, bucket=10)) == stream
     sampler.set_epoch(1)
     assert list(sampler) != stream and sorted(sampler) == list(range(1003))
+    tokens = padded_tokens(lengths, 8, seed=3)
+    assert tokens["real"] == sum(lengths) < tokens["length"] < 1.1 * tokens["real"] < 0.7 * tokens["random"]
+    assert tokens["length"] == sum(len(b) * max(lengths[i] for i in b) for b in LengthBatches(lengths, 8, 3).batches())
 
 
 def test_bc_batching_picks_the_sampler_and_the_loader_follows_it(tmp_path, calculator_data):
