@@ -6,8 +6,9 @@ FastAPI and uvicorn (``pip install 'rl_agents[serve]'``). The openai SDK, LangCh
   tool loop with the agent's own tools and returns the final answer as the assistant message, each turn in
   the extension field ``agent_turns``. ``stream=true`` sends each turn as it ends, as server-sent events in
   OpenAI's chunk format (the turn in the chunk's ``agent_turn``), then the answer.
-- **Tool-calling mode** (a request with ``tools``): the conversation so far is rendered with the policy's chat
-  template (the training format) and the model writes one turn: a tool call comes back as OpenAI
+- **Tool-calling mode** (a request with ``tools``): the conversation so far is rendered in the training format
+  (the policy's chat template, each message tokenized on its own as the runtime does, and a turn this server wrote
+  fed back as the ids the model wrote: ``OwnTurns``) and the model writes one turn: a tool call comes back as OpenAI
   ``tool_calls`` for the client to run, an answer as the message's content. ``stream=true``: an answer's text
   as it is decoded, a tool call whole when the turn ends.
 - ``GET /v1/models``, ``GET /health``.
@@ -40,7 +41,14 @@ from omegaconf import MISSING, DictConfig
 from envs.base import THINK_RE, Answer, ToolCall, parse_turn
 from rl_agents.agent import Agent, AgentResult, AgentTurn
 from rl_agents.runtime import Feed
-from rl_agents.trajectory import ANSWER_CLOSE, ANSWER_OPEN, END_OF_TURN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from rl_agents.trajectory import (
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    END_OF_TURN,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    conversation_ids,
+)
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
@@ -123,6 +131,35 @@ class PrefixCache:
             self.caches.popitem(last=False)
 
 
+class OwnTurns:
+    """The ids of the turns this server wrote, by the ids before them and their text. A conversation that sends a
+    turn back as it was written is fed the ids the model wrote, as the runtime feeds them, not the ids its text
+    tokenizes to: they can differ (the model's ``8``, ``9`` where the tokenizer has ``89``) and change every later
+    turn. At most ``entries`` turns, least recently used out first."""
+
+    def __init__(self, entries: int = 4096):
+        self.entries = entries
+        self.turns: OrderedDict[tuple[int, int, str], list[int]] = OrderedDict()
+
+    @staticmethod
+    def _key(prefix: list[int], text: str) -> tuple[int, int, str]:
+        return len(prefix), hash(tuple(prefix)), text
+
+    def get(self, prefix: list[int], text: str) -> list[int] | None:
+        key = self._key(prefix, text)
+        if key not in self.turns:
+            return None
+        self.turns.move_to_end(key)
+        return list(self.turns[key])
+
+    def put(self, prefix: list[int], text: str, ids: list[int]) -> None:
+        key = self._key(prefix, text)
+        self.turns[key] = list(ids)
+        self.turns.move_to_end(key)
+        while len(self.turns) > self.entries:
+            self.turns.popitem(last=False)
+
+
 def _common_prefix(a, b, limit: int) -> int:
     n = min(len(a), len(b), limit)
     for i in range(n):
@@ -146,6 +183,7 @@ class AgentServer:
     def __init__(self, agent: Agent, model_name: str, prefix_cache: int = 32):
         self.agent, self.model_name = agent, model_name
         self.prefix_cache = PrefixCache(prefix_cache)
+        self.own_turns = OwnTurns()
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self._feed, self._waiting = Feed(), {}  # agent tasks on the runtime's slots, by their index in the feed
         self._stopping = False
@@ -227,7 +265,7 @@ class AgentServer:
         """The model's next turn after ``messages`` (training format): its text, prompt and completion tokens;
         ``streamer`` hears each token as it is decoded."""
         tokenizer, model = self.agent.tokenizer, self.agent.model
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+        ids = conversation_ids(tokenizer, messages, self.own_turns.get)
         limit = self.agent.runtime.config.max_context
         new = self.agent.config.max_new_tokens
         if len(ids) + new > limit:
@@ -252,9 +290,12 @@ class AgentServer:
         sequence = out.sequences[0].tolist()
         self.prefix_cache.put(sequence, out.cache)
         generated = sequence[len(ids) :]
+        written = generated if generated and generated[-1] == eot else generated + [eot]  # as the turn is fed back
         if generated and generated[-1] == eot:
             generated = generated[:-1]
-        return tokenizer.decode(generated, skip_special_tokens=False), len(ids), len(generated)
+        text = tokenizer.decode(generated, skip_special_tokens=False)
+        self.own_turns.put(ids, text, written)
+        return text, len(ids), len(generated)
 
     def close(self) -> None:
         self.jobs.put(None)

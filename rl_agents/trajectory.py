@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,6 +201,35 @@ def observation_ids(tokenizer: PreTrainedTokenizerBase, observation: str) -> lis
 def agent_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """The agent's own text: its tags are special tokens, and the turn ends with the end-of-turn token."""
     return tokenizer(text, add_special_tokens=False)["input_ids"] + _special(tokenizer, END_OF_TURN)
+
+
+def conversation_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    own_turn: Callable[[list[int], str], list[int] | None] | None = None,
+) -> list[int]:
+    """A conversation in the training format (user, assistant and tool messages) as the ids the runtime feeds,
+    ending with the opening of the agent's next turn: ``apply_chat_template(messages, add_generation_prompt=True)``
+    with each message's text tokenized on its own, as the runtime does. So special-token strings in a user's or a
+    tool's text stay plain text, and an assistant turn is ``own_turn(ids so far, text)`` where that gives ids (the
+    ids the model wrote, which need not be the ones its text tokenizes to) and its text's ids otherwise."""
+    ids: list[int] = []
+    for i, message in enumerate(messages):
+        role, content = message["role"], message["content"]
+        if i:
+            ids += _text(tokenizer, "\n")
+        ids += _special(tokenizer, IM_START)
+        if role == "assistant":
+            ids += _text(tokenizer, "assistant\n")
+            ids += (own_turn(ids, content) if own_turn is not None else None) or agent_ids(tokenizer, content)
+        elif role == "tool":
+            ids += _text(tokenizer, "user\n") + _special(tokenizer, TOOL_RESPONSE_OPEN)
+            ids += _text(tokenizer, f"\n{content}\n") + _special(tokenizer, TOOL_RESPONSE_CLOSE)
+            ids += _special(tokenizer, IM_END)
+        else:
+            ids += _text(tokenizer, f"{role}\n{content}") + _special(tokenizer, IM_END)
+    opening = _special(tokenizer, IM_START) + _text(tokenizer, "assistant\n")
+    return ids + _text(tokenizer, "\n") + opening if ids else opening
 
 
 def chat_messages(trajectory: Trajectory) -> list[dict[str, str]]:

@@ -51,7 +51,7 @@ def tiny_policy(tmp_path_factory, calculator_data):
         logging_steps=50,
         save_steps=1000,
         copy_mix=0.0,
-        batching="length_sorted",  # the shared test policy; with length batches served and own episodes differ (open)
+        batching="length",
     )
     policy_dir = train_bc(calculator_data, model, tokenizer, out, config, seed=0)
     model, tokenizer = load_policy(policy_dir, local_files_only=True)
