@@ -67,14 +67,16 @@ class LengthBatches(Sampler[int]):
         return (index for batch in self.batches() for index in batch)
 
 
-def padded_tokens(lengths: list[int], batch_size: int, seed: int) -> dict[str, int]:
+def padded_tokens(lengths: list[int], batch_size: int, seed: int, accumulation: int = 1) -> dict[str, int]:
     """The tokens one epoch feeds the model, padding included, under each ``bc.batching``, beside ``real`` (the
-    rows' own): a padded step's compute follows them (docs/results.md#length-grouped-batches)."""
+    rows' own): a padded step's compute follows them (docs/results.md#length-grouped-batches). The batches are
+    the loader's, of ``batch_size`` rows, cut from groups of ``batch_size * accumulation`` as the samplers make
+    them."""
     generator = torch.Generator().manual_seed(seed)
     orders = {
         "random": torch.randperm(len(lengths), generator=generator).tolist(),
-        "length": list(LengthBatches(lengths, batch_size, seed)),
-        "length_sorted": get_length_grouped_indices(lengths, batch_size, generator=generator),
+        "length": list(LengthBatches(lengths, batch_size * accumulation, seed)),
+        "length_sorted": get_length_grouped_indices(lengths, batch_size * accumulation, generator=generator),
     }
     batches = {
         name: [order[i : i + batch_size] for i in range(0, len(order), batch_size)] for name, order in orders.items()
@@ -269,7 +271,7 @@ def train_bc(
         lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
         log.info(
             "bc: one epoch's tokens, padding included, per bc.batching: %s",
-            padded_tokens(lengths, config.batch_size, seed),
+            padded_tokens(lengths, config.batch_size, seed, config.gradient_accumulation_steps),
         )
     checkpoints = trainer.args.output_dir
     checkpoint = rundir.last_checkpoint(checkpoints) if resume else None

@@ -220,3 +220,15 @@ def test_bc_batching_picks_the_sampler_and_the_loader_follows_it(tmp_path, calcu
     expected = [encode_trajectory(calculator_data[i], tokenizer).input_ids for i in sampler.batches()[0]]
     assert first["input_ids"].shape == (4, max(map(len, expected)))
     assert [row[: len(ids)].tolist() for row, ids in zip(first["input_ids"], expected)] == expected
+
+
+def test_the_logged_padding_is_the_loaders_with_gradient_accumulation(tmp_path, calculator_data):
+    """padded_tokens' ``length`` figure counts what one epoch of the loader feeds, where the sampler groups
+    ``batch_size * gradient_accumulation_steps`` rows and the loader cuts them into batches of ``batch_size``."""
+    model, tokenizer = _tiny(calculator_data)
+    config = BCConfig(max_steps=1, batch_size=4, gradient_accumulation_steps=3, copy_mix=0.0, batching="length")
+    trainer = make_trainer(calculator_data, model, tokenizer, tmp_path, config, seed=0)  # 2 buckets by 4, 1 by 12
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    fed = sum(batch["input_ids"].numel() for batch in trainer.get_train_dataloader())
+    assert padded_tokens(lengths, 4, seed=0, accumulation=3)["length"] == fed
+    assert padded_tokens(lengths, 4, seed=0)["length"] != fed  # grouped by 4, as the log did before
