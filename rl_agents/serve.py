@@ -290,11 +290,10 @@ class AgentServer:
         sequence = out.sequences[0].tolist()
         self.prefix_cache.put(sequence, out.cache)
         generated = sequence[len(ids) :]
-        written = generated if generated and generated[-1] == eot else generated + [eot]  # as the turn is fed back
         if generated and generated[-1] == eot:
             generated = generated[:-1]
         text = tokenizer.decode(generated, skip_special_tokens=False)
-        self.own_turns.put(ids, text, written)
+        self.own_turns.put(ids, text, generated + [eot])  # as the turn is fed back: ended, as agent_ids ends it
         return text, len(ids), len(generated)
 
     def close(self) -> None:

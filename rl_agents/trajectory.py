@@ -171,6 +171,11 @@ _TEMPLATES = {  # the fixed pieces around a task or an observation: special toke
     "prompt_end": (IM_END, "\n", IM_START, "assistant\n"),
     "observation_start": ("\n", IM_START, "user\n", TOOL_RESPONSE_OPEN),
     "observation_end": (TOOL_RESPONSE_CLOSE, IM_END, "\n", IM_START, "assistant\n"),
+    # a conversation's pieces (conversation_ids): between messages, and around an assistant's and a tool's text
+    "separator": ("\n",),
+    "assistant_open": (IM_START, "assistant\n"),
+    "tool_open": (IM_START, "user\n", TOOL_RESPONSE_OPEN),
+    "tool_close": (TOOL_RESPONSE_CLOSE, IM_END),
 }
 
 
@@ -214,22 +219,21 @@ def conversation_ids(
     tool's text stay plain text, and an assistant turn is ``own_turn(ids so far, text)`` where that gives ids (the
     ids the model wrote, which need not be the ones its text tokenizes to) and its text's ids otherwise."""
     ids: list[int] = []
-    for i, message in enumerate(messages):
+    for message in messages:
         role, content = message["role"], message["content"]
-        if i:
-            ids += _text(tokenizer, "\n")
-        ids += _special(tokenizer, IM_START)
+        if ids:
+            ids += _template(tokenizer, "separator")
         if role == "assistant":
-            ids += _text(tokenizer, "assistant\n")
+            ids += _template(tokenizer, "assistant_open")
             ids += (own_turn(ids, content) if own_turn is not None else None) or agent_ids(tokenizer, content)
         elif role == "tool":
-            ids += _text(tokenizer, "user\n") + _special(tokenizer, TOOL_RESPONSE_OPEN)
-            ids += _text(tokenizer, f"\n{content}\n") + _special(tokenizer, TOOL_RESPONSE_CLOSE)
-            ids += _special(tokenizer, IM_END)
+            ids += _template(tokenizer, "tool_open") + _text(tokenizer, f"\n{content}\n")
+            ids += _template(tokenizer, "tool_close")
         else:
-            ids += _text(tokenizer, f"{role}\n{content}") + _special(tokenizer, IM_END)
-    opening = _special(tokenizer, IM_START) + _text(tokenizer, "assistant\n")
-    return ids + _text(tokenizer, "\n") + opening if ids else opening
+            ids += _special(tokenizer, IM_START) + _text(tokenizer, f"{role}\n{content}") + _special(tokenizer, IM_END)
+    if ids:
+        ids += _template(tokenizer, "separator")
+    return ids + _template(tokenizer, "assistant_open")
 
 
 def chat_messages(trajectory: Trajectory) -> list[dict[str, str]]:

@@ -44,14 +44,7 @@ def tiny_policy(tmp_path_factory, calculator_data):
     tokenizer = build_tokenizer(trajectory_texts(calculator_data), 512)
     model = build_tiny_model(tokenizer, seed=0, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
     config = BCConfig(  # copy rows off: 150 steps on the episodes alone (tests/test_bc.py tests the rows)
-        max_steps=150,
-        batch_size=8,
-        max_length=256,
-        learning_rate=5e-3,
-        logging_steps=50,
-        save_steps=1000,
-        copy_mix=0.0,
-        batching="length",
+        max_steps=150, batch_size=8, max_length=256, learning_rate=5e-3, logging_steps=50, save_steps=1000, copy_mix=0.0
     )
     policy_dir = train_bc(calculator_data, model, tokenizer, out, config, seed=0)
     model, tokenizer = load_policy(policy_dir, local_files_only=True)
