@@ -252,6 +252,8 @@ class GRPOAlgoConfig(AlgoConfig):
     """TRL's loss aggregation: dapo (token-level), grpo (per sequence), dr_grpo, bnpo"""
     scale_rewards: ScaleRewards = ScaleRewards.group
     """advantage scaling: group, batch or none"""
+    gamma: float = 1.0
+    """per-turn discount of the episode's return: a reward earned at turn t counts gamma**t (1.0: none)"""
 
 
 @dataclass

@@ -27,7 +27,10 @@ Departures from GRPO as published (Shao et al. 2024, DeepSeekMath) and from TRL'
 3. Token-level aggregation (``algo.loss_type=dapo``, TRL's default) rather than the paper's per-sequence mean.
 4. The KL reference is the BC policy, not the SFT'd base, with TRL's bias-corrected k3 (its gradient is
    KL(policy || reference)'s) at ``algo.beta`` 0.05.
-5. The reward is a sum of named terms (the environment's, plus optional shaping, ``rl.turn_terms``).
+5. The reward is a sum of named terms (the environment's, plus optional shaping, ``rl.turn_terms``), each
+   discounted per turn by ``algo.gamma`` (1.0: none). With an undiscounted return a turn that changes nothing
+   (a move into a wall) costs nothing while the turn budget lasts, and every token of an episode shares its
+   advantage, so such turns in successful episodes are reinforced; ``gamma < 1`` makes each turn cost.
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ class EnvRollouts:
             out["completion_ids"].append(completion)
             out["env_mask"].append(mask)
             out["logprobs"].append([next(agent_logprobs) if m else 0.0 for m in mask])
-            for name, value in reward_terms(episode, self.cfg.rl).items():
+            for name, value in reward_terms(episode, self.cfg.rl, self.cfg.algo.gamma).items():
                 out[f"r_{name}"].append(value)
         return out
 

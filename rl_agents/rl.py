@@ -63,10 +63,10 @@ def turn_terms(trajectory: Trajectory, rl: RLConfig | DictConfig) -> list[dict[s
     return rows
 
 
-def reward_terms(trajectory: Trajectory, rl: RLConfig | DictConfig) -> dict[str, float]:
-    """The reward of an episode, term by term (the sums of ``turn_terms``)."""
+def reward_terms(trajectory: Trajectory, rl: RLConfig | DictConfig, gamma: float = 1.0) -> dict[str, float]:
+    """The return of an episode, term by term: the sums of ``turn_terms``, turn ``t`` weighted ``gamma**t``."""
     rows = turn_terms(trajectory, rl)
-    return {name: sum(row[name] for row in rows) for name in term_names(rl)}
+    return {name: sum(gamma**t * row[name] for t, row in enumerate(rows)) for name in term_names(rl)}
 
 
 def turn_rewards(trajectory: Trajectory, rl: RLConfig | DictConfig) -> list[float]:

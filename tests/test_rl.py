@@ -119,6 +119,8 @@ def test_reward_terms_and_their_placement_on_turns(tmp_path, tiny_policy):
     assert per_turn == pytest.approx([-0.31, -0.11, 0.99])
     assert sum(per_turn) == pytest.approx(sum(terms.values()))
     assert reward_terms(_episode(), _cfg(tiny_policy[0], tmp_path).rl) == {"env": 1.0}  # feedback: no penalty
+    discounted = reward_terms(_episode(), cfg.rl, gamma=0.5)  # turn t counts 0.5**t
+    assert discounted == pytest.approx({"env": 0.25, "malformed": -0.3, "per_turn": -0.0175, "tool_error": -0.05})
 
 
 def test_end_on_malformed_stops_the_episode_and_feedback_does_not(tiny_policy):
@@ -287,11 +289,13 @@ def test_grpo_rollouts_return_trl_fields_with_env_mask_and_sampling_logprobs(tmp
     from rl_agents.grpo import make_trainer
 
     policy_dir, _, tokenizer = tiny_policy
-    cfg = _cfg(policy_dir, tmp_path, "algo=grpo", "algo.group_size=2", "rl.episodes_per_step=4", "rl.minibatch_size=2")
+    cfg = _cfg(policy_dir, tmp_path, "algo=grpo", "algo.group_size=2", "rl.episodes_per_step=4", "rl.minibatch_size=2",
+               "algo.gamma=0.5", "rl.shaping.per_turn=-0.1")  # fmt: skip
     trainer = make_trainer(cfg, policy_dir, policy_dir, tmp_path / "rl", tracking.Tracker())
     prompts = ["Calculator-v0#11", "Calculator-v0#11", "Calculator-v0#12", "Calculator-v0#12"]
     out = trainer.rollout_func(prompts, trainer)
     assert len(out["completion_ids"]) == 4
+    discounted = 0
     for i, episode in enumerate(out["episode"]):
         assert episode.metadata["seed"] == int(prompts[i].split("#")[1])
         assert out["prompt_ids"][i] == prompt_ids(tokenizer, episode.task)
@@ -306,10 +310,14 @@ def test_grpo_rollouts_return_trl_fields_with_env_mask_and_sampling_logprobs(tmp
         scored, _ = logprobs_from_logits(logits, ids, cfg.rl.temperature)
         agent = torch.tensor(encoded.agent_mask[1:], dtype=torch.bool)
         assert torch.allclose(scored[0][agent], agent_lps, atol=1e-4)
-        # and the reward is what the environment pays for those turns, replayed on a fresh one
+        # and the reward is what the environment pays for those turns, replayed on a fresh one, turn t at 0.5**t
         replay = gym.make("Calculator-v0", split="train")
         replay.reset(seed=episode.metadata["seed"])
-        assert out["r_env"][i] == sum(replay.step(turn.agent)[1] for turn in episode.turns)
+        paid = [replay.step(turn.agent)[1] for turn in episode.turns]
+        assert out["r_env"][i] == sum(0.5**t * r for t, r in enumerate(paid))
+        assert out["r_per_turn"][i] == pytest.approx(-0.1 * sum(0.5**t for t in range(len(paid))))
+        discounted += len(paid) > 1
+    assert discounted  # episodes of several turns, whose later turns count less
 
     # TRL's loss on these episodes: no gradient at positions that predict an observation token
     inputs = trainer._generate_and_score_completions([{"prompt": p} for p in prompts])
