@@ -1,13 +1,17 @@
 """The collect stage: run a teacher in the environments and keep its episodes as trajectories.
 
 A teacher with ``concurrency > 1`` (the LLM teacher) runs that many episodes at once, each in its own
-environment; the trajectories come back in seed order whatever the order they finished in. A teacher with
+environment; a scripted teacher, which keeps per-episode state, runs ``collect.workers`` episodes at once, each
+thread with its own copy of the teacher and its own environment (for environments whose steps wait on a sandbox
+or a slow tool). The trajectories come back in seed order whatever the order they finished in, and an episode
+depends on its seed only, so the workers change nothing but the wall time. A teacher with
 ``checks_health`` is watched (``Health``): the collection stops with ``TeacherUnavailable`` when too many of
 its requests fail or too many of its turns are malformed, instead of paying for the whole budget.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections import Counter, deque
@@ -121,12 +125,14 @@ def collect(
     progress: bool = True,
     malformed: str = "mask",
     health: Health | None = None,
+    workers: int = 1,
 ) -> tuple[list[Trajectory], dict[str, Any]]:
     """Run ``teacher`` once per seed on *train* tasks; keep successful episodes (``keep="success"``) or all.
 
     A kept episode's malformed teacher turns are masked out of the loss (``malformed="mask"``), drop the
     episode (``"drop"``) or stay (``"keep"``). ``health`` (default for a teacher with ``checks_health``)
-    stops the collection early. Returns the kept trajectories and statistics of all episodes (success rate,
+    stops the collection early. ``workers``: episodes at once for a teacher without its own ``concurrency``
+    (each worker thread copies the teacher). Returns the kept trajectories and statistics of all episodes (success rate,
     turns, error kinds, lost and masked counts, and the teacher's ``usage()``: requests, tokens, cost).
     """
     if keep not in ("success", "all"):
@@ -135,7 +141,9 @@ def collect(
         raise ValueError(f"collect.malformed must be mask, drop or keep, got {malformed!r}")
     if health is None and getattr(teacher, "checks_health", False):
         health = Health()
-    episodes = _episodes(env_id, {**env_kwargs, "split": "train"}, teacher, seeds, max_turns, progress, health)
+    if workers < 1:
+        raise ValueError(f"collect.workers must be at least 1, got {workers}")
+    episodes = _episodes(env_id, {**env_kwargs, "split": "train"}, teacher, seeds, max_turns, progress, health, workers)
     kept, successes, turns, errors, counts = [], 0, 0, Counter(), Counter()
     for trajectory in episodes:
         if trajectory is None:
@@ -172,18 +180,21 @@ def collect(
     return kept, stats
 
 
-def _episodes(env_id, env_kwargs, teacher, seeds, max_turns, progress, health) -> list[Trajectory | None]:
-    """The teacher's episodes in seed order (None: lost to a failed request), ``teacher.concurrency`` at once."""
-    workers = max(1, int(getattr(teacher, "concurrency", 1)))
+def _episodes(env_id, env_kwargs, teacher, seeds, max_turns, progress, health, workers) -> list[Trajectory | None]:
+    """The teacher's episodes in seed order (None: lost to a failed request), ``teacher.concurrency`` at once
+    (a thread-safe teacher, shared) or else ``workers`` at once (a copy of the teacher per thread)."""
+    shared = hasattr(teacher, "concurrency")
+    workers = max(1, int(teacher.concurrency if shared else workers))
     bar = tqdm(total=len(seeds), desc=f"collect {env_id}", disable=not progress)
     local, made = threading.local(), []
 
     def run(seed: int) -> Trajectory | None:
         if not hasattr(local, "env"):
             local.env = gym.make(env_id, **env_kwargs)
+            local.teacher = teacher if shared or workers == 1 else copy.deepcopy(teacher)
             made.append(local.env)
         try:
-            return teacher_episode(local.env, teacher, seed, env_id, max_turns, health)
+            return teacher_episode(local.env, local.teacher, seed, env_id, max_turns, health)
         except RequestFailed:
             return None
         finally:

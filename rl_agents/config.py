@@ -428,6 +428,9 @@ class CollectConfig:
     malformed: Malformed = Malformed.mask
     """a kept episode's malformed teacher turns: mask (context only, out of the loss: the recovery after the
     error observation is still learned), drop (the whole episode), keep (cloned like any turn)"""
+    workers: int = 1
+    """episodes a scripted teacher collects at once, each thread with its own copy of the teacher and environment
+    (pays where steps wait on a sandbox or a slow tool; an LLM teacher runs teacher.concurrency at once)"""
 
 
 @dataclass

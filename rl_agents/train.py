@@ -69,7 +69,8 @@ def stage_collect(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> 
             health = Health(t.max_failure_rate, t.max_malformed_rate, t.health_check_after)
         try:
             kept, stats[env_id] = collect(env_id, entry.kwargs, teacher, seeds, cfg.runtime.max_turns,
-                                          cfg.collect.keep, cfg.progress, cfg.collect.malformed, health)  # fmt: skip
+                                          cfg.collect.keep, cfg.progress, cfg.collect.malformed, health,
+                                          cfg.collect.workers)  # fmt: skip
         except TeacherUnavailable as err:
             raise TeacherUnavailable(
                 f"collect {env_id} stopped: {err}. Every reply received is cached in {path.parent}/teacher_cache.jsonl:"

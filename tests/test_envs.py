@@ -128,6 +128,23 @@ def test_noisy_teacher_fails_about_as_often_as_its_noise(env_id):
     assert 0.3 < stats["teacher_success_rate"] < 0.9
 
 
+@pytest.mark.parametrize("env_id", ["Calculator-v0", "Code-v0"])
+def test_collect_workers_change_nothing_but_the_wall_time(env_id):
+    """Each worker thread copies the scripted teacher, whose per-episode state (its noise draw) would race if
+    shared: the episodes in seed order are the serial ones, turn for turn, and the teacher is left untouched."""
+    from rl_agents.collect import collect
+
+    teacher, seeds = TEACHERS[env_id](noise=0.5), list(range(40))
+    serial, serial_stats = collect(env_id, {}, teacher, seeds, 8, keep="all", progress=False)
+    state = (teacher.lazy, teacher.rng.bit_generator.state)
+    threaded, threaded_stats = collect(env_id, {}, teacher, seeds, 8, keep="all", progress=False, workers=4)
+    assert (teacher.lazy, teacher.rng.bit_generator.state) == state
+    assert [t.to_dict() for t in threaded] == [t.to_dict() for t in serial]
+    assert threaded_stats == serial_stats and 0 < serial_stats["teacher_success_rate"] < 1
+    with pytest.raises(ValueError, match="collect.workers"):
+        collect(env_id, {}, teacher, seeds, 8, progress=False, workers=0)
+
+
 def test_parse_turn_reads_tool_calls_answers_and_reasoning():
     call = parse_turn(
         '<think>x</think><tool_call>{"name": "calculator", "arguments": {"expression": "1+1"}}</tool_call>'
