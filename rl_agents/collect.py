@@ -218,3 +218,35 @@ def _episodes(env_id, env_kwargs, teacher, seeds, max_turns, progress, health, w
         bar.close()
         for env in made:
             env.close()
+
+
+def bench(env_id: str, teacher: Any, episodes: int, workers: list[int], rounds: int = 2, max_turns: int = 8):
+    """Wall seconds to collect ``episodes`` teacher episodes at each worker count, the counts alternating for
+    ``rounds`` rounds (best of each, so a busy moment hurts every count alike)."""
+    import time
+
+    seconds: dict[int, float] = {}
+    for _ in range(rounds):
+        for n in workers:
+            start = time.perf_counter()
+            collect(env_id, {}, teacher, list(range(episodes)), max_turns, "all", False, workers=n)
+            seconds[n] = min(seconds.get(n, float("inf")), time.perf_counter() - start)
+    return seconds
+
+
+if __name__ == "__main__":  # python -m rl_agents.collect Code-v0 envs.code.CodeTeacher --episodes 300 --workers 1 4
+    import argparse
+
+    from hydra.utils import get_class
+
+    import envs  # noqa: F401  (registers the environments)
+
+    parser = argparse.ArgumentParser(description="Time a scripted teacher's collection at several collect.workers.")
+    parser.add_argument("env_id")
+    parser.add_argument("teacher", help="the teacher's class, e.g. envs.code.CodeTeacher")
+    parser.add_argument("--episodes", type=int, default=300)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 4])
+    args = parser.parse_args()
+    times = bench(args.env_id, get_class(args.teacher)(), args.episodes, args.workers)
+    for n, s in times.items():
+        print(f"workers={n}: {s:.1f} s for {args.episodes} episodes, {times[args.workers[0]] / s:.2f}x")

@@ -132,7 +132,7 @@ def test_noisy_teacher_fails_about_as_often_as_its_noise(env_id):
 def test_collect_workers_change_nothing_but_the_wall_time(env_id):
     """Each worker thread copies the scripted teacher, whose per-episode state (its noise draw) would race if
     shared: the episodes in seed order are the serial ones, turn for turn, and the teacher is left untouched."""
-    from rl_agents.collect import collect
+    from rl_agents.collect import bench, collect
 
     teacher, seeds = TEACHERS[env_id](noise=0.5), list(range(40))
     serial, serial_stats = collect(env_id, {}, teacher, seeds, 8, keep="all", progress=False)
@@ -143,6 +143,8 @@ def test_collect_workers_change_nothing_but_the_wall_time(env_id):
     assert threaded_stats == serial_stats and 0 < serial_stats["teacher_success_rate"] < 1
     with pytest.raises(ValueError, match="collect.workers"):
         collect(env_id, {}, teacher, seeds, 8, progress=False, workers=0)
+    seconds = bench(env_id, teacher, 4, [1, 2], rounds=1)  # python -m rl_agents.collect's timing
+    assert sorted(seconds) == [1, 2] and all(s > 0 for s in seconds.values())
 
 
 def test_parse_turn_reads_tool_calls_answers_and_reasoning():
