@@ -246,6 +246,9 @@ class GRPOAlgoConfig(AlgoConfig):
     """episodes per prompt (the group whose rewards give the baseline)"""
     num_iterations: int = 1
     """optimizer passes over each generation batch (mu in the GRPO paper)"""
+    updates_per_batch: int = 1
+    """optimizer updates per pass over a generation batch, each on an equal slice of its episodes (1: the whole
+    batch accumulated into one update); a batch gives updates_per_batch x num_iterations of the rl.steps"""
     epsilon: float = 0.2
     """clipping range of the importance ratio"""
     loss_type: str = "dapo"

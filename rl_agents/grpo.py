@@ -144,12 +144,15 @@ def make_trainer(cfg: DictConfig, init: Path, ref: Path, out_dir: Path, tracker)
         for seed in seeds
     ]
     cuda = torch.cuda.is_available()
+    # one generation batch of rl.episodes_per_step across all processes, in this process's minibatches, split
+    # into algo.updates_per_batch optimizer updates (rl.steps counts updates)
+    minibatches = rl.episodes_per_step // (rl.minibatch_size * distributed.world_size())
     args = GRPOConfig(
         output_dir=str(out_dir / "checkpoints"),
         max_steps=rl.steps,
         per_device_train_batch_size=rl.minibatch_size,
-        # one generation batch of rl.episodes_per_step per update, across all processes
-        gradient_accumulation_steps=rl.episodes_per_step // (rl.minibatch_size * distributed.world_size()),
+        steps_per_generation=minibatches,
+        gradient_accumulation_steps=minibatches // algo.updates_per_batch,
         num_generations=algo.group_size,
         num_iterations=algo.num_iterations,
         learning_rate=algo.learning_rate,

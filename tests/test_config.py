@@ -146,6 +146,8 @@ def test_a_closed_choice_is_refused_with_the_choices_named(override, choices):
         (["stages=[eval]", "eval.policies=[rl]"], "rl stage"),
         (["stages=[collect,bc,rl]", "algo.group_size=3"], "algo.group_size=3"),
         (["stages=[collect,bc,rl]", "rl.minibatch_size=12"], "rl.minibatch_size=12"),
+        (["stages=[collect,bc,rl]", "algo.updates_per_batch=3"], "algo.updates_per_batch=3 must divide the 4"),
+        (["stages=[collect,bc,rl]", "algo.updates_per_batch=4", "algo.num_iterations=2"], "rl.save_steps=20"),
         (["stages=[collect,bc,rl]", "algo=ppo", "algo.critic_lam=1.5"], "algo.critic_lam"),
         (["stages=[collect,bc,rl]", "algo=ppo", "algo.target_kl=0"], "algo.target_kl"),
         (["stages=[collect,bc,rl]", "algo=ppo", "algo.clip_high=-0.1"], "algo.clip_high"),

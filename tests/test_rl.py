@@ -339,6 +339,22 @@ def test_grpo_rollouts_return_trl_fields_with_env_mask_and_sampling_logprobs(tmp
     assert torch.all(predicts[env] > 0)
 
 
+def test_grpo_splits_a_generation_batch_into_updates_per_batch_updates(tmp_path, tiny_policy):
+    """Four optimizer updates at two per batch: two generation batches, sampled at updates 0 and 2, each split
+    into two updates of half its episodes (its advantages computed once, over the whole batch)."""
+    policy_dir = tiny_policy[0]
+    run_dir = tmp_path / "run"
+    run(_cfg(policy_dir, run_dir, "algo=grpo", "algo.group_size=2", "algo.updates_per_batch=2", "rl.steps=4",
+             "rl.save_steps=2", "rl.episodes_per_step=4", "rl.minibatch_size=2", "rl.shaping.per_turn=-0.1",
+             "rl.temperature=1.5", "algo.learning_rate=1e-3"), run_dir)  # fmt: skip
+    rollouts = [json.loads(line) for line in (run_dir / "rl" / "rollouts" / "rank0.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rollouts] == [0] * 4 + [2] * 4
+    history = [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]
+    a, start = _weights(run_dir / "rl" / "policy"), _weights(policy_dir)
+    assert any(not torch.equal(a[k], start[k]) for k in a), "training changed the policy"
+
+
 # --- the KL to the reference ---------------------------------------------------------------------
 def _expected_gradient(loss_of, theta: torch.Tensor) -> torch.Tensor:
     """The exact expected gradient of a per-sample loss over samples of softmax(theta), the sampling
