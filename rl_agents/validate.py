@@ -192,14 +192,13 @@ def _check_rl(cfg: DictConfig, run_dir: Path) -> None:
                 f"rl.episodes_per_step={rl.episodes_per_step} (GRPO accumulates the minibatches of a step into one "
                 "update)"
             )
+        _at_least(cfg, ["algo.updates_per_batch", "algo.num_iterations"], 1)
         minibatches = rl.episodes_per_step // (rl.minibatch_size * processes)
-        if algo.updates_per_batch < 1 or minibatches % algo.updates_per_batch:
+        if minibatches % algo.updates_per_batch:
             raise ConfigError(
                 f"algo.updates_per_batch={algo.updates_per_batch} must divide the {minibatches} minibatches of a "
                 "generation batch (rl.episodes_per_step / (rl.minibatch_size x processes))"
             )
-        if algo.num_iterations < 1:
-            raise ConfigError(f"algo.num_iterations must be >= 1, got {algo.num_iterations}")
         per_batch = algo.updates_per_batch * algo.num_iterations
         if rl.save_steps % per_batch:
             raise ConfigError(
