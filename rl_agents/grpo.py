@@ -50,6 +50,7 @@ from rl_agents.model import load_policy
 from rl_agents.rl import (
     append_rollouts,
     episode_metrics,
+    grpo_minibatches,
     mixed_precision,
     reward_terms,
     rl_lora,
@@ -146,7 +147,7 @@ def make_trainer(cfg: DictConfig, init: Path, ref: Path, out_dir: Path, tracker)
     cuda = torch.cuda.is_available()
     # one generation batch of rl.episodes_per_step across all processes, in this process's minibatches, split
     # into algo.updates_per_batch optimizer updates (rl.steps counts updates)
-    minibatches = rl.episodes_per_step // (rl.minibatch_size * distributed.world_size())
+    minibatches = grpo_minibatches(rl, distributed.world_size())
     args = GRPOConfig(
         output_dir=str(out_dir / "checkpoints"),
         max_steps=rl.steps,

@@ -20,6 +20,7 @@ from rl_agents.config import (
     ConfigError,
     env_entries,
 )
+from rl_agents.rl import grpo_minibatches
 from rl_agents.runtime import check_workers
 from rl_agents.runtime.workers import env_spec
 from rl_agents.trajectory import SPECIAL_TOKENS
@@ -193,7 +194,7 @@ def _check_rl(cfg: DictConfig, run_dir: Path) -> None:
                 "update)"
             )
         _at_least(cfg, ["algo.updates_per_batch", "algo.num_iterations"], 1)
-        minibatches = rl.episodes_per_step // (rl.minibatch_size * processes)
+        minibatches = grpo_minibatches(rl, processes)
         if minibatches % algo.updates_per_batch:
             raise ConfigError(
                 f"algo.updates_per_batch={algo.updates_per_batch} must divide the {minibatches} minibatches of a "
