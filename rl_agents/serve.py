@@ -16,7 +16,10 @@ FastAPI and uvicorn (``pip install 'rl_agents[serve]'``). The openai SDK, LangCh
 One thread owns the model and runs the agent-mode tasks on the runtime's slots with continuous batching: a
 request that arrives while others run starts in the next free slot, at the next forward pass, rather than
 waiting for the batch to end (``Runtime.stream``); a tool-calling request runs between two passes. Bad
-requests get OpenAI-style JSON errors with a 4xx status, and the server keeps serving.
+requests get OpenAI-style JSON errors with a 4xx status, and the server keeps serving. Past ``max_pending``
+requests in hand a new one gets 429 (``overloaded``, with ``Retry-After``) instead of an unbounded wait, and a
+request whose client leaves, streamed or not, stops: its episode ends at the next forward pass, its turn at the
+next token (or is never started).
 """
 
 import asyncio
@@ -37,6 +40,7 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from envs.base import THINK_RE, Answer, ToolCall, parse_turn
 from rl_agents.agent import Agent, AgentResult, AgentTurn
@@ -75,6 +79,8 @@ class ServeConfig:
     """agent-mode episodes run at once (the runtime's slots); more requests wait for a free slot"""
     env_workers: int = 4
     """threads that run the tools while the model decodes for the other episodes"""
+    max_pending: int = 256
+    """requests in hand (running or waiting for the model); one more is refused with 429 (0: no limit)"""
 
 
 ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
@@ -83,9 +89,16 @@ ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
 class RequestError(Exception):
     """A request the server refuses, as OpenAI does: a status, a message, a type, a code."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.code, self.kind = status, message, code, kind
+        self.status, self.message, self.code, self.kind, self.headers = status, message, code, kind, headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.code}}
@@ -175,13 +188,15 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     events: asyncio.Queue | None = None  # agent mode, streamed: each turn as it ends
+    cancelled: bool = False  # its client left: a turn not started is skipped, a running one stops at its next token
 
 
 class AgentServer:
     """The model's one thread and the HTTP app around it."""
 
-    def __init__(self, agent: Agent, model_name: str, prefix_cache: int = 32):
+    def __init__(self, agent: Agent, model_name: str, prefix_cache: int = 32, max_pending: int = 256):
         self.agent, self.model_name = agent, model_name
+        self.max_pending, self.pending = max_pending, 0  # requests in hand; counted on the event loop's thread
         self.prefix_cache = PrefixCache(prefix_cache)
         self.own_turns = OwnTurns()
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
@@ -209,7 +224,8 @@ class AgentServer:
             if index is not None:
                 self._feed.cancel(index)
         elif job.kind == "turn":
-            self._settle(job, self._one_turn, job.payload, _TokenStreamer(job) if job.events is not None else None)
+            streamer = _TokenStreamer(job) if job.events is not None else None
+            self._settle(job, self._one_turn, job.payload, streamer, lambda: job.cancelled)
         else:
             self._waiting[self._feed.add({"task": job.payload})] = job
 
@@ -261,9 +277,11 @@ class AgentServer:
         finally:
             self._feed, self._waiting = Feed(), {}
 
-    def _one_turn(self, messages: list[dict[str, str]], streamer=None) -> tuple[str, int, int]:
+    def _one_turn(self, messages: list[dict[str, str]], streamer=None, cancelled=None) -> tuple[str, int, int]:
         """The model's next turn after ``messages`` (training format): its text, prompt and completion tokens;
-        ``streamer`` hears each token as it is decoded."""
+        ``streamer`` hears each token as it is decoded; decoding stops at the first token after ``cancelled()``."""
+        if cancelled is not None and cancelled():
+            raise ClientLeft()
         tokenizer, model = self.agent.tokenizer, self.agent.model
         ids = conversation_ids(tokenizer, messages, self.own_turns.get)
         limit = self.agent.runtime.config.max_context
@@ -286,7 +304,10 @@ class AgentServer:
                 pad_token_id=tokenizer.pad_token_id,
                 return_dict_in_generate=True,
                 streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]) if cancelled else None,
             )
+        if cancelled is not None and cancelled():
+            raise ClientLeft()
         sequence = out.sequences[0].tolist()
         self.prefix_cache.put(sequence, out.cache)
         generated = sequence[len(ids) :]
@@ -301,10 +322,40 @@ class AgentServer:
         self.worker.join(timeout=10)
 
     async def _submit(self, kind: str, payload: Any, stream: bool = False) -> _Job:
+        if self.max_pending and self.pending >= self.max_pending:
+            raise RequestError(
+                429,
+                f"the server has {self.pending} requests in hand, its limit (max_pending); retry shortly",
+                "overloaded",
+                "rate_limit_error",
+                {"Retry-After": "1"},
+            )
         loop = asyncio.get_running_loop()
         job = _Job(kind, payload, loop, loop.create_future(), asyncio.Queue() if stream else None)
+        self.pending += 1
+        job.future.add_done_callback(self._settled)
         self.jobs.put(job)
         return job
+
+    def _settled(self, future: asyncio.Future) -> None:
+        self.pending -= 1
+        if not future.cancelled():
+            future.exception()  # retrieved: the failure of a request whose client left has no one to raise into
+
+    def _cancel(self, job: _Job) -> None:
+        """The request's client left: its turn stops (or never starts), its agent episode ends at the next pass."""
+        job.cancelled = True
+        if job.kind == "agent":
+            self.jobs.put(_Job("cancel", job, job.loop, job.future))
+
+    async def _answer(self, job: _Job, request) -> Any:
+        """A request's result, not streamed; if its client leaves first, the request is cancelled."""
+        while not job.future.done():
+            await asyncio.wait([job.future], timeout=0.5)
+            if not job.future.done() and await request.is_disconnected():
+                self._cancel(job)
+                raise ClientLeft()
+        return job.future.result()
 
     # --- HTTP ----------------------------------------------------------------------------------
     def _app(self):
@@ -315,7 +366,7 @@ class AgentServer:
 
         @app.exception_handler(RequestError)
         async def refused(request: Request, err: RequestError):
-            return JSONResponse(err.body(), status_code=err.status)
+            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
         @app.get("/health")
         async def health():
@@ -323,7 +374,9 @@ class AgentServer:
             counts = {"hits": c.hits, "misses": c.misses, "reused_tokens": c.reused_tokens}
             waiting = self._feed.waiting()
             episodes = {"running": len(self._waiting) - waiting, "waiting": waiting, "cancelled": self.cancelled}
-            return {"status": "ok", "model": self.model_name, "prefix_cache": counts, "agent_episodes": episodes}
+            requests = {"pending": self.pending, "max_pending": self.max_pending}
+            return {"status": "ok", "model": self.model_name, "prefix_cache": counts, "agent_episodes": episodes,
+                    "requests": requests}  # fmt: skip
 
         @app.get("/v1/models")
         async def models():
@@ -348,7 +401,7 @@ class AgentServer:
                                                 f"{sorted(known)}", "unknown_tool")  # fmt: skip
                 job = await self._submit("turn", _training_messages(messages), stream=bool(body.get("stream")))
                 if job.events is None:
-                    return JSONResponse(_turn_completion(self.model_name, *(await job.future)))
+                    return JSONResponse(_turn_completion(self.model_name, *(await self._answer(job, request))))
                 # the status waits for the turn to start, so that a refused request (over the context) is a 4xx
                 started = asyncio.ensure_future(job.events.get())
                 await asyncio.wait([started, job.future], return_when=asyncio.FIRST_COMPLETED)
@@ -356,15 +409,16 @@ class AgentServer:
                     started.cancel()
                     job.future.result()  # raises the refusal
                 usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                return StreamingResponse(_stream_turn(self.model_name, job, request, self.agent.tokenizer, usage),
-                                         media_type="text/event-stream")  # fmt: skip
+                cancel = partial(self._cancel, job)
+                return StreamingResponse(_stream_turn(self.model_name, job, request, self.agent.tokenizer, usage,
+                                                      cancel), media_type="text/event-stream")  # fmt: skip
             task = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), None)
             if not isinstance(task, str) or not task.strip():
                 raise RequestError(400, "agent mode needs a user message with text content (the task)", "no_task")
             job = await self._submit("agent", task, stream=bool(body.get("stream")))
             if job.events is None:
-                return JSONResponse(_agent_completion(self.model_name, await job.future))
-            cancel = partial(self.jobs.put, _Job("cancel", job, job.loop, job.future))
+                return JSONResponse(_agent_completion(self.model_name, await self._answer(job, request)))
+            cancel = partial(self._cancel, job)
             return StreamingResponse(_stream(self.model_name, job, request, cancel), media_type="text/event-stream")
 
         return app
@@ -500,6 +554,23 @@ async def _stream(model: str, job: _Job, request, cancel):
     yield "data: [DONE]\n\n"
 
 
+class ClientLeft(RequestError):
+    """The request's client disconnected before its answer (nginx's 499: the status no one reads)."""
+
+    def __init__(self):
+        super().__init__(499, "the client closed the request", "client_closed_request")
+
+
+class _Cancelled(StoppingCriteria):
+    """``generate`` stops at the next token once ``cancelled()`` (the request's client left)."""
+
+    def __init__(self, cancelled):
+        self.cancelled = cancelled
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.cancelled(), dtype=torch.bool, device=input_ids.device)
+
+
 class _TokenStreamer:
     """``generate``'s streamer for a streamed one-turn request: each decoded token to the request's events (the
     prompt, which ``generate`` hands over first, as the marker that the turn started)."""
@@ -525,7 +596,7 @@ def _answer_so_far(text: str) -> str | None:
     return answer.strip() if ANSWER_CLOSE in body[at:] else answer.lstrip().rstrip()
 
 
-async def _stream_turn(model: str, job: _Job, request, tokenizer, usage: bool):
+async def _stream_turn(model: str, job: _Job, request, tokenizer, usage: bool, cancel):
     """Tool-calling mode, streamed as OpenAI streams: an answer's text as it is decoded, a tool call whole (its
     name and arguments in one ``tool_calls`` delta) when the turn ends, then the finish reason and ``[DONE]``. The
     content and calls add up to the unstreamed reply's (but for a turn that opens an answer and never closes it:
@@ -534,7 +605,8 @@ async def _stream_turn(model: str, job: _Job, request, tokenizer, usage: bool):
     yield chunk({"role": "assistant", "content": ""})
     ids, sent = [], ""
     while not job.future.done() or not job.events.empty():
-        if await request.is_disconnected():  # the client left: the turn ends in the model's thread
+        if await request.is_disconnected():  # the client left: the turn stops at its next token
+            cancel()
             return
         try:
             ids += await asyncio.wait_for(job.events.get(), timeout=0.5)
@@ -606,7 +678,8 @@ def build_server(cfg: DictConfig | ServeConfig) -> AgentServer:
         env_workers=cfg.env_workers,
     )  # fmt: skip
     path = Path(cfg.agent).resolve()
-    return AgentServer(agent, cfg.model_name or f"{path.parent.parent.name}/{path.parent.name}", cfg.prefix_cache)
+    name = cfg.model_name or f"{path.parent.parent.name}/{path.parent.name}"
+    return AgentServer(agent, name, cfg.prefix_cache, cfg.max_pending)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://rl_agents.conf", config_name="serve")

@@ -4,6 +4,7 @@ import json
 import threading
 import urllib.error
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 import openai
@@ -118,14 +119,8 @@ def test_a_request_joins_the_running_batch_instead_of_waiting_for_it(carded_poli
     assert during.choices[0].message.tool_calls[0].function == after.choices[0].message.tool_calls[0].function
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_slot(carded_policy):
-    """The client of a streamed agent-mode request disconnects while its tool hangs: the episode ends at once
-    (``cancelled``, its slot free; /health counts it) rather than when the tool returns, and the server goes on."""
-    import http.client
-    import time
-
-    from rl_agents.serve import AgentServer, Background
-
+def _agent_whose_first_tool_call_hangs(policy):
+    """The agent with a calculator whose first call sets ``entered`` and waits for ``release`` (60 s at most)."""
     entered, release = threading.Event(), threading.Event()
 
     def calculator(expression: str) -> str:
@@ -134,15 +129,29 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(carded_policy):
             release.wait(timeout=60)
         return "408"
 
-    agent = Agent.from_pretrained(carded_policy, tools={"calculator": calculator}, tool_timeout_s=90)
+    return Agent.from_pretrained(policy, tools={"calculator": calculator}, tool_timeout_s=90), entered, release
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_frees_its_slot(carded_policy, stream):
+    """The client of an agent-mode request, streamed or not, disconnects while its tool hangs: the episode ends at
+    once (``cancelled``, its slot free; /health counts it) rather than when the tool returns, and the server goes
+    on."""
+    import http.client
+    import time
+
+    from rl_agents.serve import AgentServer, Background
+
+    agent, entered, release = _agent_whose_first_tool_call_hangs(carded_policy)
     served = AgentServer(agent, "calculator-agent")
-    body = {"messages": [{"role": "user", "content": "What is 12 * 34?"}], "stream": True}
+    body = {"messages": [{"role": "user", "content": "What is 12 * 34?"}], "stream": stream}
     try:
         with Background(served.app) as base:
             connection = http.client.HTTPConnection("127.0.0.1", int(base.rsplit(":", 1)[1]), timeout=60)
             connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-            response = connection.getresponse()
-            assert response.status == 200 and response.readline().startswith(b"data: ")
+            if stream:
+                response = connection.getresponse()
+                assert response.status == 200 and response.readline().startswith(b"data: ")
             assert entered.wait(timeout=60), "the request never called its tool"
             connection.close()  # the client leaves while its tool hangs
             deadline, health = time.monotonic() + 30, {}
@@ -158,6 +167,66 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(carded_policy):
     finally:
         release.set()
         served.close()
+
+
+def test_a_request_past_max_pending_gets_429_and_the_server_goes_on(carded_policy):
+    """With ``max_pending=1`` and one request in hand (its tool hangs), the next gets OpenAI's 429 with
+    ``Retry-After`` at once rather than waiting; once the first is answered, requests are served again."""
+    from rl_agents.serve import AgentServer, Background
+
+    agent, entered, release = _agent_whose_first_tool_call_hangs(carded_policy)
+    served = AgentServer(agent, "calculator-agent", max_pending=1)
+    ask, answers = [{"role": "user", "content": "What is 12 * 34?"}], []
+    try:
+        with Background(served.app) as base:
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+            ask_once = partial(client.chat.completions.create, model="calculator-agent", messages=ask)
+            first = threading.Thread(target=lambda: answers.append(ask_once()))
+            first.start()
+            assert entered.wait(timeout=60), "the first request never called its tool"
+            with pytest.raises(openai.RateLimitError) as refused:
+                client.chat.completions.create(model="calculator-agent", messages=ask)
+            assert refused.value.code == "overloaded" and refused.value.response.headers["retry-after"] == "1"
+            assert not release.is_set() and not answers  # refused while the first still ran
+            release.set()
+            first.join(timeout=60)
+            health = json.loads(urllib.request.urlopen(base + "/health", timeout=10).read())["requests"]
+            assert health == {"pending": 0, "max_pending": 1}
+            again = client.chat.completions.create(model="calculator-agent", messages=ask)
+            assert len(answers) == 1 and again.choices[0].message.content == answers[0].choices[0].message.content
+    finally:
+        release.set()
+        served.close()
+
+
+def test_a_turn_whose_client_left_stops_at_its_next_token(server):
+    """Tool-calling mode: once ``cancelled()`` holds (the request's client left), decoding stops at the next token
+    and the turn is not answered; one not started is never decoded."""
+    from rl_agents.serve import ClientLeft
+
+    base, client, served, target = server
+    messages = [{"role": "user", "content": "What is 12 * 34?"}]
+    _, _, full = served._one_turn(messages)
+
+    class Tokens:
+        def __init__(self):
+            self.puts = []
+
+        def put(self, value):
+            self.puts.append(value)
+
+        def end(self):
+            pass
+
+    heard = Tokens()  # generate hands the prompt first, then each token as it is decoded
+    with pytest.raises(ClientLeft):
+        served._one_turn(messages, heard, lambda: len(heard.puts) > 3)
+    # cancelled once three tokens were heard: the token being decoded then is the last, of a longer turn
+    assert full > 4 and len(heard.puts) == 1 + 4
+    never = Tokens()
+    with pytest.raises(ClientLeft):
+        served._one_turn(messages, never, lambda: True)
+    assert never.puts == []
 
 
 def test_tool_calling_mode_returns_the_models_call_for_the_client_to_run(server):
