@@ -503,6 +503,11 @@ ConfigStore.instance().store(group="algo", name="grpo_schema", node=GRPOAlgoConf
 ConfigStore.instance().store(group="algo", name="ppo_schema", node=PPOAlgoConfig)
 
 
+def grpo_minibatches(rl: RLConfig | DictConfig, processes: int) -> int:
+    """One GRPO generation batch (rl.episodes_per_step over all processes) in one process's minibatches."""
+    return rl.episodes_per_step // (rl.minibatch_size * processes)
+
+
 def env_entries(cfg: DictConfig) -> dict[str, EnvEntry]:
     """The configured environments, each checked against EnvEntry's fields."""
     entries = {}

@@ -46,11 +46,11 @@ from transformers import PrinterCallback, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from rl_agents import distributed, rundir
+from rl_agents.config import grpo_minibatches
 from rl_agents.model import load_policy
 from rl_agents.rl import (
     append_rollouts,
     episode_metrics,
-    grpo_minibatches,
     mixed_precision,
     reward_terms,
     rl_lora,

@@ -105,11 +105,6 @@ def split_by_weight(n: int, weights: dict[str, float], rng: np.random.Generator)
     return counts
 
 
-def grpo_minibatches(rl: RLConfig | DictConfig, processes: int) -> int:
-    """One GRPO generation batch (rl.episodes_per_step over all processes) in one process's minibatches."""
-    return rl.episodes_per_step // (rl.minibatch_size * processes)
-
-
 def rollout_config(cfg: DictConfig) -> RuntimeConfig:
     """The runtime settings of training rollouts: sampled at rl.temperature, malformed turns per rl.on_malformed."""
     runtime = RuntimeConfig(**OmegaConf.to_container(cfg.runtime))

@@ -19,8 +19,8 @@ from rl_agents.config import (
     TINY_MODEL,
     ConfigError,
     env_entries,
+    grpo_minibatches,
 )
-from rl_agents.rl import grpo_minibatches
 from rl_agents.runtime import check_workers
 from rl_agents.runtime.workers import env_spec
 from rl_agents.trajectory import SPECIAL_TOKENS
