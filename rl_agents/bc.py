@@ -67,15 +67,17 @@ class LengthBatches(Sampler[int]):
         return (index for batch in self.batches() for index in batch)
 
 
-def padded_tokens(lengths: list[int], batch_size: int, seed: int, accumulation: int = 1) -> dict[str, int]:
+def padded_tokens(
+    lengths: list[int], batch_size: int, seed: int, accumulation: int = 1, bucket: int = 50
+) -> dict[str, int]:
     """The tokens one epoch feeds the model, padding included, under each ``bc.batching``, beside ``real`` (the
     rows' own): a padded step's compute follows them (docs/results.md#length-grouped-batches). The batches are
     the loader's, of ``batch_size`` rows, cut from groups of ``batch_size * accumulation`` as the samplers make
-    them."""
+    them, ``length`` in runs of ``bucket`` batches."""
     generator = torch.Generator().manual_seed(seed)
     orders = {
         "random": torch.randperm(len(lengths), generator=generator).tolist(),
-        "length": list(LengthBatches(lengths, batch_size * accumulation, seed)),
+        "length": list(LengthBatches(lengths, batch_size * accumulation, seed, bucket)),
         "length_sorted": get_length_grouped_indices(lengths, batch_size * accumulation, generator=generator),
     }
     batches = {
@@ -94,6 +96,7 @@ class BCTrainer(SFTTrainer):
     batch's loss tokens, divided by their number)."""
 
     length_batches = False
+    length_bucket = 50
 
     def _get_train_sampler(self, train_dataset=None):
         if not self.length_batches:
@@ -101,7 +104,8 @@ class BCTrainer(SFTTrainer):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         lengths = [len(ids) for ids in dataset["input_ids"]]
         seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
-        return LengthBatches(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps, seed)
+        size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return LengthBatches(lengths, size, seed, self.length_bucket)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if isinstance(self.model.get_output_embeddings(), nn.Linear):
@@ -141,6 +145,7 @@ def make_trainer(
         if config.batching == "length_sorted" and not config.packing
         else "random",
         activation_checkpointing=config.gradient_checkpointing,
+        torch_compile=config.torch_compile,
         logging_steps=config.logging_steps,
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
@@ -167,6 +172,7 @@ def make_trainer(
         callbacks=[LogToPython(), rundir.SafeCheckpoints(), *(callbacks or [])],
     )
     trainer.length_batches = config.batching == "length" and not config.packing
+    trainer.length_bucket = config.length_bucket
     trainer.remove_callback(PrinterCallback)  # with tqdm off it prints every log to stdout: LogToPython logs them
     return trainer
 
@@ -271,7 +277,7 @@ def train_bc(
         lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
         log.info(
             "bc: one epoch's tokens, padding included, per bc.batching: %s",
-            padded_tokens(lengths, config.batch_size, seed, config.gradient_accumulation_steps),
+            padded_tokens(lengths, config.batch_size, seed, config.gradient_accumulation_steps, config.length_bucket),
         )
     checkpoints = trainer.args.output_dir
     checkpoint = rundir.last_checkpoint(checkpoints) if resume else None

@@ -144,8 +144,15 @@ class BCConfig:
     """random | length | length_sorted (ignored when packing). ``length_sorted`` (the earlier recipes) orders
     each run of 50 batches from the longest episodes to the shortest: the steps are not i.i.d., the loss jumps
     every 50 steps and BC fails on tasks it learns otherwise (docs/results.md#length-grouped-batches)"""
+    length_bucket: int = 50
+    """bc.batching=length: batches per sorted run (``bc.LengthBatches``). Fewer pad more and mix more distinct
+    episodes into a batch: on data with many repeats of few tasks (TaxiText-v0), runs of 50 put copies of the
+    same task together (docs/results.md#taxitext-v0-in-30-minutes); 1 is random batches"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory for large models, slower steps (11% on the tiny one)"""
+    torch_compile: bool = False
+    """compile the model's training step with ``torch.compile`` (transformers' ``torch_compile``): a minute or
+    two of compilation, then faster steps where elementwise work dominates (small models, CPUs)"""
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int = 2

@@ -286,7 +286,7 @@ def _check_values(cfg: DictConfig) -> None:
     """Counts >= 1, rates > 0, seeds >= 0, lengths the model can hold: before any work, the key named."""
     _at_least(cfg, ["seed", "env.train_seed_start", "env.eval_seed_start"], 0)
     counts = ["eval.episodes", "bc.max_steps", "bc.batch_size", "bc.gradient_accumulation_steps", "bc.save_steps",
-              "bc.logging_steps", "bc.save_total_limit"]  # fmt: skip
+              "bc.logging_steps", "bc.save_total_limit", "bc.length_bucket"]  # fmt: skip
     _at_least(cfg, (["collect.episodes", "collect.workers"] if "collect" in cfg.stages else []) + counts, 1)
     _at_least(cfg, ["bc.learning_rate"], 0, strict=True)
     _at_least(cfg, ["bc.weight_decay", "bc.warmup_steps", "bc.copy_mix", "bc.copy_augment"], 0)

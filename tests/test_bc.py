@@ -1,5 +1,6 @@
 """Behavioural cloning: labels only on agent tokens, packing isolates episodes, training changes the policy."""
 
+import pytest
 import torch
 from torch.utils.data import RandomSampler
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
@@ -222,6 +223,29 @@ def test_bc_batching_picks_the_sampler_and_the_loader_follows_it(tmp_path, calcu
     assert [row[: len(ids)].tolist() for row, ids in zip(first["input_ids"], expected)] == expected
 
 
+def test_bc_length_bucket_sets_the_runs_the_trainer_and_the_padding_log_sort(tmp_path, calculator_data):
+    """``bc.length_bucket``: the trainer's sampler sorts runs of that many batches; on data of few tasks repeated
+    (lengths fixed per task), short runs mix more distinct tasks into a batch than long ones, for more padding,
+    and runs of one batch are random batches."""
+    model, tokenizer = _tiny(calculator_data)
+    config = BCConfig(max_steps=1, batch_size=4, copy_mix=0.0, batching="length", length_bucket=2)
+    trainer = make_trainer(calculator_data[:40], model, tokenizer, tmp_path, config, seed=0)
+    sampler = trainer._get_train_sampler()
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    assert sampler.bucket == 2 and sampler.batches() == LengthBatches(lengths, 4, 0, bucket=2).batches()
+
+    tasks = [i % 40 for i in range(2000)]  # 40 tasks, 50 copies each
+    lengths = [100 + 7 * task for task in tasks]
+
+    def distinct(bucket):
+        batches = LengthBatches(lengths, 32, seed=0, bucket=bucket).batches()
+        return sum(len({tasks[i] for i in b}) for b in batches) / len(batches)
+
+    assert distinct(50) < 3 < 8 < distinct(4) < distinct(1)
+    padded = {bucket: padded_tokens(lengths, 32, seed=0, bucket=bucket)["length"] for bucket in (1, 4, 50)}
+    assert padded[50] < padded[4] < padded[1] == padded_tokens(lengths, 32, seed=0)["random"]
+
+
 def test_the_logged_padding_is_the_loaders_with_gradient_accumulation(tmp_path, calculator_data):
     """padded_tokens' ``length`` figure counts what one epoch of the loader feeds, where the sampler groups
     ``batch_size * gradient_accumulation_steps`` rows and the loader cuts them into batches of ``batch_size``."""
@@ -232,3 +256,22 @@ def test_the_logged_padding_is_the_loaders_with_gradient_accumulation(tmp_path, 
     fed = sum(batch["input_ids"].numel() for batch in trainer.get_train_dataloader())
     assert padded_tokens(lengths, 4, seed=0, accumulation=3)["length"] == fed
     assert padded_tokens(lengths, 4, seed=0)["length"] != fed  # grouped by 4, as the log did before
+
+
+@pytest.mark.slow  # compilation: 12 s here with a warm inductor cache, more on a clean machine
+def test_compiled_bc_takes_the_eager_steps_and_saves_a_plain_policy(tmp_path, calculator_data):
+    """``bc.torch_compile``: the same losses step by step as the eager model (float32, same data order), and the
+    saved policy is the plain model's (its weights load without the compiled wrapper's prefix)."""
+    losses, policies = {}, {}
+    for compiled in (False, True):
+        model, tokenizer = _tiny(calculator_data)
+        config = BCConfig(max_steps=4, batch_size=4, logging_steps=1, batching="random", torch_compile=compiled)
+        trainer = make_trainer(calculator_data[:32], model, tokenizer, tmp_path / str(compiled), config, seed=0)
+        trainer.train()
+        losses[compiled] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        trainer.save_model(str(tmp_path / f"policy{compiled}"))
+        policies[compiled] = load_policy(tmp_path / f"policy{compiled}", local_files_only=True)[0]
+    assert len(losses[True]) == 4 and losses[True] == pytest.approx(losses[False], rel=1e-3)
+    plain, compiled = (policies[k].state_dict() for k in (False, True))
+    assert plain.keys() == compiled.keys()
+    assert all(torch.allclose(plain[k], compiled[k], atol=1e-4) for k in plain)

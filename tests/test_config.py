@@ -162,6 +162,7 @@ def test_a_closed_choice_is_refused_with_the_choices_named(override, choices):
         (["eval.episodes=-1"], "eval.episodes must be >= 1, got -1"),
         (["bc.max_steps=0"], "bc.max_steps must be >= 1"),
         (["bc.batch_size=0"], "bc.batch_size must be >= 1"),
+        (["bc.length_bucket=0"], "bc.length_bucket must be >= 1, got 0"),
         (["bc.learning_rate=-0.001"], "bc.learning_rate must be > 0"),
         (["seed=-1"], "seed must be >= 0"),
         (["env.train_seed_start=-5"], "env.train_seed_start must be >= 0"),
