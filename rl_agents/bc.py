@@ -42,7 +42,7 @@ class LengthBatches(Sampler[int]):
     ``LengthGroupedSampler`` makes the same batches but leaves each run of ``bucket`` in order, longest first.
     The order depends only on (seed, epoch): a resumed run sees the batches the interrupted one would have."""
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, bucket: int = 50):
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, bucket: int = BCConfig.length_bucket):
         self.lengths, self.batch_size, self.seed, self.bucket = lengths, batch_size, seed, bucket
         self.epoch = 0
 
@@ -68,7 +68,7 @@ class LengthBatches(Sampler[int]):
 
 
 def padded_tokens(
-    lengths: list[int], batch_size: int, seed: int, accumulation: int = 1, bucket: int = 50
+    lengths: list[int], batch_size: int, seed: int, accumulation: int = 1, bucket: int = BCConfig.length_bucket
 ) -> dict[str, int]:
     """The tokens one epoch feeds the model, padding included, under each ``bc.batching``, beside ``real`` (the
     rows' own): a padded step's compute follows them (docs/results.md#length-grouped-batches). The batches are
@@ -95,11 +95,10 @@ class BCTrainer(SFTTrainer):
     rows). There the loss is the model's own, from the full logits, with the same normalisation (summed over the
     batch's loss tokens, divided by their number)."""
 
-    length_batches = False
-    length_bucket = 50
+    length_bucket: int | None = None  # bc.batching=length: its runs of batches; None: the parent's sampler
 
     def _get_train_sampler(self, train_dataset=None):
-        if not self.length_batches:
+        if self.length_bucket is None:
             return super()._get_train_sampler(train_dataset)
         dataset = self.train_dataset if train_dataset is None else train_dataset
         lengths = [len(ids) for ids in dataset["input_ids"]]
@@ -171,8 +170,8 @@ def make_trainer(
         peft_config=peft_config,
         callbacks=[LogToPython(), rundir.SafeCheckpoints(), *(callbacks or [])],
     )
-    trainer.length_batches = config.batching == "length" and not config.packing
-    trainer.length_bucket = config.length_bucket
+    if config.batching == "length" and not config.packing:
+        trainer.length_bucket = config.length_bucket
     trainer.remove_callback(PrinterCallback)  # with tqdm off it prints every log to stdout: LogToPython logs them
     return trainer
 
