@@ -135,7 +135,7 @@ def test_bench_refuses_a_bad_config_before_any_work(tmp_path):
 @pytest.mark.benchmark
 @pytest.mark.parametrize("draft_tokens", [0, 64])
 def test_micro_runtime_decoding_one_episode(benchmark, tiny_policy, draft_tokens):
-    """Micro-benchmark (``pytest -m benchmark``): one greedy Calculator episode through the runtime.
+    """Micro-benchmark (``pytest -m benchmark -n 0``): one greedy Calculator episode through the runtime.
 
     With drafts it is drafting's best case: every round repeats the episode the drafter has already seen.
     """
@@ -146,7 +146,7 @@ def test_micro_runtime_decoding_one_episode(benchmark, tiny_policy, draft_tokens
 
 @pytest.mark.benchmark
 def test_micro_orchestrated_one_episode(benchmark, tiny_policy):
-    """Micro-benchmark (``pytest -m benchmark``): the same episode driven the orchestrated way."""
+    """Micro-benchmark (``pytest -m benchmark -n 0``): the same episode driven the orchestrated way."""
     _, model, tokenizer = tiny_policy
     agent = Orchestrated(model, tokenizer, RuntimeConfig(max_new_tokens=64))
     benchmark(agent.run, "Calculator-v0", [1_000_000])
@@ -155,7 +155,7 @@ def test_micro_orchestrated_one_episode(benchmark, tiny_policy):
 @pytest.mark.benchmark
 @pytest.mark.parametrize("env_workers", [0, 16])
 def test_micro_code_rollouts_with_env_workers(benchmark, tiny_policy, env_workers):
-    """Micro-benchmark (``pytest -m benchmark -k env_workers``): 32 Code-v0 teacher episodes replayed on 16
+    """Micro-benchmark (``pytest -m benchmark -n 0 -k env_workers``): 32 Code-v0 teacher episodes replayed on 16
     slots, each ``run_tests``/``submit`` a sandbox process; with workers the model decodes while they run."""
     import gymnasium as gym
 
@@ -176,7 +176,7 @@ def test_micro_code_rollouts_with_env_workers(benchmark, tiny_policy, env_worker
 @pytest.mark.benchmark
 @pytest.mark.parametrize("region_slots", [10**9, 8])
 def test_micro_rollouts_by_cache_regions(benchmark, tiny_policy, monkeypatch, region_slots):
-    """Micro-benchmark (``pytest -m benchmark -k regions``): 256 Calculator-v0 teacher episodes replayed on 32
+    """Micro-benchmark (``pytest -m benchmark -n 0 -k regions``): 256 Calculator-v0 teacher episodes replayed on 32
     slots, the slot cache in one region (one attention call over every slot) or in regions of 8."""
     import gymnasium as gym
 
