@@ -83,6 +83,38 @@ def test_gradient_checkpointing_is_optional_and_changes_no_update(tmp_path, calc
     assert torch.allclose(trained[False], trained[True], atol=1e-6)
 
 
+def test_a_right_padded_batch_trains_unmasked_to_the_masked_loss_and_gradients(tmp_path, calculator_data):
+    """Right pads come after every real token, so under a causal mask the trainer drops the padding mask (SDPA's
+    causal kernel): the loss, the gradients and the count of trained tokens are those of the masked batch."""
+    model, tokenizer = _tiny(calculator_data)
+    trainer = make_trainer(calculator_data[:8], model, tokenizer, tmp_path, BCConfig(max_steps=1, batch_size=8), seed=0)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    batch = {k: v.to(trainer.model.device) for k, v in batch.items()}
+    mask = batch["attention_mask"]
+    assert 0 < int(mask.sum()) < mask.numel()  # rows of several lengths: the batch has pads
+    seen = []
+    trainer.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attention_mask"]), with_kwargs=True)
+    trainer.model.train()
+
+    def gradients(loss):
+        trainer.model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]), loss.item()
+
+    fast, fast_loss = gradients(trainer.compute_loss(trainer.model, dict(batch)))
+    assert bool(seen[-1].all())  # the model got no padding mask
+    assert trainer._metrics["train"]["num_tokens"] == [int(mask.sum())]  # pads are not trained tokens
+    masked, masked_loss = gradients(trainer.model(**batch).loss)
+    assert torch.equal(seen[-1], mask)
+    assert masked_loss == pytest.approx(fast_loss, rel=1e-5)
+    assert torch.allclose(fast, masked, rtol=1e-4, atol=1e-6)
+
+    holed = {**batch, "attention_mask": mask.clone()}
+    holed["attention_mask"][0, 1] = 0  # a mask that is not right padding is passed on as it is
+    trainer.compute_loss(trainer.model, holed)
+    assert torch.equal(seen[-1], holed["attention_mask"])
+
+
 def test_copy_rows_rehearse_copying_beside_the_episodes_with_the_loss_on_the_repeat(tmp_path, calculator_data):
     """bc.copy_mix: copy_mix x episodes extra rows, each a random span of ordinary tokens and its repeat, labelled
     on the repeat only; the episodes' rows are unchanged, and the rows are the same for the same seed."""
