@@ -12,6 +12,7 @@ need a dense block-diagonal attention mask with SDPA. Packing pays off on GPUs w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -25,6 +26,7 @@ from torch.utils.data import Sampler
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, Trainer
 from transformers.trainer_pt_utils import get_length_grouped_indices
 from trl import SFTConfig, SFTTrainer
+from trl.trainer import utils as trl_utils
 
 from rl_agents import rundir
 from rl_agents.config import BCConfig
@@ -87,6 +89,23 @@ def padded_tokens(
     return {"real": sum(lengths), **padded}
 
 
+@contextlib.contextmanager
+def label_positions_only():
+    """TRL's fused LM head projects only the positions that carry a label where Triton runs (GPUs) and every
+    position elsewhere (CPUs: prompts, observations and pads too, four times the agent's tokens on TaxiText-v0's
+    batches). Inside this context it projects the labelled positions on every device (the same loss, 0.8x the BC
+    step on CPU); its torch tile code is unchanged. A TRL without the switch is left as it is."""
+    if not hasattr(trl_utils, "_use_triton"):
+        yield
+        return
+    decide = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = decide
+
+
 class BCTrainer(SFTTrainer):
     """TRL's SFTTrainer with ``bc.batching=length`` (``LengthBatches``), and the model's own loss where TRL's
     fused LM head would skip the LM head's module: with LoRA's trainable tokens on a model whose output
@@ -117,7 +136,8 @@ class BCTrainer(SFTTrainer):
             pads = mask.numel() - int(mask.sum())
             inputs = {**inputs, "attention_mask": torch.ones_like(mask)}
         if isinstance(self.model.get_output_embeddings(), nn.Linear):
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with label_positions_only():
+                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if self.model.training and mask is not None:  # every rank gathers, as TRL's own count does
                 pads = self.accelerator.gather_for_metrics(torch.tensor(pads, device=mask.device)).sum().item()
                 self._total_train_tokens -= pads // self._tp_size

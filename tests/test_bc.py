@@ -83,9 +83,21 @@ def test_gradient_checkpointing_is_optional_and_changes_no_update(tmp_path, calc
     assert torch.allclose(trained[False], trained[True], atol=1e-6)
 
 
-def test_a_right_padded_batch_trains_unmasked_to_the_masked_loss_and_gradients(tmp_path, calculator_data):
+def test_a_bc_step_skips_the_padding_mask_and_unlabelled_positions_to_the_same_loss_and_gradients(
+    tmp_path, calculator_data, monkeypatch
+):
     """Right pads come after every real token, so under a causal mask the trainer drops the padding mask (SDPA's
-    causal kernel): the loss, the gradients and the count of trained tokens are those of the masked batch."""
+    causal kernel), and TRL's fused LM head projects only the positions with a label, on CPU too: the loss, the
+    gradients and the count of trained tokens are those of the model's own loss on the masked batch."""
+    import trl.trainer.utils as trl_utils
+
+    projected = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(
+        trl_utils._ChunkedLogProbFunction,
+        "apply",
+        lambda hidden, *a: projected.append(len(hidden)) or apply(hidden, *a),
+    )
     model, tokenizer = _tiny(calculator_data)
     trainer = make_trainer(calculator_data[:8], model, tokenizer, tmp_path, BCConfig(max_steps=1, batch_size=8), seed=0)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
@@ -103,6 +115,7 @@ def test_a_right_padded_batch_trains_unmasked_to_the_masked_loss_and_gradients(t
 
     fast, fast_loss = gradients(trainer.compute_loss(trainer.model, dict(batch)))
     assert bool(seen[-1].all())  # the model got no padding mask
+    assert projected == [int((batch["labels"][:, 1:] != -100).sum())]  # the LM head saw the labelled positions only
     assert trainer._metrics["train"]["num_tokens"] == [int(mask.sum())]  # pads are not trained tokens
     masked, masked_loss = gradients(trainer.model(**batch).loss)
     assert torch.equal(seen[-1], mask)
