@@ -168,6 +168,7 @@ def make_trainer(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler_type,
+        lr_scheduler_kwargs=dict(config.lr_scheduler_kwargs),
         warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay,
         adam_beta2=config.adam_beta2,

@@ -132,6 +132,9 @@ class BCConfig:
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-3
     lr_scheduler_type: str = "cosine"
+    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+    """the scheduler's own arguments (transformers' ``lr_scheduler_kwargs``), e.g. ``cosine_with_min_lr``'s floor:
+    ``bc.lr_scheduler_type=cosine_with_min_lr +bc.lr_scheduler_kwargs.min_lr_rate=0.5``"""
     warmup_steps: float = 0.05
     """a fraction of max_steps when below 1"""
     weight_decay: float = 0.0

@@ -128,6 +128,24 @@ def test_a_bc_step_skips_the_padding_mask_and_unlabelled_positions_to_the_same_l
     assert torch.equal(seen[-1], holed["attention_mask"])
 
 
+def test_bc_passes_the_schedulers_own_arguments(tmp_path, calculator_data):
+    """``bc.lr_scheduler_kwargs`` reach transformers' scheduler: a cosine with a floor ends at its floor."""
+    model, tokenizer = _tiny(calculator_data)
+    config = BCConfig(
+        max_steps=10, warmup_steps=0, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.5}
+    )
+    trainer = make_trainer(calculator_data[:8], model, tokenizer, tmp_path, config, seed=0)
+    trainer.create_optimizer_and_scheduler(num_training_steps=config.max_steps)
+    rates = [trainer.lr_scheduler.get_last_lr()[0]]
+    for _ in range(config.max_steps):
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        rates.append(trainer.lr_scheduler.get_last_lr()[0])
+    assert rates[0] == pytest.approx(config.learning_rate)
+    assert rates[-1] == pytest.approx(0.5 * config.learning_rate)
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
 def test_copy_rows_rehearse_copying_beside_the_episodes_with_the_loss_on_the_repeat(tmp_path, calculator_data):
     """bc.copy_mix: copy_mix x episodes extra rows, each a random span of ordinary tokens and its repeat, labelled
     on the repeat only; the episodes' rows are unchanged, and the rows are the same for the same seed."""
