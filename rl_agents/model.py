@@ -287,6 +287,16 @@ def wire_previous_token_head(
     return list(zip(params, [*masks, held]))
 
 
+def repeat_loss(model: PreTrainedModel, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The causal LM loss on the tokens ``mask`` marks (``copy_rows``' repeats), as the model's own loss with the
+    others labelled -100, but with the LM head projecting only the positions that predict a marked token (the
+    model's own loss projects every position: 0.8x the step on the default copy rows)."""
+    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+    marked = mask[:, 1:] == 1
+    logits = model.get_output_embeddings()(hidden[marked])
+    return torch.nn.functional.cross_entropy(logits.float(), input_ids[:, 1:][marked])
+
+
 def copy_pretrain(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -329,8 +339,7 @@ def copy_pretrain(
     for step in range(1, steps + 1):
         input_ids, mask = copy_rows(ordinary, batch_size, span, generator, fixed_offset)
         input_ids = input_ids.to(device)
-        labels = input_ids.masked_fill(mask.to(device) == 0, -100)  # the loss is on the repeat only
-        loss = model(input_ids=input_ids, labels=labels).loss
+        loss = repeat_loss(model, input_ids, mask.to(device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

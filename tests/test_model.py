@@ -1,5 +1,6 @@
 """Models: the tiny model is deterministic and loads like any checkpoint; pretrained loading adds tokens."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -13,6 +14,7 @@ from rl_agents.model import (
     copy_rows,
     load_policy,
     ordinary_tokens,
+    repeat_loss,
     trajectory_texts,
 )
 from rl_agents.trajectory import SPECIAL_TOKENS, encode_trajectory
@@ -165,6 +167,23 @@ def test_copyprobe_cli_prints_one_accuracy_per_distance(tiny_policy, capsys):
     copyprobe.main([str(policy_dir)])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(copyprobe.PROBES) and all(0.0 <= float(line.split()[-1]) <= 1.0 for line in lines)
+
+
+@pytest.mark.parametrize("fixed_offset", [True, False])
+def test_the_repeat_loss_is_the_models_own_loss_on_the_marked_tokens_and_its_gradient(calculator_data, fixed_offset):
+    """Copy pretraining's loss projects only the positions that predict a marked token: the same value and
+    gradients as the model's own loss with every other token labelled -100."""
+    tokenizer = build_tokenizer(trajectory_texts(calculator_data), 300)
+    model = build_tiny_model(tokenizer, 0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    ids, mask = copy_rows(ordinary_tokens(tokenizer), 8, 12, torch.Generator().manual_seed(0), fixed_offset)
+    grads = []
+    for loss in (repeat_loss(model, ids, mask), model(input_ids=ids, labels=ids.masked_fill(mask == 0, -100)).loss):
+        model.zero_grad()
+        loss.backward()
+        grads.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    (compact, compact_grad), (own, own_grad) = grads
+    assert compact == pytest.approx(own, rel=1e-5)
+    assert torch.allclose(compact_grad, own_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_copy_rows_repeat_a_span_at_a_varying_distance_with_the_loss_on_what_a_copy_predicts():
