@@ -127,6 +127,10 @@ def test_a_bc_step_skips_the_padding_mask_and_unlabelled_positions_to_the_same_l
     trainer.compute_loss(trainer.model, holed)
     assert torch.equal(seen[-1], holed["attention_mask"])
 
+    trainer.model.config._attn_implementation = "eager"  # only SDPA drops it (FlashAttention-2 skips pads with it)
+    trainer.compute_loss(trainer.model, dict(batch))
+    assert torch.equal(seen[-1], mask)
+
 
 def test_bc_passes_the_schedulers_own_arguments(tmp_path, calculator_data):
     """``bc.lr_scheduler_kwargs`` reach transformers' scheduler: a cosine with a floor ends at its floor."""
