@@ -341,6 +341,10 @@ class PlannerTeacher(ScriptedTeacher):
         q = self.q_values(env)[int(env.state)]
         return self._call_for(env, int(np.flatnonzero(q >= q.max() - 1e-9)[0]))
 
+    def perturbation(self, env: GymTextEnv, history: list[tuple[str, str]], rng: np.random.Generator) -> str:
+        """``collect.perturb``: any of the environment's actions, uniformly."""
+        return self._call_for(env, int(rng.integers(env.inner.action_space.n)))
+
     def lazy_act(self, env: GymTextEnv, history: list[tuple[str, str]]) -> str:
         """A lazy teacher moves at random in half of its turns."""
         if self.rng.random() < 0.5:

@@ -4,6 +4,10 @@ A teacher sees the environment (unwrapped, so it may read ``env.task``), the tas
 of ``(agent_text, observation)`` pairs, and writes the next agent turn. ``noise`` is the fraction of
 episodes in which it acts lazily or wrongly, as real teachers do; the choice is made once per episode
 in ``begin`` from the collector's generator, so a run is reproducible from its seed.
+
+A teacher may also define ``perturbation(env, history, rng)``: an action taken *instead of* its own, for
+``collect.perturb`` (noise injected into the expert's rollouts, DART: Laskey et al., 2017). Such a turn is context
+only; the teacher's next turns, labelled as usual, show how to recover from the state it led to.
 """
 
 from __future__ import annotations

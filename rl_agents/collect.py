@@ -75,26 +75,49 @@ class Health:
 
 
 def teacher_episode(
-    env: gym.Env, teacher: Any, seed: int, env_id: str, max_turns: int, health: Health | None = None
+    env: gym.Env,
+    teacher: Any,
+    seed: int,
+    env_id: str,
+    max_turns: int,
+    health: Health | None = None,
+    perturb: float = 0.0,
 ) -> Trajectory:
     """One episode of ``teacher`` in ``env`` from ``seed``, with the policy's turn budget ``max_turns``; a
-    request that fails after its retries raises ``RequestFailed`` (the episode is lost)."""
+    request that fails after its retries raises ``RequestFailed`` (the episode is lost).
+
+    ``perturb``: the probability that a turn is the teacher's ``perturbation`` instead of its own action (DART's
+    noise injection); such a turn is context only (``imitate=False``), drawn from a generator of ``seed`` alone.
+    """
     task, reset_info = env.reset(seed=int(seed))
     teacher.begin(env.unwrapped, np.random.default_rng([int(seed), 1]))
+    noise = np.random.default_rng([int(seed), 2])
     turns: list[Turn] = []
     reward, success, truncation = 0.0, False, None
     for _ in range(max_turns):
+        history = [(t.agent, t.observation) for t in turns]
+        perturbed = perturb > 0 and noise.random() < perturb
         try:
-            text = teacher.act(env.unwrapped, task, [(t.agent, t.observation) for t in turns])
+            if perturbed:
+                text = teacher.perturbation(env.unwrapped, history, noise)
+            else:
+                text = teacher.act(env.unwrapped, task, history)
         except RequestFailed as err:
             if health is not None:
                 health.record(failed=True, why=str(err))
             raise
         observation, r, terminated, truncated, info = env.step(text)
-        if health is not None:
+        if health is not None and not perturbed:
             health.record(info.get("error"), text=text)
         turns.append(
-            Turn(agent=text, observation=observation, tool=info.get("tool"), error=info.get("error"), reward=float(r))
+            Turn(
+                agent=text,
+                observation=observation,
+                tool=info.get("tool"),
+                error=info.get("error"),
+                reward=float(r),
+                imitate=not perturbed,
+            )
         )
         reward += float(r)
         success = bool(info.get("success", False))
@@ -126,14 +149,17 @@ def collect(
     malformed: str = "mask",
     health: Health | None = None,
     workers: int = 1,
+    perturb: float = 0.0,
 ) -> tuple[list[Trajectory], dict[str, Any]]:
     """Run ``teacher`` once per seed on *train* tasks; keep successful episodes (``keep="success"``) or all.
 
     A kept episode's malformed teacher turns are masked out of the loss (``malformed="mask"``), drop the
     episode (``"drop"``) or stay (``"keep"``). ``health`` (default for a teacher with ``checks_health``)
     stops the collection early. ``workers``: episodes at once for a teacher without its own ``concurrency``
-    (each worker thread copies the teacher). Returns the kept trajectories and statistics of all episodes (success rate,
-    turns, error kinds, lost and masked counts, and the teacher's ``usage()``: requests, tokens, cost).
+    (each worker thread copies the teacher). ``perturb``: per-turn probability of the teacher's ``perturbation``
+    in place of its action (``teacher_episode``). Returns the kept trajectories and statistics of all episodes
+    (success rate, turns, error kinds, lost, masked and perturbed counts, and the teacher's ``usage()``: requests,
+    tokens, cost).
     """
     if keep not in ("success", "all"):
         raise ValueError(f"collect.keep must be 'success' or 'all', got {keep!r}")
@@ -143,7 +169,16 @@ def collect(
         health = Health()
     if workers < 1:
         raise ValueError(f"collect.workers must be at least 1, got {workers}")
-    episodes = _episodes(env_id, {**env_kwargs, "split": "train"}, teacher, seeds, max_turns, progress, health, workers)
+    if not 0.0 <= perturb < 1.0:
+        raise ValueError(f"collect.perturb must be in [0, 1), got {perturb}")
+    if perturb > 0 and not callable(getattr(teacher, "perturbation", None)):
+        raise ValueError(
+            f"collect.perturb={perturb} needs a teacher with perturbation(env, history, rng) (an action taken in "
+            f"place of its own); {type(teacher).__name__} for {env_id} has none"
+        )
+    episodes = _episodes(
+        env_id, {**env_kwargs, "split": "train"}, teacher, seeds, max_turns, progress, health, workers, perturb
+    )
     kept, successes, turns, errors, counts = [], 0, 0, Counter(), Counter()
     for trajectory in episodes:
         if trajectory is None:
@@ -151,6 +186,7 @@ def collect(
             continue
         successes += trajectory.success
         turns += len(trajectory.turns)
+        counts["perturbed_turns"] += sum(not t.imitate for t in trajectory.turns)
         errors.update(t.error for t in trajectory.turns if t.error)
         if not (keep == "all" or trajectory.success):
             continue
@@ -172,7 +208,7 @@ def collect(
         "mean_turns": turns / max(1, len(seeds)),
         "error_kinds": dict(errors),
         "malformed": str(malformed),
-        **{k: counts.get(k, 0) for k in ("lost_episodes", "masked_turns", "dropped_malformed")},
+        **{k: counts.get(k, 0) for k in ("lost_episodes", "masked_turns", "dropped_malformed", "perturbed_turns")},
     }
     if hasattr(teacher, "usage"):
         stats["teacher_usage"] = teacher.usage()
@@ -180,7 +216,9 @@ def collect(
     return kept, stats
 
 
-def _episodes(env_id, env_kwargs, teacher, seeds, max_turns, progress, health, workers) -> list[Trajectory | None]:
+def _episodes(
+    env_id, env_kwargs, teacher, seeds, max_turns, progress, health, workers, perturb=0.0
+) -> list[Trajectory | None]:
     """The teacher's episodes in seed order (None: lost to a failed request), ``teacher.concurrency`` at once
     (a thread-safe teacher, shared) or else ``workers`` at once (a copy of the teacher per thread)."""
     shared = hasattr(teacher, "concurrency")
@@ -194,7 +232,7 @@ def _episodes(env_id, env_kwargs, teacher, seeds, max_turns, progress, health, w
             local.teacher = teacher if shared or workers == 1 else copy.deepcopy(teacher)
             made.append(local.env)
         try:
-            return teacher_episode(local.env, local.teacher, seed, env_id, max_turns, health)
+            return teacher_episode(local.env, local.teacher, seed, env_id, max_turns, health, perturb)
         except RequestFailed:
             return None
         finally:

@@ -444,6 +444,10 @@ class CollectConfig:
     workers: int = 1
     """episodes a scripted teacher collects at once, each thread with its own copy of the teacher and environment
     (pays where steps wait on a sandbox or a slow tool; an LLM teacher runs teacher.concurrency at once)"""
+    perturb: float = 0.0
+    """per-turn probability that the teacher's ``perturbation`` (a random action, for the planner teachers) is
+    taken in place of its own action, as context only: the episodes then show the states off the expert's path
+    and the teacher's recovery from them (DART, Laskey et al., 2017); 0: the expert's own episodes"""
 
 
 @dataclass

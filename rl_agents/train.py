@@ -70,7 +70,7 @@ def stage_collect(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker) -> 
         try:
             kept, stats[env_id] = collect(env_id, entry.kwargs, teacher, seeds, cfg.runtime.max_turns,
                                           cfg.collect.keep, cfg.progress, cfg.collect.malformed, health,
-                                          cfg.collect.workers)  # fmt: skip
+                                          cfg.collect.workers, cfg.collect.perturb)  # fmt: skip
         except TeacherUnavailable as err:
             raise TeacherUnavailable(
                 f"collect {env_id} stopped: {err}. Every reply received is cached in {path.parent}/teacher_cache.jsonl:"

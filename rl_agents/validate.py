@@ -288,6 +288,8 @@ def _check_values(cfg: DictConfig) -> None:
     counts = ["eval.episodes", "bc.max_steps", "bc.batch_size", "bc.gradient_accumulation_steps", "bc.save_steps",
               "bc.logging_steps", "bc.save_total_limit", "bc.length_bucket"]  # fmt: skip
     _at_least(cfg, (["collect.episodes", "collect.workers"] if "collect" in cfg.stages else []) + counts, 1)
+    if not 0.0 <= cfg.collect.perturb < 1.0:
+        raise ConfigError(f"collect.perturb must be in [0, 1), got {cfg.collect.perturb}")
     _at_least(cfg, ["bc.learning_rate"], 0, strict=True)
     _at_least(cfg, ["bc.weight_decay", "bc.warmup_steps", "bc.copy_mix", "bc.copy_augment"], 0)
     if cfg.bc.max_length < 32:

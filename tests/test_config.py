@@ -159,6 +159,7 @@ def test_a_closed_choice_is_refused_with_the_choices_named(override, choices):
         (["eval.temperature=0"], "eval.temperature"),
         (["collect.episodes=0"], "collect.episodes must be >= 1, got 0"),
         (["collect.workers=0"], "collect.workers must be >= 1, got 0"),
+        (["collect.perturb=1.0"], "collect.perturb must be in"),
         (["eval.episodes=-1"], "eval.episodes must be >= 1, got -1"),
         (["bc.max_steps=0"], "bc.max_steps must be >= 1"),
         (["bc.batch_size=0"], "bc.batch_size must be >= 1"),

@@ -147,6 +147,41 @@ def test_collect_workers_change_nothing_but_the_wall_time(env_id):
     assert sorted(seconds) == [1, 2] and all(s > 0 for s in seconds.values())
 
 
+def test_perturbed_collection_labels_only_the_experts_turns_and_recovers_from_off_path_states():
+    """collect.perturb (DART): a perturbed turn is a random action kept as context (mask 0); every labelled turn is
+    the planner's own action in the state the episode had reached, so the data shows states off the expert's path
+    (walls bumped, a pickup in the wrong place) and the way back from them, episode by episode reproducible."""
+    from rl_agents.collect import collect
+    from rl_agents.trajectory import Trajectory
+
+    teacher, seeds = PlannerTeacher(), list(range(60))
+    plain, plain_stats = collect("TaxiText-v0", {}, teacher, seeds, 24, progress=False)
+    everything, stats = collect("TaxiText-v0", {}, teacher, seeds, 24, "all", progress=False, perturb=0.2)
+    kept, _ = collect("TaxiText-v0", {}, teacher, seeds, 24, progress=False, perturb=0.2)
+    assert [e.to_dict() for e in kept] == [e.to_dict() for e in everything if e.success] and len(kept) > 50
+    assert plain_stats["perturbed_turns"] == 0 and all(t.imitate for e in plain for t in e.turns)
+    perturbed = [t for e in everything for t in e.turns if not t.imitate]
+    assert stats["perturbed_turns"] == len(perturbed) > 0.1 * sum(len(e.turns) for e in everything)
+    assert stats["error_kinds"].get("tool_error", 0) > 0  # random pickups and drop-offs in the wrong place
+    assert len({tuple(t.agent for t in e.turns) for e in kept}) > len({tuple(t.agent for t in e.turns) for e in plain})
+    env = gym.make("TaxiText-v0", split="train")
+    for episode in kept:
+        env.reset(seed=episode.metadata["seed"])
+        for turn in episode.turns:
+            if turn.imitate:  # the expert's action in the state reached, whatever led there
+                assert turn.agent == teacher.expert(env.unwrapped, [])
+            env.step(turn.agent)
+        assert episode.success and episode.turns[-1].imitate == (episode.turns[-1].agent == tool_call("dropoff"))
+    again, _ = collect("TaxiText-v0", {}, teacher, seeds, 24, progress=False, perturb=0.2, workers=2)
+    assert [e.to_dict() for e in again] == [e.to_dict() for e in kept]
+    reread = Trajectory.from_dict(kept[0].to_dict())
+    assert [t.imitate for t in reread.turns] == [t.imitate for t in kept[0].turns]
+    with pytest.raises(ValueError, match=r"collect.perturb=0.1 needs a teacher with perturbation.*CalculatorTeacher"):
+        collect("Calculator-v0", {}, CalculatorTeacher(), seeds, 8, progress=False, perturb=0.1)
+    with pytest.raises(ValueError, match=r"collect.perturb must be in \[0, 1\)"):
+        collect("TaxiText-v0", {}, teacher, seeds, 24, progress=False, perturb=1.0)
+
+
 def test_parse_turn_reads_tool_calls_answers_and_reasoning():
     call = parse_turn(
         '<think>x</think><tool_call>{"name": "calculator", "arguments": {"expression": "1+1"}}</tool_call>'
