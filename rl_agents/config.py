@@ -338,7 +338,7 @@ class ModelConfig:
     local_files_only: bool = False
     vocab_size: int = 2048
     number_chunk: int = 3
-    merge_across_words: bool = False
+    merge_across_words: bool = True
     number_tokens: bool = True
     """tiny only: every digit string of up to number_chunk (<= 3) digits is a token, whatever the trajectories hold"""
     hidden_size: int = 128

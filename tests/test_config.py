@@ -35,9 +35,10 @@ def test_every_group_option_composes(group, tmp_path):
 
 
 def test_the_default_recipe_pinned_is_the_default():
-    """recipe=shuffled pins today's defaults: composing it changes nothing (when a default moves, the pinned
+    """recipe=merged pins today's defaults: composing it changes nothing (when a default moves, the pinned
     recipe is renamed and a new one pins the new default)."""
-    assert _compose(["+recipe=shuffled"]) == _compose()
+    assert _compose(["+recipe=merged"]) == _compose()
+    assert _compose(["+recipe=shuffled"]).model.merge_across_words != _compose().model.merge_across_words
     assert _compose(["+recipe=induction"]).bc.batching != _compose().bc.batching
 
 
