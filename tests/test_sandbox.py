@@ -166,7 +166,7 @@ def test_the_sandbox_dies_with_its_parent_and_leaves_no_directory(tmp_path):
     import sys
     import tempfile
 
-    before, dirs_before = _harnesses(), set(Path(tempfile.gettempdir()).glob("rl_agents_sandbox_*"))
+    before = _harnesses()
     script = (
         "from envs.sandbox import SandboxLimits, run_calls\n"
         "run_calls('import time\\ndef f():\\n    time.sleep(600)', 'f', [[]], SandboxLimits(wall_s=600))\n"
@@ -177,6 +177,10 @@ def test_the_sandbox_dies_with_its_parent_and_leaves_no_directory(tmp_path):
         time.sleep(0.1)
     children = _harnesses() - before
     assert children, "the sandbox never started"
+    # this sandbox's own directory (the harness runs in it): other tests' sandboxes come and go beside it
+    dirs = {Path(os.readlink(f"/proc/{pid}/cwd")) for pid in children}
+    assert all(d.name.startswith("rl_agents_sandbox_") and d.parent == Path(tempfile.gettempdir()).resolve() for d in dirs)
+    assert all(d.exists() for d in dirs)
     time.sleep(0.5)  # the child is sleeping inside the code now
     parent.send_signal(signal.SIGKILL)
     parent.wait()
@@ -184,4 +188,4 @@ def test_the_sandbox_dies_with_its_parent_and_leaves_no_directory(tmp_path):
     while _harnesses() & children and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _harnesses() & children, "the sandbox outlived its parent"
-    assert set(Path(tempfile.gettempdir()).glob("rl_agents_sandbox_*")) <= dirs_before
+    assert not any(d.exists() for d in dirs), "the sandbox left its directory"
