@@ -179,7 +179,8 @@ def test_the_sandbox_dies_with_its_parent_and_leaves_no_directory(tmp_path):
     assert children, "the sandbox never started"
     # this sandbox's own directory (the harness runs in it): other tests' sandboxes come and go beside it
     dirs = {Path(os.readlink(f"/proc/{pid}/cwd")) for pid in children}
-    assert all(d.name.startswith("rl_agents_sandbox_") and d.parent == Path(tempfile.gettempdir()).resolve() for d in dirs)
+    tmp = Path(tempfile.gettempdir()).resolve()
+    assert all(d.name.startswith("rl_agents_sandbox_") and d.parent == tmp for d in dirs)
     assert all(d.exists() for d in dirs)
     time.sleep(0.5)  # the child is sleeping inside the code now
     parent.send_signal(signal.SIGKILL)
