@@ -193,15 +193,13 @@ def make_trainer(
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+    episodes = sft_dataset(trajectories + counterfactual_copies(trajectories, config.copy_augment, seed), tokenizer)
+    if not config.packing:
+        report_truncation(episodes, config.max_length)
     trainer = BCTrainer(
         model=model,
         args=args,
-        train_dataset=with_copy_rows(
-            sft_dataset(trajectories + counterfactual_copies(trajectories, config.copy_augment, seed), tokenizer),
-            tokenizer,
-            config,
-            seed,
-        ),
+        train_dataset=with_copy_rows(episodes, tokenizer, config, seed),
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[LogToPython(), rundir.SafeCheckpoints(), *(callbacks or [])],
@@ -210,6 +208,37 @@ def make_trainer(
         trainer.length_bucket = config.length_bucket
     trainer.remove_callback(PrinterCallback)  # with tqdm off it prints every log to stdout: LogToPython logs them
     return trainer
+
+
+def report_truncation(dataset: Dataset, max_length: int | None) -> dict[str, int]:
+    """What truncation to ``bc.max_length`` takes from the episodes (SFTTrainer cuts each sequence to it and drops
+    the ones left without an agent token, silently): a warning that names the setting when it takes anything."""
+    over = cut = dropped = 0
+    for ids, mask in zip(dataset["input_ids"], dataset["assistant_masks"], strict=True):
+        if max_length is None or len(ids) <= max_length:
+            continue
+        over += 1
+        cut += sum(mask[max_length:])
+        dropped += not any(mask[:max_length])
+    if dataset and dropped == len(dataset):
+        raise ValueError(
+            f"bc: every episode's agent tokens lie past bc.max_length={max_length}: nothing to train on. Raise "
+            "bc.max_length (up to the model's context) or shorten the prompts"
+        )
+    report = {"episodes": len(dataset), "longer_than_max_length": over, "agent_tokens_cut": cut, "dropped": dropped}
+    if over:
+        log.warning(
+            "bc: %d of %d episodes are longer than bc.max_length=%d tokens: %d agent tokens past it are not trained on"
+            " and %d episodes are dropped (nothing of the agent's left); the longest has %d tokens. Raise"
+            " bc.max_length (up to the model's context) or shorten the episodes (runtime.max_turns)",
+            over,
+            len(dataset),
+            max_length,
+            cut,
+            dropped,
+            max(len(ids) for ids in dataset["input_ids"]),
+        )
+    return report
 
 
 def with_copy_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, config: BCConfig, seed: int) -> Dataset:

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from datasets import Dataset
 from torch.utils.data import RandomSampler
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
-from rl_agents.bc import BCConfig, LengthBatches, make_trainer, padded_tokens
+from rl_agents.bc import BCConfig, LengthBatches, make_trainer, padded_tokens, report_truncation
 from rl_agents.model import build_tiny_model, build_tokenizer, load_policy, trajectory_texts
 from rl_agents.trajectory import encode_trajectory
 
@@ -233,6 +234,46 @@ def test_counterfactual_copies_are_extra_rows_of_the_bc_data(tmp_path, calculato
         assert row["input_ids"] == encode_trajectory(trajectory, tokenizer).input_ids
     originals = {tuple(encode_trajectory(t, tokenizer).input_ids) for t in calculator_data[:8]}
     assert not originals & {tuple(row["input_ids"]) for row in rows[8:]}
+
+
+def test_bc_says_what_truncation_to_max_length_takes_and_trains_on_what_it_says(tmp_path, calculator_data, caplog):
+    """An episode longer than bc.max_length loses its agent tokens past it (SFTTrainer drops an episode left with
+    none): the warning counts them, and the trainer's rows are the episodes cut where the report says."""
+    model, tokenizer = _tiny(calculator_data)
+    encoded = [encode_trajectory(t, tokenizer) for t in calculator_data[:8]]
+    lengths = sorted(len(e.input_ids) for e in encoded)
+    max_length = lengths[4]  # the longer half is cut ...
+    assert all(e.agent_mask.index(1) < max_length for e in encoded)  # ... and keeps agent tokens
+    over = [e for e in encoded if len(e.input_ids) > max_length]
+    expected_cut = sum(sum(e.agent_mask[max_length:]) for e in over)
+    config = BCConfig(max_steps=1, copy_mix=0.0, max_length=max_length)
+    with caplog.at_level("WARNING", logger="rl_agents.bc"):
+        trainer = make_trainer(calculator_data[:8], model, tokenizer, tmp_path, config, 0)
+    assert over and expected_cut > 0
+    assert f"{len(over)} of 8 episodes are longer than bc.max_length={max_length}" in caplog.text
+    assert f"{expected_cut} agent tokens past it" in caplog.text
+    trained = sum(sum(label != -100 for label in row["labels"]) for row in trainer.train_dataset)
+    assert trained == sum(sum(e.agent_mask) for e in encoded) - expected_cut
+
+    # episodes whose agent tokens all lie past max_length: counted as dropped, and the trainer has as many rows fewer
+    rows = {"input_ids": [e.input_ids for e in encoded], "assistant_masks": [e.agent_mask for e in encoded]}
+    firsts = sorted(e.agent_mask.index(1) for e in encoded)
+    assert firsts[0] < firsts[4]
+    report = report_truncation(Dataset.from_dict(rows), firsts[4])
+    assert report["dropped"] == sum(f >= firsts[4] for f in firsts)
+    config = BCConfig(max_steps=1, copy_mix=0.0, max_length=firsts[4])
+    trainer = make_trainer(calculator_data[:8], model, tokenizer, tmp_path, config, 0)
+    assert len(trainer.train_dataset) == 8 - report["dropped"]
+    # all of them: a clear error that names the setting, not an empty dataset
+    with pytest.raises(ValueError, match=f"bc.max_length={firsts[0]}"):
+        make_trainer(calculator_data[:8], model, tokenizer, tmp_path, BCConfig(max_steps=1, max_length=firsts[0]), 0)
+
+    # nothing longer: no warning, and the report says so
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rl_agents.bc"):
+        make_trainer(calculator_data[:8], model, tokenizer, tmp_path, BCConfig(max_steps=1, copy_mix=0.0), 0)
+    assert "longer than bc.max_length" not in caplog.text
+    assert report_truncation(Dataset.from_dict(rows), lengths[-1])["longer_than_max_length"] == 0
 
 
 def _padding(batches, lengths):
