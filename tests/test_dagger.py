@@ -8,9 +8,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from hydra.utils import instantiate
+from transformers import AutoTokenizer
 
 from envs.calculator import CalculatorTeacher
 from envs.teacher import answer, tool_call
+from rl_agents.agent import read_card
 from rl_agents.dagger import dagger_samples, label_episode, same_action
 from rl_agents.trajectory import Trajectory, Turn, encode_trajectory
 from tests.helpers.cli import run_cli
@@ -157,6 +159,10 @@ def test_the_dagger_stage_runs_end_to_end_resumes_and_counts_its_tasks_as_seen(t
     assert set(results["policies"]) == {"teacher", "bc", "dagger"}
     assert all(p["seen_in_training"] == 0 for p in results["policies"].values())
     assert (run_dir / "stages" / "dagger.json").is_file()
+    for i in (1, 2):  # every round's policy is a compiled agent of its own: evaluate, serve and export load it
+        round_policy = run_dir / "dagger" / f"round-{i}" / "policy"
+        card = read_card(round_policy, AutoTokenizer.from_pretrained(round_policy, local_files_only=True))
+        assert card["provenance"]["stage"] == f"dagger round {i}" and set(card["envs"]) == {"Calculator-v0"}
 
     before = (run_dir / "dagger" / "round-2" / "policy" / "model.safetensors").stat().st_mtime_ns
     proc = run_cli("rl_agents.train", *DAGGER, f"hydra.run.dir={run_dir}", "resume=true")
