@@ -42,6 +42,20 @@ def test_the_default_recipe_pinned_is_the_default():
     assert _compose(["+recipe=induction"]).bc.batching != _compose().bc.batching
 
 
+def test_the_mixed_env_carries_each_envs_own_settings():
+    """env=mix holds every environment as its own env=<name> config does (teacher and keywords), with the runtime
+    and collection settings the most demanding of them needs (turns, sandbox threads, collection workers)."""
+    mix = _compose(["env=mix"])
+    singles = [_compose([f"env={name}"]) for name in ("calculator", "sql", "shop", "code", "frozenlake", "taxi")]
+    assert set(mix.env.envs) == {env_id for cfg in singles for env_id in cfg.env.envs}
+    for cfg in singles:
+        for env_id, entry in cfg.env.envs.items():
+            assert mix.env.envs[env_id].teacher == entry.teacher and mix.env.envs[env_id].kwargs == entry.kwargs
+    for key in ("runtime.max_turns", "runtime.env_workers", "collect.workers"):
+        section, name = key.split(".")
+        assert mix[section][name] == max(cfg[section][name] for cfg in singles), key
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml")))
 def test_every_experiment_composes_and_validates(name, tmp_path):
     """Each published result's recipe (docs/results.md cites them) still composes and passes validation."""
