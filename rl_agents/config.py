@@ -196,7 +196,8 @@ class RLConfig:
     episodes_per_step: int = 64
     """episodes sampled per step (GRPO: prompts x algo.group_size)"""
     minibatch_size: int = 16
-    """episodes per forward/backward pass (PPO: per optimizer update; GRPO: accumulated to one update a step)"""
+    """episodes per forward/backward pass (PPO: per optimizer update unless algo.updates_per_batch; GRPO: accumulated
+    to one update a step)"""
     temperature: float = 1.0
     """sampling temperature of the rollouts (and of the log-probabilities trained on)"""
     on_malformed: OnMalformed = OnMalformed.feedback
@@ -276,7 +277,10 @@ class PPOAlgoConfig(AlgoConfig):
     """where the KL penalty goes: reward (per-token -beta*KL in the reward) or loss (beta*KL added to the loss)"""
     critic_learning_rate: float = 1e-3
     epochs: int = 2
-    """passes over each step's episodes (in minibatches of rl.minibatch_size)"""
+    """passes over each step's episodes"""
+    updates_per_batch: int | None = None
+    """optimizer updates per pass, each on an equal slice of the step's episodes, its gradient accumulated over
+    forward passes of rl.minibatch_size episodes (GRPO's key); null: one update per rl.minibatch_size episodes"""
     clip: float = 0.2
     clip_high: float | None = None
     """upper clip of the ratio, 1 + clip_high (None: clip); DAPO's clip-higher uses 0.28 with clip 0.2"""

@@ -399,6 +399,34 @@ class PPO:
         return kl, advantages, returns
 
     # 4. update: epochs of minibatches, clipped policy and value losses, KL in the loss, early stop at target_kl
+    def losses(
+        self, batch, old, advantages, returns, positive, rows, warmup
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The losses of the episodes ``rows`` (each a mean over their action tokens) and the loss to minimise."""
+        algo, rl = self.algo, self.rl
+        mb = batch[rows]
+        width = mb.input_ids.shape[1] - 1
+        m = mb.action_mask
+        with torch.set_grad_enabled(not warmup):
+            logp, entropy = token_logprobs(self.policy, mb, rl.temperature)
+        values = self.critic(mb.input_ids, mb.attention_mask)[:, :-1]
+        losses = ppo_losses(
+            logp, old["logp"][rows, :width], advantages[rows, :width], values, old["values"][rows, :width],
+            returns[rows, :width], m, algo.clip, algo.value_clip, algo.clip_high,
+        )  # fmt: skip
+        losses["entropy"] = masked_mean(entropy, m)
+        ref_logp = old["ref_logp"][rows, :width]
+        losses["kl_loss"] = masked_mean(kl_k3(logp, ref_logp), m)  # the logged value
+        loss = losses["policy_loss"] + algo.vf_coef * losses["value_loss"] - algo.entropy_coef * losses["entropy"]
+        if algo.kl_in == "loss":
+            loss = loss + algo.beta * masked_mean(kl_penalty(logp, old["logp"][rows, :width], ref_logp), m)
+        losses["positive_nll"] = masked_mean(-logp, m * positive[rows, None])  # 0 without a success
+        if algo.positive_lm_coef:
+            loss = loss + algo.positive_lm_coef * losses["positive_nll"]
+        if warmup:
+            loss = algo.vf_coef * losses["value_loss"]
+        return losses, loss
+
     def update(self, batch, old, advantages, returns, episodes) -> tuple[dict[str, list[float]], int, list[float]]:
         algo, rl, acc = self.algo, self.rl, self.accelerator
         positive = torch.tensor([float(e.success) for e in episodes], device=acc.device)
@@ -410,47 +438,35 @@ class PPO:
         warmup = self.step < algo.critic_warmup_steps  # value pretraining: the policy is not updated
         stats: dict[str, list[float]] = {}
         n = len(episodes)
-        minibatches = [
-            rows for _ in range(algo.epochs) for rows in torch.randperm(n, generator=generator).split(rl.minibatch_size)
-        ]
+        per_update = n // algo.updates_per_batch if algo.updates_per_batch else rl.minibatch_size
+        slices = [rows for _ in range(algo.epochs) for rows in torch.randperm(n, generator=generator).split(per_update)]
         updates = 0
-        for rows in minibatches:
+        for rows in slices:
             rows = rows.to(acc.device)
-            mb = batch[rows]
-            width = mb.input_ids.shape[1] - 1
-            m = mb.action_mask
-            with torch.set_grad_enabled(not warmup):
-                logp, entropy = token_logprobs(self.policy, mb, rl.temperature)
-            values = self.critic(mb.input_ids, mb.attention_mask)[:, :-1]
-            losses = ppo_losses(
-                logp, old["logp"][rows, :width], advantages[rows, :width], values, old["values"][rows, :width],
-                returns[rows, :width], m, algo.clip, algo.value_clip, algo.clip_high,
-            )  # fmt: skip
-            losses["entropy"] = masked_mean(entropy, m)
-            ref_logp = old["ref_logp"][rows, :width]
-            losses["kl_loss"] = masked_mean(kl_k3(logp, ref_logp), m)  # the logged value
-            loss = losses["policy_loss"] + algo.vf_coef * losses["value_loss"] - algo.entropy_coef * losses["entropy"]
-            if algo.kl_in == "loss":
-                loss = loss + algo.beta * masked_mean(kl_penalty(logp, old["logp"][rows, :width], ref_logp), m)
-            losses["positive_nll"] = masked_mean(-logp, m * positive[rows, None])  # 0 without a success
-            if algo.positive_lm_coef:
-                loss = loss + algo.positive_lm_coef * losses["positive_nll"]
-            if warmup:
-                loss = algo.vf_coef * losses["value_loss"]
-            elif updates and algo.target_kl is not None and losses["approx_kl"] > 1.5 * algo.target_kl:
-                # early stopping (the critic's updates stop with the policy's, as in Stable-Baselines3)
-                log.info("rl step %d: approx KL %.4f > 1.5 x target_kl after %d updates: stopping the updates",
-                         self.step, float(losses["approx_kl"]), updates)  # fmt: skip
-                break
+            tokens = batch.action_mask[rows].sum().clamp(min=1)  # an update's loss: a mean over its slice's actions
             self.optimizer.zero_grad()
-            acc.backward(loss)
-            # clipped apart: a young critic's large value gradients must not shrink the policy's step
-            losses["grad_norm"] = acc.clip_grad_norm_(self.policy.parameters(), algo.max_grad_norm)
-            losses["value_grad_norm"] = acc.clip_grad_norm_(self.critic.parameters(), algo.max_grad_norm)
-            self.optimizer.step()
-            updates += 1
-            for k, v in losses.items():
-                stats.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
+            for chunk_index, chunk in enumerate(rows.split(rl.minibatch_size)):  # accumulated: one forward at a time
+                losses, loss = self.losses(batch, old, advantages, returns, positive, chunk, warmup)
+                if chunk_index == 0 and updates and algo.target_kl is not None and not warmup:
+                    if losses["approx_kl"] > 1.5 * algo.target_kl:
+                        break  # early stopping, measured before the update (the critic's stop with the policy's)
+                acc.backward(loss * (batch.action_mask[chunk].sum() / tokens))
+                for k, v in losses.items():
+                    stats.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
+            else:
+                # clipped apart: a young critic's large value gradients must not shrink the policy's step
+                stats.setdefault("grad_norm", []).append(
+                    float(acc.clip_grad_norm_(self.policy.parameters(), algo.max_grad_norm))
+                )
+                stats.setdefault("value_grad_norm", []).append(
+                    float(acc.clip_grad_norm_(self.critic.parameters(), algo.max_grad_norm))
+                )
+                self.optimizer.step()
+                updates += 1
+                continue
+            log.info("rl step %d: approx KL %.4f > 1.5 x target_kl after %d updates: stopping the updates",
+                     self.step, float(losses["approx_kl"]), updates)  # fmt: skip
+            break
         learning_rates = self.scheduler.get_last_lr()  # the rates this iteration's updates used
         self.scheduler.step()
         self.step += 1

@@ -165,6 +165,7 @@ def test_a_closed_choice_is_refused_with_the_choices_named(override, choices):
         (["stages=[collect,bc,rl]", "algo.updates_per_batch=4", "algo.num_iterations=2"], "rl.save_steps=20"),
         (["stages=[collect,bc,rl]", "algo=ppo", "algo.critic_lam=1.5"], "algo.critic_lam"),
         (["stages=[collect,bc,rl]", "algo=ppo", "algo.target_kl=0"], "algo.target_kl"),
+        (["stages=[collect,bc,rl]", "algo=ppo", "algo.updates_per_batch=3"], "algo.updates_per_batch=3 must divide rl"),
         (["stages=[collect,bc,rl]", "algo=ppo", "algo.clip_high=-0.1"], "algo.clip_high"),
         (["stages=[collect,bc,rl]", "algo=ppo", "algo.positive_lm_coef=-1"], "algo.positive_lm_coef"),
         (["stages=[collect,bc,rl]", "algo=ppo", "rl.steps=5", "algo.critic_warmup_steps=5"], "critic_warmup_steps=5"),

@@ -232,6 +232,37 @@ def test_ppo_target_kl_stops_the_updates_once_the_policy_has_moved(tmp_path, tin
     assert any(not torch.equal(policy[k], start[k]) for k in start), "the first update must run"
 
 
+def test_ppo_updates_per_batch_accumulates_minibatches_into_the_update_one_big_minibatch_makes(tmp_path, tiny_policy):
+    """algo.updates_per_batch=k: k updates per epoch, each on an equal slice of the step's episodes, its gradient
+    accumulated over forward passes of rl.minibatch_size episodes weighted by their action tokens: the gradient of
+    one forward pass over the slice."""
+    from rl_agents.ppo import PPO
+
+    policy_dir = tiny_policy[0]
+    common = ("algo=ppo", "rl.steps=1", "algo.learning_rate=1e-3", "algo.warmup_steps=0", "rl.episodes_per_step=4",
+              "algo.epochs=1", "algo.target_kl=null", "rl.shaping.per_turn=-0.1", "rl.temperature=1.5")  # fmt: skip
+    grads, counts = [], []
+    for name, extra in (("one_pass", ["rl.minibatch_size=4"]),
+                        ("accumulated", ["rl.minibatch_size=1", "algo.updates_per_batch=1"])):  # fmt: skip
+        cfg = _cfg(policy_dir, tmp_path, *common, *extra)
+        ppo = PPO(cfg, policy_dir, policy_dir, tmp_path / name, tracking.Tracker())
+        seen, step, params = [], ppo.optimizer.step, list(ppo.policy.parameters())
+        ppo.optimizer.step = lambda *a, seen=seen, step=step, params=params, **k: (
+            seen.append([p.grad.clone() for p in params if p.grad is not None]),
+            step(*a, **k),
+        )[1]
+        counts.append(ppo.iteration()["updates"])
+        grads.append(seen)
+    assert counts == [1, 1] and len(grads[0]) == len(grads[1]) == 1
+    one, accumulated = grads[0][0], grads[1][0]
+    assert len(one) == len(accumulated) and any(g.abs().max() > 0 for g in one)
+    for a, b in zip(one, accumulated, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-8)
+    # two updates of two episodes each, per epoch
+    cfg = _cfg(policy_dir, tmp_path, *common, "rl.minibatch_size=1", "algo.updates_per_batch=2", "algo.epochs=2")
+    assert PPO(cfg, policy_dir, policy_dir, tmp_path / "two", tracking.Tracker()).iteration()["updates"] == 4
+
+
 def test_ppo_positive_lm_loss_imitates_the_successful_episodes_only(tmp_path, tiny_policy, monkeypatch):
     """algo.positive_lm_coef adds the mean NLL of the successful episodes' action tokens (VAPO): the logged term
     is that NLL under the rollout policy, and one update with it lowers it further than the PPO loss alone."""
