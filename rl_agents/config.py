@@ -276,9 +276,9 @@ class PPOAlgoConfig(AlgoConfig):
     kl_in: KLIn = KLIn.loss
     """where the KL penalty goes: reward (per-token -beta*KL in the reward) or loss (beta*KL added to the loss)"""
     critic_learning_rate: float = 1e-3
-    epochs: int = 2
+    epochs: int = 1
     """passes over each step's episodes"""
-    updates_per_batch: int | None = None
+    updates_per_batch: int | None = 1
     """optimizer updates per pass, each on an equal slice of the step's episodes, its gradient accumulated over
     forward passes of rl.minibatch_size episodes (GRPO's key); null: one update per rl.minibatch_size episodes"""
     clip: float = 0.2

@@ -218,7 +218,8 @@ def test_ppo_target_kl_stops_the_updates_once_the_policy_has_moved(tmp_path, tin
 
     policy_dir = tiny_policy[0]
     common = ("algo=ppo", "rl.steps=1", "algo.learning_rate=1e-3", "algo.warmup_steps=0", "rl.episodes_per_step=4",
-              "rl.minibatch_size=2", "algo.epochs=2", "rl.shaping.per_turn=-0.1", "rl.temperature=1.5")  # fmt: skip
+              "rl.minibatch_size=2", "algo.epochs=2", "algo.updates_per_batch=null", "rl.shaping.per_turn=-0.1",
+              "rl.temperature=1.5")  # fmt: skip
     cfg = _cfg(policy_dir, tmp_path, *common, "algo.target_kl=null")
     full = PPO(cfg, policy_dir, policy_dir, tmp_path / "full", tracking.Tracker())
     assert full.iteration()["updates"] == 4  # 2 epochs x 2 minibatches
