@@ -43,6 +43,7 @@ Departures from PPO as published (Schulman et al. 2017) and from CleanRL's ``ppo
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import shutil
@@ -443,30 +444,30 @@ class PPO:
         updates = 0
         for rows in slices:
             rows = rows.to(acc.device)
+            chunks = rows.split(rl.minibatch_size)  # forward passes, accumulated into the update
+            computed = (self.losses(batch, old, advantages, returns, positive, chunk, warmup) for chunk in chunks)
+            first = next(computed)
+            approx_kl = first[0]["approx_kl"]
+            if updates and not warmup and algo.target_kl is not None and approx_kl > 1.5 * algo.target_kl:
+                # early stopping, measured before the update (the critic's updates stop with the policy's)
+                log.info("rl step %d: approx KL %.4f > 1.5 x target_kl after %d updates: stopping the updates",
+                         self.step, float(approx_kl), updates)  # fmt: skip
+                break
             tokens = batch.action_mask[rows].sum().clamp(min=1)  # an update's loss: a mean over its slice's actions
             self.optimizer.zero_grad()
-            for chunk_index, chunk in enumerate(rows.split(rl.minibatch_size)):  # accumulated: one forward at a time
-                losses, loss = self.losses(batch, old, advantages, returns, positive, chunk, warmup)
-                if chunk_index == 0 and updates and algo.target_kl is not None and not warmup:
-                    if losses["approx_kl"] > 1.5 * algo.target_kl:
-                        break  # early stopping, measured before the update (the critic's stop with the policy's)
+            for chunk, (losses, loss) in zip(chunks, itertools.chain([first], computed), strict=True):
                 acc.backward(loss * (batch.action_mask[chunk].sum() / tokens))
                 for k, v in losses.items():
                     stats.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
-            else:
-                # clipped apart: a young critic's large value gradients must not shrink the policy's step
-                stats.setdefault("grad_norm", []).append(
-                    float(acc.clip_grad_norm_(self.policy.parameters(), algo.max_grad_norm))
-                )
-                stats.setdefault("value_grad_norm", []).append(
-                    float(acc.clip_grad_norm_(self.critic.parameters(), algo.max_grad_norm))
-                )
-                self.optimizer.step()
-                updates += 1
-                continue
-            log.info("rl step %d: approx KL %.4f > 1.5 x target_kl after %d updates: stopping the updates",
-                     self.step, float(losses["approx_kl"]), updates)  # fmt: skip
-            break
+            # clipped apart: a young critic's large value gradients must not shrink the policy's step
+            grad_norms = {
+                "grad_norm": acc.clip_grad_norm_(self.policy.parameters(), algo.max_grad_norm),
+                "value_grad_norm": acc.clip_grad_norm_(self.critic.parameters(), algo.max_grad_norm),
+            }
+            for k, v in grad_norms.items():
+                stats.setdefault(k, []).append(float(v))
+            self.optimizer.step()
+            updates += 1
         learning_rates = self.scheduler.get_last_lr()  # the rates this iteration's updates used
         self.scheduler.step()
         self.step += 1

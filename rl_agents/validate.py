@@ -214,9 +214,8 @@ def _check_rl(cfg: DictConfig, run_dir: Path) -> None:
             )
         if algo.epochs <= 0:
             raise ConfigError(f"algo.epochs must be positive, got {algo.epochs}")
-        if algo.updates_per_batch is not None and not (
-            0 < algo.updates_per_batch <= rl.episodes_per_step and rl.episodes_per_step % algo.updates_per_batch == 0
-        ):
+        _at_least(cfg, ["algo.updates_per_batch"], 1)  # null: one update per minibatch
+        if algo.updates_per_batch is not None and rl.episodes_per_step % algo.updates_per_batch:
             raise ConfigError(
                 f"algo.updates_per_batch={algo.updates_per_batch} must divide rl.episodes_per_step="
                 f"{rl.episodes_per_step} (each update takes an equal slice of the step's episodes), or be null (one "
