@@ -36,6 +36,7 @@ from typing import Any
 
 import gymnasium as gym
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoTokenizer
 
 from envs.base import MALFORMED_KINDS, Answer, Task, Tool, ToolError, parse_turn
 from rl_agents import rundir
@@ -92,6 +93,55 @@ def _version() -> str:
 
 def write_card(policy_dir: Path, card: dict[str, Any]) -> None:
     rundir.write_text(Path(policy_dir) / CARD, json.dumps(card, indent=2, default=str))
+
+
+def card_policy(cfg: DictConfig, stage: str, policy: Path, data: Path | None = None, tokenizer=None) -> None:
+    """The agent card (``agent.json``) and model card (``README.md``, without the evaluation, which
+    ``rl_agents.export`` adds) of a stage's policy and of its LoRA adapter, before the stage's record."""
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(policy, local_files_only=True)
+    card = agent_card(cfg, tokenizer, stage, data)
+    for directory in (policy, policy.parent / "adapter"):
+        if directory.is_dir():
+            write_card(directory, card)
+            rundir.write_text(directory / "README.md", model_card(card, stage))
+
+
+def model_card(card: dict[str, Any], stage: str) -> str:
+    """A Hugging Face model card: YAML header (with model-index results), the evaluation, how to run it."""
+    envs = list(card["envs"])
+    tools = sorted({t["function"]["name"] for env in card["envs"].values() for t in env["tools"]})
+    evaluation = card.get("eval", {})
+    mine = evaluation.get("policies", {}).get(stage, {})
+    results = "".join(
+        f"      - task: {{type: tool-use, name: {env}}}\n"
+        f"        dataset: {{type: {env}, name: {env} {evaluation.get('split')} tasks}}\n"
+        f"        metrics:\n          - {{type: success_rate, value: {mine.get('success_rate')}}}\n"
+        for env in envs
+        if mine
+    )
+    header = "---\nlibrary_name: transformers\ntags: [rl_agents, agent, tool-use]\n"
+    if results:
+        header += f"model-index:\n  - name: {stage}-policy\n    results:\n{results}"
+    header += "---\n"
+    rows = (
+        "".join(
+            f"| {name} | {m.get('success_rate')} | {m.get('episodes')} | {m.get('mean_turns')} |\n"
+            for name, m in evaluation.get("policies", {}).items()
+        )
+        or "| (not evaluated) | | | |\n"
+    )
+    return (
+        f"{header}\n# A compiled agent ({stage} policy)\n\n"
+        f"Compiled by rl_agents {card['provenance']['package_version']} for {', '.join(envs)} "
+        f"(tools: {', '.join(tools)}). Trajectory format version {card['format_version']}.\n\n"
+        f"## Evaluation ({evaluation.get('split')} tasks, {evaluation.get('decoding')} decoding)\n\n"
+        "| policy | success rate | episodes | mean turns |\n| --- | --- | --- | --- |\n"
+        f"{rows}\n"
+        "## Run it\n\n```python\nfrom rl_agents import Agent\n"
+        'agent = Agent.from_pretrained("<this directory>")\nprint(agent.run("<your task>").answer)\n```\n\n'
+        "```bash\npython -m rl_agents.serve agent=<this directory>\n```\n"
+    )
 
 
 def read_card(policy_dir: str | Path, tokenizer) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from envs.base import Answer, ToolCall, parse_turn
 from rl_agents import rundir
-from rl_agents.agent import agent_card, write_card
+from rl_agents.agent import card_policy
 from rl_agents.bc import train_bc
 from rl_agents.collect import teacher_episode
 from rl_agents.config import BCConfig, env_entries
@@ -221,7 +221,7 @@ def train_dagger(
         log.info("dagger round %d: %s", index, stats)
         policy = train_bc(aggregate, model, tokenizer, round_dir, bc_config, cfg.seed, cfg.resume, None, report_to)
         model, tokenizer = load_policy(policy, cfg.model.dtype, local_files_only=True)
-        write_card(policy, agent_card(cfg, tokenizer, f"dagger round {index}"))  # evaluate, serve and export take it
+        card_policy(cfg, f"dagger round {index}", policy, tokenizer=tokenizer)  # evaluate, serve and export take it
         stats["val_success"] = _val_success(cfg, model, tokenizer)
         stats["targets"] = sum(t.imitate for trajectory in aggregate for t in trajectory.turns)  # turns trained on
         rundir.write_text(round_file, json.dumps(stats, indent=2))  # with val_success: the round is finished

@@ -12,14 +12,13 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from rl_agents import rundir
-from rl_agents.agent import CARD
+from rl_agents.agent import CARD, model_card
 
 log = logging.getLogger(__name__)
 STAGES = ("rl", "dagger", "bc")
@@ -64,43 +63,6 @@ def export(run: Path, out: Path | None = None, policy: str | None = None) -> Pat
         (tmp / "README.md").write_text(model_card(card, stage))
     log.info("export: %s/policy of %s -> %s", stage, run, out)
     return out
-
-
-def model_card(card: dict[str, Any], stage: str) -> str:
-    """A Hugging Face model card: YAML header (with model-index results), the evaluation, how to run it."""
-    envs = list(card["envs"])
-    tools = sorted({t["function"]["name"] for env in card["envs"].values() for t in env["tools"]})
-    evaluation = card.get("eval", {})
-    mine = evaluation.get("policies", {}).get(stage, {})
-    results = "".join(
-        f"      - task: {{type: tool-use, name: {env}}}\n"
-        f"        dataset: {{type: {env}, name: {env} {evaluation.get('split')} tasks}}\n"
-        f"        metrics:\n          - {{type: success_rate, value: {mine.get('success_rate')}}}\n"
-        for env in envs
-        if mine
-    )
-    header = "---\nlibrary_name: transformers\ntags: [rl_agents, agent, tool-use]\n"
-    if results:
-        header += f"model-index:\n  - name: {stage}-policy\n    results:\n{results}"
-    header += "---\n"
-    rows = (
-        "".join(
-            f"| {name} | {m.get('success_rate')} | {m.get('episodes')} | {m.get('mean_turns')} |\n"
-            for name, m in evaluation.get("policies", {}).items()
-        )
-        or "| (not evaluated) | | | |\n"
-    )
-    return (
-        f"{header}\n# A compiled agent ({stage} policy)\n\n"
-        f"Compiled by rl_agents {card['provenance']['package_version']} for {', '.join(envs)} "
-        f"(tools: {', '.join(tools)}). Trajectory format version {card['format_version']}.\n\n"
-        f"## Evaluation ({evaluation.get('split')} tasks, {evaluation.get('decoding')} decoding)\n\n"
-        "| policy | success rate | episodes | mean turns |\n| --- | --- | --- | --- |\n"
-        f"{rows}\n"
-        "## Run it\n\n```python\nfrom rl_agents import Agent\n"
-        'agent = Agent.from_pretrained("<this directory>")\nprint(agent.run("<your task>").answer)\n```\n\n'
-        "```bash\npython -m rl_agents.serve agent=<this directory>\n```\n"
-    )
 
 
 @hydra.main(version_base="1.3", config_path="pkg://rl_agents.conf", config_name="export")

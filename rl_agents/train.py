@@ -29,16 +29,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoTokenizer
 
 from rl_agents import distributed, rundir, tracking
-from rl_agents.agent import agent_card, write_card
+from rl_agents.agent import card_policy
 from rl_agents.bc import BCConfig, train_bc
 from rl_agents.collect import Health, collect
 from rl_agents.config import TINY_MODEL, ConfigError, TrainConfig, env_entries
 from rl_agents.dagger import train_dagger
 from rl_agents.evaluate import SeenTaskError, check_held_out, evaluate_policy, write_eval
-from rl_agents.export import model_card
 from rl_agents.grpo import train_grpo
 from rl_agents.model import load_policy, lora_config
 from rl_agents.ppo import train_ppo
@@ -107,17 +105,6 @@ def _resume_or_start(
     if distributed.is_main():
         rundir.start_stage(run_dir, stage, cfg, inputs)
     return False
-
-
-def card_policy(cfg: DictConfig, stage: str, policy: Path, data: Path | None = None) -> None:
-    """The agent card (``agent.json``) and model card (``README.md``, without the evaluation, which
-    ``rl_agents.export`` adds) of a stage's policy and of its LoRA adapter, before the stage's record."""
-    tokenizer = AutoTokenizer.from_pretrained(policy, local_files_only=True)
-    card = agent_card(cfg, tokenizer, stage, data)
-    for directory in (policy, policy.parent / "adapter"):
-        if directory.is_dir():
-            write_card(directory, card)
-            rundir.write_text(directory / "README.md", model_card(card, stage))
 
 
 def stage_bc(

@@ -163,6 +163,7 @@ def test_the_dagger_stage_runs_end_to_end_resumes_and_counts_its_tasks_as_seen(t
         round_policy = run_dir / "dagger" / f"round-{i}" / "policy"
         card = read_card(round_policy, AutoTokenizer.from_pretrained(round_policy, local_files_only=True))
         assert card["provenance"]["stage"] == f"dagger round {i}" and set(card["envs"]) == {"Calculator-v0"}
+        assert f"# A compiled agent (dagger round {i} policy)" in (round_policy / "README.md").read_text()
 
     before = (run_dir / "dagger" / "round-2" / "policy" / "model.safetensors").stat().st_mtime_ns
     proc = run_cli("rl_agents.train", *DAGGER, f"hydra.run.dir={run_dir}", "resume=true")
