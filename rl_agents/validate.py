@@ -212,9 +212,7 @@ def _check_rl(cfg: DictConfig, run_dir: Path) -> None:
             raise ConfigError(
                 "algo=ppo runs in one process; under a distributed launch use algo=grpo (TRL's data-parallel GRPO)"
             )
-        if algo.epochs <= 0:
-            raise ConfigError(f"algo.epochs must be positive, got {algo.epochs}")
-        _at_least(cfg, ["algo.updates_per_batch"], 1)  # null: one update per minibatch
+        _at_least(cfg, ["algo.epochs", "algo.updates_per_batch"], 1)  # updates_per_batch null: one per minibatch
         if algo.updates_per_batch is not None and rl.episodes_per_step % algo.updates_per_batch:
             raise ConfigError(
                 f"algo.updates_per_batch={algo.updates_per_batch} must divide rl.episodes_per_step="
