@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import random
 import re
+import string
 from pathlib import Path
 
 import torch
@@ -257,55 +258,74 @@ def with_copy_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, config:
 
 
 _NUMBER = re.compile(r"(?<![\w.])\d+(?![\w]|\.\d)")
+# A one-letter string literal, 'u' or "u" (also JSON-escaped inside a tool call's arguments, \"u\"): a constant
+# the agent copies into code or a query, like a number.
+_LETTER = re.compile(r"(?<=(['\"]))[A-Za-z](?=\\?\1)")
 
 
-def copied_numbers(trajectory: Trajectory) -> set[str]:
-    """The whole numbers (digit strings not inside a word or a decimal) that an agent turn writes after the
-    task or an observation showed them: the values the agent copies rather than decides."""
-    shown = set(_NUMBER.findall(trajectory.task))
+def _values(text: str | None) -> set[str]:
+    return set() if not text else set(_NUMBER.findall(text)) | {m.group(0) for m in _LETTER.finditer(text)}
+
+
+def copied_values(trajectory: Trajectory) -> set[str]:
+    """The values an agent turn writes after the task or an observation showed them, the values it copies
+    rather than decides: whole numbers (digit strings not inside a word or a decimal) and one-letter string
+    literals ('u')."""
+    shown = _values(trajectory.task)
     copied = set()
     for turn in trajectory.turns:
-        copied |= shown & set(_NUMBER.findall(turn.agent))
-        shown |= set(_NUMBER.findall(turn.observation or ""))
+        copied |= shown & _values(turn.agent)
+        shown |= _values(turn.observation)
     return copied
 
 
 def _swap(text: str | None, mapping: dict[str, str]) -> str | None:
-    return None if text is None else _NUMBER.sub(lambda m: mapping.get(m.group(0), m.group(0)), text)
+    if text is None:
+        return None
+    text = _NUMBER.sub(lambda m: mapping.get(m.group(0), m.group(0)), text)
+    return _LETTER.sub(lambda m: mapping.get(m.group(0), m.group(0)), text)
+
+
+def _draw(value: str, taken: set[str], rng: random.Random) -> str:
+    """A random value of ``value``'s kind (as many digits; a letter of its case), not in ``taken`` (and then
+    added to it) where the kind has values enough to avoid them all."""
+    if value.isalpha():
+        pool = string.ascii_lowercase if value.islower() else string.ascii_uppercase
+        drawn = rng.choice([c for c in pool if c not in taken] or pool)
+        taken.add(drawn)
+        return drawn
+    low = 10 ** (len(value) - 1) if len(value) > 1 else 0
+    if 10 ** len(value) - low <= sum(not t.isalpha() for t in taken):  # too few values of this length to avoid
+        return str(rng.randint(low, 10 ** len(value) - 1))
+    while (drawn := str(rng.randint(low, 10 ** len(value) - 1))) in taken:
+        pass
+    taken.add(drawn)
+    return drawn
 
 
 def counterfactual_copies(trajectories: list[Trajectory], fraction: float, seed: int) -> list[Trajectory]:
     """``bc.copy_augment``: ``fraction`` x len(trajectories) extra episodes, each an episode drawn at random in
-    which every number the agent copies (``copied_numbers``) is replaced, in the task, the observations and
-    the agent's turns alike, by a random number of as many digits. The copy stays right, the value becomes
-    unpredictable: where the copied values have a narrow prior (counts, rates, prices in a range, listed
-    ids), the model can lower its loss by writing a plausible value instead of reading it, and these rows
-    take that away. Episodes with nothing copied are left out; runtime token ids are dropped (the text
-    changed)."""
+    which every value the agent copies (``copied_values``: numbers, one-letter literals) is replaced, in the
+    task, the observations and the agent's turns alike, by a random value of its kind (as many digits; a
+    letter). The copy stays right, the value becomes unpredictable: where the copied values have a narrow prior
+    (counts, rates, prices in a range, listed ids, the few letters training tasks name), the model can lower its
+    loss by writing a plausible value instead of reading it, and these rows take that away. Episodes with
+    nothing copied are left out; runtime token ids are dropped (the text changed)."""
     count = round(fraction * len(trajectories))
     if count <= 0:
         return []
-    candidates = [(t, numbers) for t in trajectories if (numbers := copied_numbers(t))]
+    candidates = [(t, values) for t in trajectories if (values := copied_values(t))]
     if not candidates:
         return []
     rng = random.Random(seed + 2)
     out = []
-    for trajectory, numbers in rng.choices(candidates, k=count):
-        # A replacement is never a number the episode already shows (another listed id, say): the copy
-        # must stay unambiguous. Without a collision the draws are one per number.
-        taken = set(_NUMBER.findall(trajectory.task))
+    for trajectory, values in rng.choices(candidates, k=count):
+        # A replacement is never a value the episode already shows (another listed id, say): the copy must stay
+        # unambiguous. Numbers are drawn first, in order, then letters.
+        taken = _values(trajectory.task)
         for turn in trajectory.turns:
-            taken |= set(_NUMBER.findall(turn.agent)) | set(_NUMBER.findall(turn.observation or ""))
-        mapping = {}
-        for number in sorted(numbers):
-            low = 10 ** (len(number) - 1) if len(number) > 1 else 0
-            if 10 ** len(number) - low <= len(taken):  # too few values of this length to avoid them all
-                mapping[number] = str(rng.randint(low, 10 ** len(number) - 1))
-                continue
-            while (value := str(rng.randint(low, 10 ** len(number) - 1))) in taken:
-                pass
-            mapping[number] = value
-            taken.add(value)
+            taken |= _values(turn.agent) | _values(turn.observation)
+        mapping = {value: _draw(value, taken, rng) for value in sorted(values, key=lambda v: (v.isalpha(), v))}
 
         turns = [
             dataclasses.replace(

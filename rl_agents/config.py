@@ -168,9 +168,10 @@ class BCConfig:
     """copy rows repeat each span at a varying distance, the task that keeps an induction head (copy
     pretraining's default); true: at once, the fixed-offset task (``model.copy_pretrain_fixed_offset=true``)"""
     copy_augment: float = 0.0
-    """counterfactual copies: extra episodes, this fraction of the data, in which every number the agent copies
-    from the task or an observation is replaced everywhere by a random one of as many digits, so that writing a
-    plausible value instead of reading it stops paying (``bc.counterfactual_copies``); 0 = off"""
+    """counterfactual copies: extra episodes, this fraction of the data, in which every value the agent copies
+    from the task or an observation (a number; a one-letter literal such as 'u') is replaced everywhere by a
+    random one of its kind, so that writing a plausible value instead of reading it stops paying
+    (``bc.counterfactual_copies``); 0 = off"""
 
 
 @dataclass

@@ -182,7 +182,7 @@ def test_counterfactual_copies_replace_every_copied_number_alike_and_leave_decid
     """bc.copy_augment: a number the agent copies from the task or an observation is replaced by a random one of as
     many digits everywhere it occurs (task, observations, agent turns), so the copy still holds; a number the agent
     writes that nothing showed it, decimals and digits inside words are left alone."""
-    from rl_agents.bc import copied_numbers, counterfactual_copies
+    from rl_agents.bc import copied_values, counterfactual_copies
     from rl_agents.trajectory import Trajectory, Turn
 
     episode = Trajectory(
@@ -193,7 +193,7 @@ def test_counterfactual_copies_replace_every_copied_number_alike_and_leave_decid
         ],
         metadata={"seed": 3},
     )
-    assert copied_numbers(episode) == {"2022", "85417"}  # not 2 (inside t2), 5 (nothing showed it), 0.25
+    assert copied_values(episode) == {"2022", "85417"}  # not 2 (inside t2), 5 (nothing showed it), 0.25
     copies = counterfactual_copies([episode], 2.0, seed=0)
     assert len(copies) == 2 and copies != counterfactual_copies([episode], 2.0, seed=1)
     assert copies == counterfactual_copies([episode], 2.0, seed=0)
@@ -207,6 +207,29 @@ def test_counterfactual_copies_replace_every_copied_number_alike_and_leave_decid
     assert episode.turns[1].agent == "<answer>85417</answer>"  # the original is untouched
     nothing_copied = Trajectory("Say hi.", [Turn("<answer>hi 7</answer>", "Correct.")])
     assert counterfactual_copies([nothing_copied], 1.0, seed=0) == []
+
+
+def test_counterfactual_copies_replace_a_copied_one_letter_literal_by_another_letter():
+    """A one-letter literal the task names and the code copies ('u', JSON-escaped or not) is a copied value too:
+    it becomes another letter of its case everywhere, never one the episode already quotes; letters inside
+    words and longer strings stay."""
+    from rl_agents.bc import copied_values, counterfactual_copies
+    from rl_agents.trajectory import Trajectory, Turn
+
+    task = "Write count_char(s): how many times the letter 'u' occurs in s. Replace 'A' by 'b' in 'sun'."
+    code = '<tool_call>{"name": "submit", "arguments": {"code": "s.count(\'u\') + t.count(\\"A\\")"}}</tool_call>'
+    episode = Trajectory(task, [Turn(code, "passed 3/3; 'sun' has 1 'u'")])
+    assert copied_values(episode) == {"u", "A"}  # not b (never written), not the letters of 'sun'
+    copies = counterfactual_copies([episode], 30.0, seed=0)
+    letters = set()
+    for copy in copies:
+        u, a = copy.task.split("letter '")[1][0], copy.task.split("Replace '")[1][0]
+        assert u.islower() and a.isupper() and u not in "ub" and a != "A"
+        assert copy.task == task.replace("'u'", f"'{u}'").replace("'A'", f"'{a}'")
+        assert copy.turns[0].agent == code.replace("'u'", f"'{u}'").replace('\\"A\\"', f'\\"{a}\\"')
+        assert copy.turns[0].observation == f"passed 3/3; 'sun' has 1 '{u}'"
+        letters.add(u)
+    assert len(letters) > 10  # drawn from the alphabet, not from the letters the data names
 
 
 def test_a_counterfactual_copy_never_takes_a_number_the_episode_already_shows():
