@@ -211,10 +211,14 @@ class CodeEnv(ToolEnv):
         self.examples: list[tuple[list, Any]] = []  # shown by run_tests
         self.tests: list[tuple[list, Any]] = []  # hidden: graded by submit, never shown
 
+    def draw_problem(self, rng: np.random.Generator) -> tuple[Problem, dict[str, Any]]:
+        """The task's problem and constants; a subclass may draw others (``docs/examples/code_letters.py``)."""
+        problem = PROBLEMS[int(rng.integers(len(PROBLEMS)))]
+        return problem, problem.params(rng)
+
     def _new_task(self) -> Task:
         rng = self.np_random
-        problem = PROBLEMS[int(rng.integers(len(PROBLEMS)))]
-        params = problem.params(rng)
+        problem, params = self.draw_problem(rng)
         solve = reference(problem, params)
         self.problem = problem
         cases, seen = [], set()

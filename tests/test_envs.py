@@ -631,3 +631,31 @@ def test_each_env_documents_its_gym_make_call_with_every_keyword_and_default(env
         entries = (data.get("env", data) or {}).get("envs", {})
         for key, value in ((entries.get(env_id) or {}).get("kwargs") or {}).items():
             assert value != keywords[key], f"{path.name} repeats {env_id}'s default {key}={value!r}"
+
+
+def test_the_unseen_letter_probe_draws_letters_no_code_task_names_and_its_teacher_solves_them():
+    """docs/examples/code_letters.py: every task is count_char or replace_char with a letter outside
+    envs.code.LETTERS; the teacher solves each, and a count_char solution with a letter the training tasks know
+    (the failure the probe looks for) does not pass its hidden tests."""
+    import importlib.util
+
+    from envs.code import LETTERS
+    from rl_agents.collect import teacher_episode
+
+    path = Path(__file__).parents[1] / "docs/examples/code_letters.py"
+    spec = importlib.util.spec_from_file_location("code_letters", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    env = gym.wrappers.TimeLimit(probe.UnseenLetterCode(), 8)
+    problems = Counter()
+    for seed in range(16):
+        episode = teacher_episode(env, CodeTeacher(), seed, "Code-v0", max_turns=8)
+        code_env = env.unwrapped
+        params = code_env.task.extra["params"]
+        assert episode.success and set(params.values()) & set(probe.UNSEEN), params
+        assert not set(params.values()) - set(probe.UNSEEN) - set(LETTERS)
+        problems[code_env.problem.name] += 1
+        if code_env.problem.name == "count_char":
+            wrong = code_env.problem.solution.format(a="s")
+            assert code_env.grade(wrong)[0] < code_env.n_tests
+    assert set(problems) == {"count_char", "replace_char"}
