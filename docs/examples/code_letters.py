@@ -25,9 +25,7 @@ import numpy as np
 
 import envs  # noqa: F401 - registers Code-v0
 from envs.code import LETTERS, PROBLEMS, CodeEnv
-from rl_agents.agent import read_card
-from rl_agents.model import load_policy
-from rl_agents.runtime import Runtime, RuntimeConfig
+from rl_agents import Agent
 
 UNSEEN = [c for c in "bcdgmp" if c not in LETTERS]  # common in the problems' words (cat, apple, moon, garden)
 BY_NAME = {problem.name: problem for problem in PROBLEMS}
@@ -46,15 +44,13 @@ class UnseenLetterCode(CodeEnv):
 
 
 def main(policy: str, episodes: int = 200) -> dict:
-    model, tokenizer = load_policy(policy, local_files_only=True)
-    runtime = read_card(policy, tokenizer)["runtime"]
-    config = RuntimeConfig(max_turns=runtime["max_turns"], max_new_tokens=runtime["max_new_tokens"])
-    trajectories = Runtime(model, tokenizer, config, seed=0).run(
+    agent = Agent.from_pretrained(policy, env_id="Code-v0")  # the card's runtime settings, greedy
+    trajectories = agent.runtime.run(
         "Code-v0", list(range(episodes)), make_env=lambda: gym.wrappers.TimeLimit(UnseenLetterCode(), 8)
     )
     per_problem, written = Counter(), Counter()
     for trajectory in trajectories:
-        problem = trajectory.task.split("function ")[1].split("(")[0]
+        problem = trajectory.metadata["task_key"].split(":")[0]
         per_problem[problem, trajectory.success] += 1
         if not trajectory.success and trajectory.turns:
             written.update(re.findall(r"'([a-z])'", trajectory.turns[0].agent))
