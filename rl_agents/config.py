@@ -357,6 +357,11 @@ class ModelConfig:
     """length of each random span the copy pretraining repeats (the longest, without fixed_offset)"""
     copy_pretrain_learning_rate: float = 1e-3
     """copy pretraining's peak learning rate (cosine schedule); an induction head forms at 1e-3, not at 3e-3"""
+    copy_pretrain_rounds: int = 3
+    """at most this many cycles of copy_pretrain_steps: another runs (a warm restart) while the greedy accuracy on
+    held-out rows of the copy task is below copy_pretrain_target (``rl_agents.model.copy_pretrain``); 1: one cycle"""
+    copy_pretrain_target: float = 0.5
+    """the held-out copy accuracy that ends copy pretraining after a cycle"""
     copy_pretrain_fixed_offset: bool = False
     """false: each span's repeat comes at a varying distance, which only an induction head solves
     (``rl_agents.model.copy_rows``). true: each span repeated at once, at a fixed distance, which a positional

@@ -124,6 +124,10 @@ def _check_model(cfg: DictConfig) -> None:
             )
         if cfg.model.copy_pretrain_steps < 0:
             raise ConfigError(f"model.copy_pretrain_steps must be >= 0, got {cfg.model.copy_pretrain_steps}")
+        if cfg.model.copy_pretrain_rounds < 1:
+            raise ConfigError(f"model.copy_pretrain_rounds must be >= 1, got {cfg.model.copy_pretrain_rounds}")
+        if not 0.0 < cfg.model.copy_pretrain_target <= 1.0:
+            raise ConfigError(f"model.copy_pretrain_target must be in (0, 1], got {cfg.model.copy_pretrain_target}")
         if cfg.model.copy_pretrain_steps and 2 * cfg.model.copy_pretrain_span > cfg.model.max_position_embeddings:
             raise ConfigError(
                 f"model.copy_pretrain_span={cfg.model.copy_pretrain_span} repeated must fit "

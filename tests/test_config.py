@@ -156,6 +156,8 @@ def test_a_closed_choice_is_refused_with_the_choices_named(override, choices):
         (["model.num_heads=3"], "multiple of model.num_heads"),
         (["model.copy_pretrain_steps=-1"], "model.copy_pretrain_steps"),
         (["model.copy_pretrain_steps=10", "model.copy_pretrain_span=600"], "model.copy_pretrain_span=600"),
+        (["model.copy_pretrain_rounds=0"], "model.copy_pretrain_rounds"),
+        (["model.copy_pretrain_target=1.5"], "model.copy_pretrain_target"),
         (["env.envs.Calculator-v0.teacher._target_=envs.nope.Teacher"], "cannot be imported"),
         (["stages=[rl,eval]", "eval.policies=[rl]"], "starts from the BC policy"),
         (["stages=[eval]", "eval.policies=[rl]"], "rl stage"),

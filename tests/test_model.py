@@ -14,6 +14,7 @@ from rl_agents.model import (
     copy_rows,
     load_policy,
     ordinary_tokens,
+    repeat_accuracy,
     repeat_loss,
     trajectory_texts,
 )
@@ -233,3 +234,25 @@ def test_a_hand_built_previous_token_head_lets_copy_pretraining_form_an_inductio
         wired: (copy_accuracy(m, tokenizer, 8, 16), copy_accuracy(m, tokenizer, 16, 24)) for wired, m in models.items()
     }
     assert min(accuracy[True]) > 0.8 and max(accuracy[False]) < 0.2, accuracy
+
+
+def test_copy_pretraining_runs_more_cycles_until_the_copy_circuit_forms(calculator_data, caplog):
+    """A cycle too short for the induction head to form is followed by warm restarts until the held-out copy
+    accuracy reaches the target; a model that reaches it in its first cycle is exactly the one-cycle model."""
+    tokenizer = build_tokenizer(trajectory_texts(calculator_data), 300)
+    ordinary = ordinary_tokens(tokenizer)
+
+    def pretrain(steps, rounds, target):
+        model = build_tiny_model(tokenizer, 0, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
+        return copy_pretrain(model, tokenizer, steps, 0, 32, batch_size=16, previous_token_head=True,
+                             fixed_offset=False, rounds=rounds, target=target)  # fmt: skip
+
+    with caplog.at_level("INFO", logger="rl_agents.model"):
+        model = pretrain(100, 5, 0.5)
+    messages = [r.getMessage() for r in caplog.records]
+    checks = [float(m.split()[-4]) for m in messages if "accuracy on held-out rows" in m]
+    assert checks[0] < 0.1 and 2 <= len(checks) <= 4 and checks[-1] >= 0.5, checks  # the head formed in a later cycle
+    assert all(c < 0.5 for c in checks[:-1])  # no cycle ran after the target was reached
+    assert repeat_accuracy(model, ordinary, 32, 0, False) == pytest.approx(checks[-1], abs=5e-4)  # the model returned
+    one, reached_at_once = pretrain(20, 1, 0.5), pretrain(20, 3, 1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), reached_at_once.state_dict().values()))
