@@ -346,6 +346,9 @@ class ModelConfig:
     merge_across_words: bool = True
     number_tokens: bool = True
     """tiny only: every digit string of up to number_chunk (<= 3) digits is a token, whatever the trajectories hold"""
+    number_values: bool = False
+    """tiny only: each number token's embedding starts with its value written in (order and digits,
+    ``rl_agents.model.write_number_values``), held through copy pretraining"""
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4

@@ -8,6 +8,7 @@ run's own trajectories, nothing downloaded) and a real checkpoint follow the sam
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -117,6 +118,40 @@ def build_tiny_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = config.eos_token_id
     return model
+
+
+def write_number_values(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dims: int = 7
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Write each number token's value into the first ``dims`` dimensions after dimension 0 of its embedding, for a
+    freshly built model: an order feature (``log10(value + 1) / 3`` scaled to [-1, 1]), then the value's digits as
+    Fourier features (cos and sin of ``2 pi value / 10^k``, k = 1, 2, 3: FoNE, Zhou et al. 2025).
+
+    With every digit string a token of its own (``number_tokens``), "43" and "80" arrive as two unrelated random
+    vectors: which is larger, the check a workflow's budget or threshold asks for, has to be learned token pair by
+    token pair from the episodes, and a run may not (Shop-v0's explained pick, docs/results.md). Written into the
+    embedding, the value is one direction a layer can compare. The entries are 3x the embedding's random scale
+    (as ``wire_previous_token_head``'s constant); the rest of each row stays random, so that copies still tell
+    "043" from "43". Dimension 0 and the last quarter are left to ``wire_previous_token_head``.
+
+    Returns (parameter, mask) of the entries set, for ``copy_pretrain`` to hold while it trains (its task is
+    random tokens, where a value means nothing)."""
+    embed = model.get_input_embeddings().weight
+    numbers = [(i, int(t)) for t, i in tokenizer.get_vocab().items() if t.isascii() and t.isdigit() and len(t) <= 3]
+    if not numbers:
+        return []
+    ids = torch.tensor([i for i, _ in numbers])
+    value = torch.tensor([v for _, v in numbers], dtype=torch.float64)
+    angles = [2 * math.pi * value / 10**k for k in (1, 2, 3)]
+    features = torch.stack(
+        [2 * torch.log10(value + 1) / 3 - 1, *[f(a) for a in angles for f in (torch.cos, torch.sin)]], 1
+    )[:, :dims]
+    mask = torch.zeros_like(embed)
+    with torch.no_grad():
+        scale = embed.std().item()
+        embed[ids, 1 : 1 + features.shape[1]] = (3 * scale * features).to(embed.dtype)
+    mask[ids, 1 : 1 + features.shape[1]] = 1
+    return [(embed, mask)]
 
 
 def add_special_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:
@@ -326,6 +361,7 @@ def copy_pretrain(
     previous_token_head: bool = False,
     rounds: int = 1,
     target: float = 0.5,
+    hold: list[tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> PreTrainedModel:
     """Teach a freshly built model to copy before it sees any trajectory.
 
@@ -354,10 +390,10 @@ def copy_pretrain(
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     hooks = []
-    if previous_token_head:  # a zero gradient leaves AdamW (no weight decay) at the wired values
-        for param, mask in wire_previous_token_head(model):
-            keep = (1 - mask).to(device=param.device, dtype=param.dtype)
-            hooks.append(param.register_hook(lambda grad, keep=keep: grad * keep))
+    held = [*hold, *(wire_previous_token_head(model) if previous_token_head else [])]
+    for param, mask in held:  # a zero gradient leaves AdamW (no weight decay) at the values set
+        keep = (1 - mask).to(device=param.device, dtype=param.dtype)
+        hooks.append(param.register_hook(lambda grad, keep=keep: grad * keep))
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     for cycle in range(1, rounds + 1):
         schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)  # from the peak again
@@ -414,12 +450,13 @@ def tiny_policy(cfg, run_dir: Path, trajectories: list[Trajectory]) -> tuple[Pre
             m.intermediate_size,
             m.max_position_embeddings,
         )
+        hold = write_number_values(model, tokenizer) if m.number_values else []
         if m.copy_pretrain_steps:
             model = copy_pretrain(
                 model, tokenizer, m.copy_pretrain_steps, cfg.seed, m.copy_pretrain_span,
                 learning_rate=m.copy_pretrain_learning_rate,
                 fixed_offset=m.copy_pretrain_fixed_offset, previous_token_head=m.previous_token_head,
-                rounds=m.copy_pretrain_rounds, target=m.copy_pretrain_target,
+                rounds=m.copy_pretrain_rounds, target=m.copy_pretrain_target, hold=hold,
             )  # fmt: skip
         with rundir.atomic_dir(init_dir) as tmp:
             model.save_pretrained(tmp)

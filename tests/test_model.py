@@ -17,6 +17,7 @@ from rl_agents.model import (
     repeat_accuracy,
     repeat_loss,
     trajectory_texts,
+    write_number_values,
 )
 from rl_agents.trajectory import SPECIAL_TOKENS, encode_trajectory
 
@@ -256,3 +257,28 @@ def test_copy_pretraining_runs_more_cycles_until_the_copy_circuit_forms(calculat
     assert repeat_accuracy(model, ordinary, 32, 0, False) == pytest.approx(checks[-1], abs=5e-4)  # the model returned
     one, reached_at_once = pretrain(20, 1, 0.5), pretrain(20, 3, 1e-6)
     assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), reached_at_once.state_dict().values()))
+
+
+def test_number_values_are_written_in_order_and_held_through_copy_pretraining(calculator_data):
+    """model.number_values: a number token's embedding starts with its value (an order feature, then its digits);
+    "43" and "043" share those entries and differ in the rest; copy pretraining trains the rest and not them."""
+    tokenizer = build_tokenizer(trajectory_texts(calculator_data), 300, number_tokens=True)
+    model = build_tiny_model(tokenizer, 0, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
+    before = model.get_input_embeddings().weight.detach().clone()
+    hold = write_number_values(model, tokenizer)
+    embed = model.get_input_embeddings().weight
+    tokens = ("5", "43", "043", "80", "108", "999")
+    row = {t: embed[tokenizer.convert_tokens_to_ids(t)].detach().clone() for t in tokens}
+    order = [row[t][1].item() for t in ("5", "43", "80", "108", "999")]
+    assert order == sorted(order) and len(set(order)) == 5
+    assert torch.equal(row["43"][1:8], row["043"][1:8]) and not torch.equal(row["43"][8:], row["043"][8:])
+    assert not torch.equal(row["43"][2:8], row["80"][2:8])  # the digits differ
+    ((param, mask),) = hold
+    assert param is embed and mask.sum() == 7 * 1110  # every number token of up to 3 digits, 7 entries each
+    assert torch.equal(embed[mask == 0], before[mask == 0])  # nothing else written
+    written = embed.detach().clone()
+    copy_pretrain(model, tokenizer, 30, 0, 16, batch_size=8, previous_token_head=True, fixed_offset=False, hold=hold)
+    after = model.get_input_embeddings().weight.detach()
+    assert torch.equal(after[mask == 1], written[mask == 1])  # held
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("43", "80")]
+    assert not torch.equal(after[ids, 8:60], written[ids, 8:60])  # the rest of a number's row trains
