@@ -349,6 +349,8 @@ class ModelConfig:
     number_values: bool = False
     """tiny only: each number token's embedding starts with its value written in (order and digits,
     ``rl_agents.model.write_number_values``), held through copy pretraining"""
+    number_order_scale: float = 3.0
+    """tiny, with number_values: the order feature's size, in units of the embedding's initial std (the digits' is 3)"""
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4

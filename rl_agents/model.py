@@ -121,7 +121,7 @@ def build_tiny_model(
 
 
 def write_number_values(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dims: int = 7
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dims: int = 7, order_scale: float = 3.0
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Write each number token's value into the first ``dims`` dimensions after dimension 0 of its embedding, for a
     freshly built model: an order feature (``log10(value + 1) / 3`` scaled to [-1, 1]), then the value's digits as
@@ -132,7 +132,8 @@ def write_number_values(
     token pair from the episodes, and a run may not (Shop-v0's explained pick, docs/results.md). Written into the
     embedding, the value is one direction a layer can compare. The entries are 3x the embedding's random scale
     (as ``wire_previous_token_head``'s constant); the rest of each row stays random, so that copies still tell
-    "043" from "43". Dimension 0 and the last quarter are left to ``wire_previous_token_head``.
+    "043" from "43". Dimension 0 and the last quarter are left to ``wire_previous_token_head``. ``order_scale``
+    sizes the order feature alone (in the same units), the one a comparison reads.
 
     Returns (parameter, mask) of the entries set, for ``copy_pretrain`` to hold while it trains (its task is
     random tokens, where a value means nothing)."""
@@ -149,7 +150,9 @@ def write_number_values(
     mask = torch.zeros_like(embed)
     with torch.no_grad():
         scale = embed.std().item()
-        embed[ids, 1 : 1 + features.shape[1]] = (3 * scale * features).to(embed.dtype)
+        sizes = torch.full((features.shape[1],), 3.0, dtype=features.dtype)
+        sizes[0] = order_scale
+        embed[ids, 1 : 1 + features.shape[1]] = (scale * sizes * features).to(embed.dtype)
     mask[ids, 1 : 1 + features.shape[1]] = 1
     return [(embed, mask)]
 
@@ -450,7 +453,7 @@ def tiny_policy(cfg, run_dir: Path, trajectories: list[Trajectory]) -> tuple[Pre
             m.intermediate_size,
             m.max_position_embeddings,
         )
-        hold = write_number_values(model, tokenizer) if m.number_values else []
+        hold = write_number_values(model, tokenizer, order_scale=m.number_order_scale) if m.number_values else []
         if m.copy_pretrain_steps:
             model = copy_pretrain(
                 model, tokenizer, m.copy_pretrain_steps, cfg.seed, m.copy_pretrain_span,

@@ -282,3 +282,8 @@ def test_number_values_are_written_in_order_and_held_through_copy_pretraining(ca
     assert torch.equal(after[mask == 1], written[mask == 1])  # held
     ids = [tokenizer.convert_tokens_to_ids(t) for t in ("43", "80")]
     assert not torch.equal(after[ids, 8:60], written[ids, 8:60])  # the rest of a number's row trains
+    larger = build_tiny_model(tokenizer, 0, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
+    write_number_values(larger, tokenizer, order_scale=12.0)  # model.number_order_scale: the order feature alone, 4x
+    grown = larger.get_input_embeddings().weight.detach()
+    assert torch.allclose(grown[mask[:, 1] == 1, 1], 4 * written[mask[:, 1] == 1, 1])
+    assert torch.equal(grown[:, 2:], written[:, 2:]) and torch.equal(grown[:, 0], written[:, 0])
