@@ -267,11 +267,13 @@ class ShopTeacher(ScriptedTeacher):
     With ``explain`` (and ``think``), the expert's thought before it opens the product reads the result page
     line by line up to its pick, saying what rules each earlier line out (``[172] $95.99 is over 50.``),
     so that the pick is written as a chain of checks a small model can imitate, each beside what it checks.
+    With ``budget_first`` a check copies the budget before its verdict (``[172] $95.99 against 50: over.``): the
+    verdict then compares two numbers a few tokens back instead of one there and one in the instruction.
     """
 
-    def __init__(self, noise: float = 0.0, think: bool = True, explain: bool = False):
+    def __init__(self, noise: float = 0.0, think: bool = True, explain: bool = False, budget_first: bool = False):
         super().__init__(noise, think)
-        self.explain = explain
+        self.explain, self.budget_first = explain, budget_first
 
     def reading(self, env: ShopEnv, results: str) -> str:
         """The expert's reading of a result page: one verdict per listed line, up to the goal's product."""
@@ -284,10 +286,17 @@ class ShopTeacher(ScriptedTeacher):
                 verdicts.append(f"[{item_id}] is not {goal.category}.")
             elif missing:
                 verdicts.append(f"[{item_id}] is not {missing[0]}.")
-            elif product.price > goal.max_price:
-                verdicts.append(f"[{item_id}] ${product.price:.2f} is over {goal.max_price}.")
             else:
-                verdicts.append(f"[{item_id}] ${product.price:.2f} is under {goal.max_price}: open it.")
+                over = product.price > goal.max_price
+                if self.budget_first:
+                    check = f"${product.price:.2f} against {goal.max_price}: " + (
+                        "over." if over else "under, open it."
+                    )
+                else:
+                    check = f"${product.price:.2f} is " + (
+                        f"over {goal.max_price}." if over else f"under {goal.max_price}: open it."
+                    )
+                verdicts.append(f"[{item_id}] {check}")
             if item_id == goal.target:
                 break
         return " ".join(verdicts)

@@ -500,10 +500,12 @@ def test_expert_shop_episode_takes_at_least_four_tool_calls():
     assert min(sum(t.tool is not None for t in traj.turns) for traj in trajectories) >= 4
 
 
-def test_explaining_shop_expert_reads_the_page_up_to_its_pick_and_each_verdict_holds():
+@pytest.mark.parametrize("budget_first", [False, True])
+def test_explaining_shop_expert_reads_the_page_up_to_its_pick_and_each_verdict_holds(budget_first):
     from rl_agents.collect import collect
 
-    trajectories, stats = collect("Shop-v0", {}, ShopTeacher(explain=True), list(range(60)), 12, progress=False)
+    teacher = ShopTeacher(explain=True, budget_first=budget_first)
+    trajectories, stats = collect("Shop-v0", {}, teacher, list(range(60)), 12, progress=False)
     assert stats["teacher_success_rate"] == 1.0
     env = gym.make("Shop-v0", split="train").unwrapped
     lengths = set()
@@ -517,7 +519,8 @@ def test_explaining_shop_expert_reads_the_page_up_to_its_pick_and_each_verdict_h
         assert chosen == env.goal.target and last.endswith("open it.") and f'"item_id": "{chosen}"' in pick.agent
         for item_id, verdict in ruled_out:  # each reason is true of that product
             product = env.catalogue[item_id]
-            price = re.fullmatch(r"\$([\d.]+) is over (\d+)\.", verdict)
+            form = r"\$([\d.]+) against (\d+): over\." if budget_first else r"\$([\d.]+) is over (\d+)\."
+            price = re.fullmatch(form, verdict)
             assert price and float(price[1]) == product.price > env.goal.max_price == int(price[2])
         lengths.add(len(verdicts))
     assert lengths == {1, 2, 3}  # the pick is not always the first line
